@@ -1,0 +1,48 @@
+"""kosmos-jax: KOSMOS-1/2 grounded multimodal LLMs in JAX/Flax for TPUs.
+
+Every dependency is pinned: a fresh machine must reproduce the exact stack that
+was checked together (Python 3.11; see shared/DESIGN.md "Environment facts").
+"""
+import setuptools
+
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "chex==0.1.92",
+    "seqio==0.0.20",
+    "tensorflow==2.21.0",
+    "tensorflow-text==2.21.1",
+    "tensorflow-datasets==4.9.10",
+    "ml-collections==1.1.0",
+    "safetensors==0.8.0",
+    "numpy==2.4.6",
+    "pillow==13.0.0",
+    "tqdm==4.70.1",
+]
+
+EXTRAS_REQUIRE = {
+    # The reference implementation we test parity against, and the AOT TPU compiler.
+    "test": [
+        "torch==2.13.0",  # CPU build; a looser pin pulls several GB of CUDA wheels.
+        "transformers==5.23.0",
+        "sentencepiece==0.2.1",
+        "libtpu==0.0.51",
+        "pytest==9.0.1",
+    ],
+    "tpu": ["libtpu==0.0.51"],
+    "gpu": ["jax[cuda12]==0.10.2"],
+}
+
+setuptools.setup(
+    name="kosmos-jax",
+    version="0.1.0",
+    description="KOSMOS-1/2 grounded multimodal LLMs in JAX/Flax, TPU-native.",
+    packages=setuptools.find_packages(include=["kosmos_jax", "kosmos_jax.*"]),
+    python_requires=">=3.11,<3.12",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": ["kosmos-jax=kosmos_jax.cli:main"]},
+)
