@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "ml-collections==1.1.0",
     "safetensors==0.8.0",
     "numpy==2.4.6",
+    "ml-dtypes==0.6.0",
     "pillow==13.0.0",
     "tqdm==4.70.1",
 ]

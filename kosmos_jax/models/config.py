@@ -1,0 +1,37 @@
+"""The model's hyperparameters: the one home of the released Kosmos-2 shape.
+
+`configs/*.py` build on `model_config()`; the Hugging Face converter maps
+`config.json` to and from it. Numbers are from reference/kosmos2.md 1.1.
+"""
+import ml_collections
+
+
+def model_config(**overrides) -> ml_collections.ConfigDict:
+  """Kosmos-2 (microsoft/kosmos-2-patch14-224) model config; dotted overrides."""
+  c = ml_collections.ConfigDict()
+  c.vision = dict(
+      image_size=224, patch_size=14, num_channels=3, width=1024, depth=24,
+      heads=16, mlp_dim=4096, activation="quick_gelu", layer_norm_eps=1e-5,
+      attention_dropout=0.0)
+  c.text = dict(
+      vocab_size=65037, width=2048, depth=24, heads=32, ffn_dim=8192,
+      max_positions=2048, activation="gelu", layer_norm_eps=1e-5,
+      scale_embedding=True, pad_id=1, bos_id=0, eos_id=2,
+      dropout=0.1, attention_dropout=0.1, activation_dropout=0.0)
+  c.latent_query_num = 64
+  # Numerics and memory: float32/bfloat16 compute, float32 master weights.
+  c.dtype = "float32"
+  c.param_dtype = "float32"
+  c.remat = "none"  # See layers.REMAT_POLICIES.
+  c.attention = "xla"  # See attention.available_implementations().
+  # MAGNETO init (reference 1.5) for training from scratch; off = HF init.
+  c.magneto_init = True
+  for key, value in overrides.items():
+    target = c
+    *path, leaf = key.split(".")
+    for p in path:
+      target = target[p]
+    if leaf not in target:
+      raise KeyError(f"unknown model config key {key!r}")
+    target[leaf] = value
+  return c

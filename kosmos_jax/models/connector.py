@@ -1,0 +1,38 @@
+"""Image-to-text connector (reference/kosmos2.md 1.4, the original XConnector).
+
+Dense to the text width, then 64 learned latent queries attend once over
+[image tokens; latents]. No mask, residual, FFN or LayerNorm: that is the
+released design, not an omission.
+"""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kosmos_jax.models import layers
+
+
+class ImageToTextProjection(nnx.Module):
+
+  def __init__(self, vision_width: int, text_width: int, heads: int,
+               num_latents: int, *, rngs, dtype, param_dtype, attention,
+               attention_dropout: float):
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.dense = layers.Dense(vision_width, text_width, axes=(None, "embed"),
+                              rngs=rngs, kernel_init=layers.normal(0.02), **kw)
+    self.latent_query = layers.param(
+        layers.normal(1.0)(rngs.params(), (num_latents, text_width), param_dtype),
+        (None, "embed"))
+    self.x_attn = layers.MultiHeadAttention(
+        text_width, heads, rngs=rngs, qkv_init=layers.normal(0.02),
+        out_init=layers.normal(0.02), **kw)
+    self.dtype, self.attention = dtype, attention
+    self.attention_dropout = attention_dropout
+
+  def __call__(self, features: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    """features [n, tokens, vision_width] -> [n, num_latents, text_width]."""
+    hidden = self.dense(features)
+    latents = jnp.broadcast_to(self.latent_query[...].astype(self.dtype),
+                               (hidden.shape[0], *self.latent_query.shape))
+    kv = jnp.concatenate([hidden, latents], axis=1)
+    return self.x_attn(latents, kv, causal=False, implementation=self.attention,
+                       dropout_rate=self.attention_dropout, dropout_rng=rng)

@@ -1,0 +1,96 @@
+"""Kosmos-2: ViT -> connector -> image slots in the token sequence -> MAGNETO decoder.
+
+Called with the keyword arguments of transformers'
+`Kosmos2ForConditionalGeneration.forward` (reference/kosmos2.md 1.2).
+"""
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from kosmos_jax.models import connector, decoder, layers, vit
+
+
+@flax.struct.dataclass
+class KosmosOutput:
+  logits: jax.Array  # [batch, length, vocab], float32
+  image_embeds: jax.Array | None  # [batch, images * latents, text width]
+
+
+def _as_array(x, dtype=None):
+  return None if x is None else jnp.asarray(x, dtype=dtype)
+
+
+class Kosmos2(nnx.Module):
+  """The Kosmos-2 model. `config` is `kosmos_jax.models.config.model_config()`."""
+
+  def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    config = ml_collections.FrozenConfigDict(config)
+    dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.vision_model = vit.VisionTransformer(
+        config.vision, remat=config.remat, attention=config.attention, **kw)
+    self.image_to_text_projection = connector.ImageToTextProjection(
+        config.vision.width, config.text.width, config.text.heads,
+        config.latent_query_num, attention=config.attention,
+        attention_dropout=config.text.attention_dropout, **kw)
+    self.text_model = decoder.TextDecoder(
+        config.text, remat=config.remat, attention=config.attention,
+        magneto_init=config.magneto_init, **kw)
+    self.config = config
+
+  def encode_images(self, pixel_values: Any, rng: jax.Array | None = None) -> jax.Array:
+    """pixel_values [b, C, H, W] or [b, images, C, H, W] (NCHW, as the processor
+    returns them) -> image embeddings [b, images * latents, text width]."""
+    pixel_values = jnp.asarray(pixel_values)
+    if pixel_values.ndim == 4:
+      pixel_values = pixel_values[:, None]
+    if pixel_values.ndim != 5:
+      raise ValueError(f"pixel_values must be [b, C, H, W] or [b, n, C, H, W], "
+                       f"got shape {pixel_values.shape}")
+    b, n = pixel_values.shape[:2]
+    images = pixel_values.reshape(b * n, *pixel_values.shape[2:]).transpose(0, 2, 3, 1)
+    r_vit, r_proj = layers.split_rng(rng, 2)
+    hidden = self.vision_model(images, r_vit)
+    # post_layernorm on every token, then L2 normalisation (eps as torch's F.normalize).
+    hidden = self.vision_model.post_layernorm(hidden).astype(jnp.float32)
+    hidden = hidden / jnp.maximum(jnp.linalg.norm(hidden, axis=-1, keepdims=True), 1e-12)
+    embeds = self.image_to_text_projection(hidden.astype(self.vision_model.dtype), r_proj)
+    return embeds.reshape(b, n * embeds.shape[1], embeds.shape[2])
+
+  def __call__(self, input_ids: Any, pixel_values: Any = None,
+               attention_mask: Any = None, image_embeds_position_mask: Any = None,
+               *, image_embeds: Any = None, position_ids: Any = None,
+               segment_ids: Any = None, dropout_rng: jax.Array | None = None
+               ) -> KosmosOutput:
+    """Logits for `input_ids` [b, l].
+
+    Args:
+      input_ids, pixel_values, attention_mask, image_embeds_position_mask: as
+        in transformers (numpy or jax arrays). Without pixel_values and
+        image_embeds the input is text only.
+      image_embeds: precomputed `encode_images` output (skips the vision tower).
+      position_ids: explicit positions (packed sequences); default from input_ids.
+      segment_ids: [b, l] packed-segment ids, 0 = padding; default attention_mask.
+      dropout_rng: enables dropout (training); None is inference.
+    """
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    r_img, r_embed, r_dec = layers.split_rng(dropout_rng, 3)
+    if image_embeds is None and pixel_values is not None:
+      image_embeds = self.encode_images(pixel_values, r_img)
+    image_embeds = _as_array(image_embeds)
+    if image_embeds is not None and image_embeds_position_mask is None:
+      raise ValueError("image_embeds_position_mask is required with pixel_values "
+                       "or image_embeds: it marks where the image slots are")
+    if segment_ids is None and attention_mask is not None:
+      segment_ids = attention_mask
+    hidden = self.text_model.embed(
+        input_ids, image_embeds=image_embeds,
+        image_embeds_position_mask=_as_array(image_embeds_position_mask, jnp.int32),
+        position_ids=_as_array(position_ids, jnp.int32), rng=r_embed)
+    logits = self.text_model(hidden, segment_ids=_as_array(segment_ids, jnp.int32),
+                             rng=r_dec)
+    return KosmosOutput(logits=logits, image_embeds=image_embeds)

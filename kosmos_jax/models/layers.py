@@ -1,0 +1,185 @@
+"""Building blocks shared by the vision tower, the connector and the decoder.
+
+Every parameter carries logical axis names in its `out_sharding` metadata
+(e.g. ('embed', 'mlp')); the mesh rules that turn them into PartitionSpecs live
+in the training config, so nothing here knows about devices.
+"""
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.core import spmd
+
+from kosmos_jax.models import attention
+
+Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
+
+
+def normal(std: float) -> Initializer:
+  return nnx.initializers.normal(stddev=std)
+
+
+def param(value: jax.Array, axes: Sequence[str | None]) -> nnx.Param:
+  # Logical names are metadata only: the trainer applies a mesh through the
+  # config's rules, never eagerly when a parameter is created.
+  return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+  """Sharding constraint by logical axis names; a no-op outside a mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  rules = spmd.get_logical_axis_rules()
+  if mesh.empty or not rules:
+    return x
+  spec = spmd.get_pspec(tuple(axes))
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
+class Dense(nnx.Module):
+  """y = x @ kernel + bias, kernel stored [in, out] (a torch Linear's transpose)."""
+
+  def __init__(self, in_features: int, out_features: int, *,
+               axes: tuple[str | None, str | None], rngs: nnx.Rngs,
+               kernel_init: Initializer, use_bias: bool = True,
+               dtype=jnp.float32, param_dtype=jnp.float32):
+    self.kernel = param(
+        kernel_init(rngs.params(), (in_features, out_features), param_dtype),
+        axes)
+    self.bias = param(jnp.zeros((out_features,), param_dtype),
+                      (axes[1],)) if use_bias else None
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm whose statistics are always computed in float32."""
+
+  def __init__(self, features: int, *, axis_name: str | None, eps: float,
+               dtype=jnp.float32, param_dtype=jnp.float32):
+    self.scale = param(jnp.ones((features,), param_dtype), (axis_name,))
+    self.bias = param(jnp.zeros((features,), param_dtype), (axis_name,))
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+  """Inverted dropout; `rng=None` means inference (deterministic)."""
+  if rng is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+def gelu_exact(x: jax.Array) -> jax.Array:
+  # torchscale computes the activation in float32; jax.nn.gelu defaults to tanh.
+  return jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu_exact}
+
+
+def split_rng(rng: jax.Array | None, num: int) -> list[jax.Array | None]:
+  return [None] * num if rng is None else list(jax.random.split(rng, num))
+
+
+class MultiHeadAttention(nnx.Module):
+  """q/k/v/out projections around `attention.attention`.
+
+  `inner_ln` is MAGNETO's sub-LayerNorm on the concatenated heads, applied
+  before out_proj (the decoder has it; the ViT and the connector do not).
+  """
+
+  def __init__(self, width: int, heads: int, *, rngs: nnx.Rngs,
+               qkv_init: Initializer, out_init: Initializer,
+               v_init: Initializer | None = None, inner_ln_eps: float | None = None, dtype=jnp.float32,
+               param_dtype=jnp.float32):
+    if width % heads:
+      raise ValueError(f"width {width} is not divisible by heads {heads}")
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.q_proj = Dense(width, width, axes=("embed", "heads"), kernel_init=qkv_init, **kw)
+    self.k_proj = Dense(width, width, axes=("embed", "heads"), kernel_init=qkv_init, **kw)
+    self.v_proj = Dense(width, width, axes=("embed", "heads"),
+                        kernel_init=v_init or qkv_init, **kw)
+    self.out_proj = Dense(width, width, axes=("heads", "embed"), kernel_init=out_init, **kw)
+    self.inner_attn_ln = (
+        LayerNorm(width, axis_name="heads", eps=inner_ln_eps, dtype=dtype,
+                  param_dtype=param_dtype) if inner_ln_eps is not None else None)
+    self.heads = heads
+
+  def __call__(self, x: jax.Array, kv: jax.Array | None = None, *,
+               causal: bool, implementation: str,
+               segment_ids: jax.Array | None = None,
+               dropout_rate: float = 0.0,
+               dropout_rng: jax.Array | None = None) -> jax.Array:
+    kv = x if kv is None else kv
+    split = lambda t: t.reshape(*t.shape[:-1], self.heads, -1)
+    q = constrain(split(self.q_proj(x)), ("batch", "length", "heads", "kv"))
+    k = constrain(split(self.k_proj(kv)), ("batch", "length", "heads", "kv"))
+    v = constrain(split(self.v_proj(kv)), ("batch", "length", "heads", "kv"))
+    ctx = attention.attention(q, k, v, causal=causal, segment_ids=segment_ids,
+                              implementation=implementation,
+                              dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+    ctx = ctx.reshape(*ctx.shape[:-2], -1)
+    if self.inner_attn_ln is not None:
+      ctx = self.inner_attn_ln(ctx)
+    return self.out_proj(ctx)
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def stacked(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int,
+            rngs: nnx.Rngs) -> nnx.Module:
+  """Builds `num_layers` copies of a layer with parameters stacked on axis 0."""
+
+  @nnx.split_rngs(splits=num_layers)
+  @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def make(r):
+    return make_layer(r)
+
+  return make(rngs)
+
+
+def scan(layers: nnx.Module, body: Callable, x: jax.Array, *, remat: str,
+         rng: jax.Array | None, num_layers: int) -> jax.Array:
+  """Runs `body(layer, x, rng) -> x` over stacked layers with lax.scan.
+
+  Compile time does not grow with depth; `remat` picks what the backward pass
+  recomputes (see REMAT_POLICIES).
+  """
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat {remat!r} is not one of {sorted(REMAT_POLICIES)}")
+  graphdef, state = nnx.split(layers)
+
+  def step(carry, xs):
+    layer_state, layer_rng = xs
+    return body(nnx.merge(graphdef, layer_state), carry, layer_rng), None
+
+  if remat != "none":
+    step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
+  rngs = None if rng is None else jax.random.split(rng, num_layers)
+  x, _ = jax.lax.scan(step, x, (state, rngs))
+  return x

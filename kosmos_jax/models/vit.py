@@ -1,0 +1,80 @@
+"""CLIP ViT image encoder as used by Kosmos-2 (reference/kosmos2.md 1.3)."""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kosmos_jax.models import layers
+
+
+class VisionBlock(nnx.Module):
+  """Pre-LN block: x + attn(ln1(x)); x + mlp(ln2(x))."""
+
+  def __init__(self, cfg, *, rngs, dtype, param_dtype):
+    d, depth = cfg.width, cfg.depth
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    # Hugging Face's CLIP init, so that fresh models train like theirs.
+    in_std = d ** -0.5 * (2 * depth) ** -0.5
+    self.layer_norm1 = layers.LayerNorm(d, axis_name="embed", eps=cfg.layer_norm_eps, **kw)
+    self.self_attn = layers.MultiHeadAttention(
+        d, cfg.heads, rngs=rngs, qkv_init=layers.normal(in_std),
+        out_init=layers.normal(d ** -0.5), **kw)
+    self.layer_norm2 = layers.LayerNorm(d, axis_name="embed", eps=cfg.layer_norm_eps, **kw)
+    self.fc1 = layers.Dense(d, cfg.mlp_dim, axes=("embed", "mlp"), rngs=rngs,
+                            kernel_init=layers.normal((2 * d) ** -0.5), **kw)
+    self.fc2 = layers.Dense(cfg.mlp_dim, d, axes=("mlp", "embed"), rngs=rngs,
+                            kernel_init=layers.normal(in_std), **kw)
+    self.activation = layers.ACTIVATIONS[cfg.activation]
+    self.attention_dropout = cfg.attention_dropout
+
+  def __call__(self, x, rng, *, implementation):
+    x = x + self.self_attn(self.layer_norm1(x), causal=False,
+                           implementation=implementation,
+                           dropout_rate=self.attention_dropout, dropout_rng=rng)
+    x = x + self.fc2(self.activation(self.fc1(self.layer_norm2(x))))
+    return layers.constrain(x, ("batch", "length", "embed"))
+
+
+class VisionTransformer(nnx.Module):
+  """Patch embedding + class token + learned positions + pre-LN encoder.
+
+  Returns the last hidden states of all tokens *before* post_layernorm, like
+  Hugging Face's `last_hidden_state`; `post_layernorm` is applied by the caller.
+  """
+
+  def __init__(self, cfg, *, rngs, dtype, param_dtype, remat, attention):
+    d, p = cfg.width, cfg.patch_size
+    grid = cfg.image_size // p
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    # Conv kernel in Flax layout [kh, kw, in, out]; the conv has no bias.
+    self.patch_embedding = layers.param(
+        layers.normal(0.02)(rngs.params(), (p, p, cfg.num_channels, d), param_dtype),
+        (None, None, None, "embed"))
+    self.class_embedding = layers.param(
+        layers.normal(d ** -0.5)(rngs.params(), (d,), param_dtype), ("embed",))
+    self.position_embedding = layers.param(
+        layers.normal(0.02)(rngs.params(), (grid * grid + 1, d), param_dtype),
+        (None, "embed"))
+    self.pre_layrnorm = layers.LayerNorm(d, axis_name="embed", eps=cfg.layer_norm_eps, **kw)
+    self.layers = layers.stacked(
+        lambda r: VisionBlock(cfg, rngs=r, **kw), cfg.depth, rngs)
+    self.post_layernorm = layers.LayerNorm(d, axis_name="embed", eps=cfg.layer_norm_eps, **kw)
+    self.cfg, self.dtype, self.remat, self.attention = cfg, dtype, remat, attention
+
+  def __call__(self, images: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    """images [n, H, W, C] (NHWC, normalised) -> [n, 1 + patches, width]."""
+    n, h, w, c = images.shape
+    p, size = self.cfg.patch_size, self.cfg.image_size
+    if (h, w) != (size, size) or c != self.cfg.num_channels:
+      raise ValueError(f"pixel_values of {h}x{w}x{c} do not match the model's "
+                       f"{size}x{size}x{self.cfg.num_channels} input")
+    # Patchify as a reshape + matmul: the same as a stride-p conv, and cheaper.
+    patches = images.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(n, (h // p) * (w // p), p * p * c).astype(self.dtype)
+    kernel = self.patch_embedding[...].reshape(p * p * c, -1).astype(self.dtype)
+    x = jnp.dot(patches, kernel)
+    cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (n, 1, x.shape[-1]))
+    x = jnp.concatenate([cls, x], axis=1) + self.position_embedding[...].astype(self.dtype)
+    x = self.pre_layrnorm(x)
+    body = lambda layer, y, r: layer(y, r, implementation=self.attention)
+    return layers.scan(self.layers, body, x, remat=self.remat, rng=rng,
+                       num_layers=self.cfg.depth)
