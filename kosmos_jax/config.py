@@ -4,6 +4,10 @@ Config files (`configs/*.py`, ml_collections) call `experiment_config(model)`
 and override what they need; the command line overrides any key with
 `--config.key=value`.
 """
+import ast
+import importlib.util
+import os
+
 import ml_collections
 
 
@@ -16,3 +20,51 @@ def experiment_config(model: ml_collections.ConfigDict) -> ml_collections.Config
   config.attention = model.attention
   config.model.attention = config.get_ref("attention")
   return config
+
+
+def load(path: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+  """Runs `get_config()` of a config file, then applies `key=value` overrides.
+
+  Values are parsed to the type of the field they replace, so
+  `mesh.data=4`, `attention=pallas` and `model.dtype=bfloat16` all work.
+  """
+  spec = importlib.util.spec_from_file_location("kosmos_config_file", path)
+  if spec is None or not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path!r} not found")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"{path}: a config file must define get_config()")
+  config = module.get_config()
+  for item in overrides:
+    key, sep, raw = item.partition("=")
+    if not sep:
+      raise ValueError(f"config override {item!r} is not key=value")
+    _set(config, key, raw)
+  return config
+
+
+def _set(config: ml_collections.ConfigDict, key: str, raw: str) -> None:
+  *parents, leaf = key.split(".")
+  node = config
+  for p in parents:
+    if p not in node:
+      raise KeyError(f"config override {key!r}: no key {p!r}")
+    node = node[p]
+  if leaf not in node:
+    raise KeyError(f"config override {key!r}: no key {leaf!r}")
+  current = node[leaf]
+  if isinstance(current, bool):
+    if raw.lower() not in ("true", "false", "1", "0"):
+      raise ValueError(f"config override {key!r}: {raw!r} is not a boolean")
+    value = raw.lower() in ("true", "1")
+  elif isinstance(current, (int, float)):
+    value = type(current)(raw)
+  elif isinstance(current, str):
+    value = raw
+  else:
+    try:
+      value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      value = raw
+  node[leaf] = value

@@ -1,0 +1,117 @@
+"""The `kosmos-jax` command line: `kosmos-jax SUBCOMMAND --help` for each."""
+import argparse
+import json
+import os
+import shutil
+import sys
+
+# Files of a Hugging Face snapshot besides the weights that a converted
+# checkpoint keeps, so that tokenizer, image processor and generation defaults
+# travel with it both ways.
+_SIDECAR_FILES = ("sentencepiece.bpe.model", "tokenizer.json", "tokenizer_config.json",
+                  "special_tokens_map.json", "preprocessor_config.json",
+                  "processor_config.json", "generation_config.json")
+
+
+def _copy_sidecars(src: str, dst: str) -> list[str]:
+  copied = []
+  for name in _SIDECAR_FILES:
+    if os.path.isfile(os.path.join(src, name)):
+      shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+      copied.append(name)
+  return copied
+
+
+def _split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+  """Separates `--config.key=value` items from the ordinary arguments."""
+  rest, overrides = [], []
+  it = iter(argv)
+  for arg in it:
+    if arg.startswith("--config."):
+      key, sep, value = arg[len("--config."):].partition("=")
+      if not sep:
+        value = next(it, None)
+        if value is None:
+          raise SystemExit(f"{arg}: missing value")
+      overrides.append(f"{key}={value}")
+    else:
+      rest.append(arg)
+  return rest, overrides
+
+
+def cmd_convert(args) -> None:
+  from kosmos_jax.convert import hf  # pylint: disable=g-import-not-at-top
+  from kosmos_jax.models import loading  # pylint: disable=g-import-not-at-top
+  from kosmos_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  if args.direction == "hf-to-orbax":
+    hf_config, tensors = hf.read_hf_dir(args.hf_dir, allow_pickle=args.allow_pickle,
+                                        progress=True)
+    config = hf.config_from_hf(hf_config)
+    params = hf.hf_to_params(tensors, config, progress=True,
+                             expected_shapes=loading.abstract_params(config))
+    checkpoint.save_params(args.out, config, params)
+    sidecars = _copy_sidecars(args.hf_dir, args.out)
+    count = sum(v.size for v in tensors.values() if v is not None)
+    print(json.dumps({"out": args.out, "tensors": len(tensors), "values": int(count),
+                      "copied": sidecars}))
+  else:
+    config = checkpoint.load_config(args.ckpt)
+    params = checkpoint.load_params(args.ckpt, loading.abstract_params(config))
+    hf.write_hf_dir(args.out, config, params)
+    sidecars = _copy_sidecars(args.ckpt, args.out)
+    print(json.dumps({"out": args.out, "copied": sidecars}))
+
+
+def cmd_summary(args, overrides) -> None:
+  """Parameter counts of a config, computed without allocating."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from kosmos_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from kosmos_jax.models import loading  # pylint: disable=g-import-not-at-top
+  config = config_lib.load(args.config, overrides)
+  params = loading.abstract_params(config.model)
+  counts = {name: sum(x.size for x in jax.tree.leaves(sub)) for name, sub in params.items()}
+  total = sum(counts.values())
+  print(json.dumps({"config": args.config, "parameters": total, **counts,
+                    "float32_gib": round(total * 4 / 2**30, 3),
+                    "bfloat16_gib": round(total * 2 / 2**30, 3)}))
+
+
+_TAKES_CONFIG = ("summary",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="kosmos-jax", description="KOSMOS-2 in JAX: convert, inspect, train, generate.")
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  convert = sub.add_parser("convert", help="Hugging Face <-> kosmos-jax (Orbax) checkpoints")
+  csub = convert.add_subparsers(dest="direction", required=True)
+  to_orbax = csub.add_parser("hf-to-orbax", help="HF snapshot dir -> Orbax checkpoint")
+  to_orbax.add_argument("--hf-dir", required=True, help="config.json + model.safetensors[.index.json]")
+  to_orbax.add_argument("--out", required=True, help="checkpoint directory to write")
+  to_orbax.add_argument("--allow-pickle", action="store_true",
+                        help="accept pytorch_model.bin (unpickled weights-only)")
+  to_hf = csub.add_parser("orbax-to-hf", help="Orbax checkpoint -> HF snapshot dir")
+  to_hf.add_argument("--ckpt", required=True, help="checkpoint directory")
+  to_hf.add_argument("--out", required=True, help="directory for config.json + model.safetensors")
+
+  summary = sub.add_parser("summary", help="parameter counts of a config (no allocation); "
+                           "accepts --config.key=value overrides")
+  summary.add_argument("--config", required=True, help="configs/NAME.py")
+  return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+  argv = sys.argv[1:] if argv is None else argv
+  argv, overrides = _split_config_overrides(argv)
+  args = build_parser().parse_args(argv)
+  if overrides and args.command not in _TAKES_CONFIG:
+    raise SystemExit(f"kosmos-jax {args.command} takes no --config.* overrides: {overrides}")
+  if args.command == "convert":
+    cmd_convert(args)
+  elif args.command == "summary":
+    cmd_summary(args, overrides)
+
+
+if __name__ == "__main__":
+  main()

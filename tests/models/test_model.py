@@ -1,0 +1,133 @@
+"""Model-level properties beyond parity: size, dtypes, init, dropout, remat, sharding names."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from kosmos_jax import config as config_lib
+from kosmos_jax.models import decoder, loading
+from kosmos_jax.models.kosmos import Kosmos2
+
+
+def test_released_size_matches_transformers_default_config():
+  ours = loading.param_count(config_lib.load("configs/kosmos2.py").model)
+  with torch.device("meta"):
+    theirs_model = transformers.Kosmos2ForConditionalGeneration(transformers.Kosmos2Config())
+  # lm_head is tied to embed_tokens: counted once, as parameters() does.
+  theirs = sum(p.numel() for p in theirs_model.parameters())
+  assert ours == theirs
+  assert 1.6e9 < ours < 1.7e9
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return config_lib.load("configs/tiny.py")
+
+
+def _inputs(cfg, batch=2, text=6, seed=0):
+  rng = np.random.default_rng(seed)
+  latents, vocab = cfg.latent_query_num, cfg.text.vocab_size
+  ids = np.concatenate([np.zeros((batch, 1)), np.full((batch, 1), vocab - 3),
+                        np.tile(np.arange(4, 4 + latents), (batch, 1)),
+                        np.full((batch, 1), vocab - 2),
+                        rng.integers(100, vocab - 3, (batch, text))], axis=1).astype(np.int32)
+  slots = np.zeros_like(ids)
+  slots[:, 2:2 + latents] = 1
+  pixels = rng.standard_normal((batch, 3, cfg.vision.image_size, cfg.vision.image_size))
+  return dict(input_ids=ids, image_embeds_position_mask=slots,
+              pixel_values=pixels.astype(np.float32), attention_mask=np.ones_like(ids))
+
+
+def test_every_parameter_has_logical_axes(tiny):
+  state = nnx.state(loading.abstract_model(tiny.model), nnx.Param)
+  for path, var in jax.tree_util.tree_flatten_with_path(
+      state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
+    axes = var.get_metadata()["out_sharding"]
+    assert len(axes) == var.get_value().ndim, path
+  blocks = nnx.state(loading.abstract_model(tiny.model).text_model.layers, nnx.Param)
+  assert blocks["fc1"]["kernel"].get_metadata()["out_sharding"] == ("layers", "embed", "mlp")
+
+
+def test_magneto_init_scales_the_right_projections(tiny):
+  model = Kosmos2(tiny.model, rngs=nnx.Rngs(0))
+  layers = model.text_model.layers
+  scale = math.sqrt(math.log(2 * tiny.model.text.depth))
+  std = lambda p: float(jnp.std(p[...]))
+  for name in ("v_proj", "out_proj"):
+    assert std(getattr(layers.self_attn, name).kernel) == pytest.approx(0.02 * scale, rel=0.1)
+  for name in ("q_proj", "k_proj"):
+    assert std(getattr(layers.self_attn, name).kernel) == pytest.approx(0.02, rel=0.1)
+  assert std(layers.fc1.kernel) == pytest.approx(0.02 * scale, rel=0.1)
+  assert std(layers.fc2.kernel) == pytest.approx(0.02 * scale, rel=0.1)
+  assert not np.asarray(model.text_model.embed_tokens[...][tiny.model.text.pad_id]).any()
+
+
+def test_bfloat16_compute_tracks_float32(tiny):
+  model = Kosmos2(tiny.model, rngs=nnx.Rngs(1))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  cfg16 = tiny.model.copy_and_resolve_references()
+  cfg16.dtype = "bfloat16"
+  model16 = loading.model_from_params(cfg16, params)
+  batch = _inputs(tiny.model)
+  ref = np.asarray(model(**batch).logits)
+  got = model16(**batch).logits
+  assert got.dtype == jnp.float32  # logits stay float32 for the loss
+  assert np.abs(np.asarray(got) - ref).max() < 0.05 * np.abs(ref).max()
+  assert model16.text_model.embed_tokens[...].dtype == jnp.float32  # master weights
+
+
+def test_dropout_only_with_an_rng_and_remat_changes_nothing(tiny):
+  batch = _inputs(tiny.model)
+  model = Kosmos2(tiny.model, rngs=nnx.Rngs(2))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  a = np.asarray(model(**batch).logits)
+  np.testing.assert_array_equal(a, np.asarray(model(**batch).logits))
+  train = np.asarray(model(**batch, dropout_rng=jax.random.key(0)).logits)
+  assert np.abs(train - a).max() > 1e-3
+  cfg = tiny.model.copy_and_resolve_references()
+  cfg.remat = "full"
+  remat = loading.model_from_params(cfg, params)
+
+  def loss(m):
+    return m(**batch, dropout_rng=jax.random.key(0)).logits.mean()
+
+  g1 = nnx.grad(loss)(model)
+  g2 = nnx.grad(loss)(remat)
+  for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
+
+
+def test_packed_segments_do_not_see_each_other(tiny):
+  model = Kosmos2(tiny.model, rngs=nnx.Rngs(3))
+  rng = np.random.default_rng(0)
+  a, b = rng.integers(100, 900, 5), rng.integers(100, 900, 4)
+  packed = np.concatenate([a, b])[None].astype(np.int32)
+  segments = np.array([[1] * 5 + [2] * 4])
+  positions = np.array([[2, 3, 4, 5, 6, 2, 3, 4, 5]])
+  out = np.asarray(model(packed, segment_ids=segments, position_ids=positions).logits)
+  alone = np.asarray(model(b[None].astype(np.int32)).logits)
+  np.testing.assert_allclose(out[0, 5:], alone[0], atol=1e-5)
+
+
+def test_positions_follow_fairseq():
+  ids = jnp.array([[1, 1, 0, 5, 6], [0, 5, 6, 7, 1]])
+  np.testing.assert_array_equal(decoder.positions_from_ids(ids, 1),
+                                [[1, 1, 2, 3, 4], [2, 3, 4, 5, 1]])
+  table = decoder.sinusoidal_positions(jnp.arange(4), 8, padding_idx=1)
+  assert not np.asarray(table[1]).any()
+  np.testing.assert_allclose(table[2, :4], np.sin(2 * np.exp(np.arange(4) * -math.log(1e4) / 3)),
+                             rtol=1e-6)
+
+
+def test_bad_inputs_say_what_is_wrong(tiny):
+  model = Kosmos2(tiny.model, rngs=nnx.Rngs(4))
+  batch = _inputs(tiny.model)
+  with pytest.raises(ValueError, match="image_embeds_position_mask"):
+    model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"])
+  with pytest.raises(ValueError, match="do not match"):
+    model(**{**batch, "pixel_values": batch["pixel_values"][:, :, :16, :16]})
