@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     "ml-dtypes==0.6.0",
     "pillow==13.0.0",
     "tqdm==4.70.1",
+    "sentencepiece==0.2.3",
 ]
 
 EXTRAS_REQUIRE = {
@@ -29,7 +30,6 @@ EXTRAS_REQUIRE = {
     "test": [
         "torch==2.13.0",  # CPU build; a looser pin pulls several GB of CUDA wheels.
         "transformers==5.23.0",
-        "sentencepiece==0.2.1",
         "libtpu==0.0.51",
         "pytest==9.0.1",
     ],
