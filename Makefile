@@ -19,8 +19,10 @@ $(STAMP): setup.py
 test: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -q tests
 
+# Until the training demo lands: the smallest real job, a parameter count of each config.
 demo: $(STAMP)
-	$(TEST_ENV) $(VENV)/bin/kosmos-jax demo --out demo_out
+	$(TEST_ENV) $(VENV)/bin/kosmos-jax summary --config configs/kosmos2.py
+	$(TEST_ENV) $(VENV)/bin/kosmos-jax summary --config configs/tiny.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -147,8 +147,8 @@ class Processor:
       add_special_tokens: start with `<s>` (and allow `</s>`).
 
     Returns:
-      `input_ids`, `attention_mask` (int64, (B, L), or (L,) for a single
-      string), with images also `image_embeds_position_mask` and
+      `input_ids`, `attention_mask` (int64, (B, L); B = 1 for a single
+      string, as transformers' `return_tensors="np"` gives), with images also `image_embeds_position_mask` and
       `pixel_values` (float32, (N, 3, H, W)).
     """
     if text is None and images is None:
@@ -205,10 +205,6 @@ class Processor:
     out["attention_mask"] = _pad([[1] * len(r) for r in rows], 0, length, side)
     if image_masks is not None:
       out["image_embeds_position_mask"] = _pad(image_masks, 0, length, side)
-    if single:
-      for key in ("input_ids", "attention_mask", "image_embeds_position_mask"):
-        if key in out:
-          out[key] = out[key][0]
     return out
 
   # --- output --------------------------------------------------------------

@@ -91,16 +91,17 @@ def test_single_examples_match_transformers(ours, hf, with_image, add_eos_token,
   kwargs = dict(add_eos_token=add_eos_token, add_special_tokens=add_special_tokens)
   for text, boxes in _examples(10, seed=2):
     image = _images(rng, 1)[0] if with_image else None
-    want = hf["right"](text=text, images=image, bboxes=boxes, **kwargs)
+    want = hf["right"](text=text, images=image, bboxes=boxes, return_tensors="np", **kwargs)
     _assert_same(ours(text=text, images=image, bboxes=boxes, **kwargs), want, TEXT_KEYS)
 
 
 def test_layout_with_image(ours):
   out = ours(text="<grounding>An image of", images=Image.new("RGB", (5, 7)))
-  ids = out["input_ids"]
+  assert out["input_ids"].shape[0] == 1
+  ids = out["input_ids"][0]
   assert ids[:2].tolist() == [0, ours.vocab.tag_id("<image>")]
   assert ids[2:66].tolist() == list(range(4, 68)) and ids[66] == ours.vocab.tag_id("</image>")
-  assert out["image_embeds_position_mask"].tolist() == [0, 0] + [1] * 64 + [0] * (len(ids) - 66)
+  assert out["image_embeds_position_mask"][0].tolist() == [0, 0] + [1] * 64 + [0] * (len(ids) - 66)
   assert out["pixel_values"].shape == (1, 3, 224, 224) and out["pixel_values"].dtype == np.float32
 
 

@@ -1,0 +1,22 @@
+"""Shared by the benchmarks: the mid-size Kosmos-2 shape and a timer."""
+import statistics
+import time
+
+# Mid-size Kosmos-2: 6 x 512 decoder, 6-layer ViT of width 384 at 224/14, the
+# released vocabulary and 64 latents (transformers Kosmos2Config keywords).
+MID_HF_CONFIG = dict(
+    text_config=dict(embed_dim=512, layers=6, attention_heads=8, ffn_dim=2048,
+                     vocab_size=65037, max_position_embeddings=2048),
+    vision_config=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
+                       num_attention_heads=6, image_size=224, patch_size=14),
+    latent_query_num=64)
+
+
+def timed(fn, repeats: int) -> tuple[float, list[float]]:
+  """Median wall time of `fn()` over `repeats` calls (fn must block until done)."""
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times), times
