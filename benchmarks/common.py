@@ -12,11 +12,15 @@ MID_HF_CONFIG = dict(
     latent_query_num=64)
 
 
-def timed(fn, repeats: int) -> tuple[float, list[float]]:
-  """Median wall time of `fn()` over `repeats` calls (fn must block until done)."""
-  times = []
+def timed_pair(ours, theirs, repeats: int) -> tuple[float, float]:
+  """Median wall times of `ours()` and `theirs()` (each must block until done).
+
+  Calls alternate, so a load that comes and goes on the machine hits both alike.
+  """
+  times = ([], [])
   for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), times
+    for fn, out in zip((ours, theirs), times):
+      start = time.perf_counter()
+      fn()
+      out.append(time.perf_counter() - start)
+  return statistics.median(times[0]), statistics.median(times[1])

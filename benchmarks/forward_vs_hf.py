@@ -19,7 +19,7 @@ import transformers
 from flax import nnx
 
 import kosmos_jax
-from common import MID_HF_CONFIG, timed
+from common import MID_HF_CONFIG, timed_pair
 from hf_reference import grounded_batch
 
 
@@ -49,14 +49,14 @@ def main():
   start = time.perf_counter()
   forward(state, jax_batch).block_until_ready()
   compile_s = time.perf_counter() - start
-  ours_s, _ = timed(lambda: forward(state, jax_batch).block_until_ready(), args.repeats)
 
   def hf_forward():
     with torch.no_grad():
       return hf(**torch_batch).logits
 
   hf_forward()  # warm-up
-  hf_s, _ = timed(hf_forward, args.repeats)
+  ours_s, hf_s = timed_pair(lambda: forward(state, jax_batch).block_until_ready(),
+                            hf_forward, args.repeats)
 
   mask = batch["attention_mask"].astype(bool)
   err = float(np.abs(np.asarray(forward(state, jax_batch)) - hf_forward().numpy())[mask].max())
