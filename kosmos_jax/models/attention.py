@@ -5,18 +5,27 @@ j iff kv_segment_ids[b, j] != 0, the segment ids of i and j are equal, and (when
 causal) j <= i + (kv_len - q_len), i.e. queries are aligned to the end of the
 keys. A query with no allowed key returns zeros (never NaN). segment_ids=None
 means one segment and no padding.
+
+Implementations (config key `attention`):
+  xla     plain einsum + softmax; any shapes, attention dropout; the CPU default.
+  pallas  our flash kernel (kosmos_jax.kernels), TPU Mosaic or GPU Triton.
+  splash  JAX's TPU splash-attention kernel.
+  cudnn   jax.nn.dot_product_attention(implementation="cudnn"), GPU only.
+The kernels serve self-attention (the ViT and decoder stacks, ~all the FLOPs);
+the connector's one small cross-attention (64 latents over 321 keys) and decode
+steps against a cache always take the xla path. Under a mesh the kernels run
+inside shard_map over the batch and heads axes of the logical rules.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
+from flax.core import spmd
+from jax.sharding import PartitionSpec as P
 
 
-def _xla(q, k, v, *, causal, segment_ids, kv_segment_ids, dropout_rate,
-         dropout_rng):
-  b, lq, h, d = q.shape
-  lk = k.shape[1]
-  scale = d ** -0.5
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k,
-                      preferred_element_type=jnp.float32) * scale
+def _mask(b, lq, lk, *, causal, segment_ids, kv_segment_ids):
+  """Boolean [b, 1, lq, lk] mask, or None when everything is allowed."""
   mask = None
   if kv_segment_ids is not None:
     q_seg = segment_ids if segment_ids is not None else jnp.ones((b, lq), kv_segment_ids.dtype)
@@ -25,6 +34,15 @@ def _xla(q, k, v, *, causal, segment_ids, kv_segment_ids, dropout_rate,
   if causal:
     allowed = jnp.arange(lk)[None, :] <= jnp.arange(lq)[:, None] + (lk - lq)
     mask = allowed[None, None] if mask is None else mask & allowed[None, None]
+  return mask
+
+
+def _xla(q, k, v, *, causal, segment_ids, kv_segment_ids, dropout_rate, dropout_rng):
+  b, lq, _, d = q.shape
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k,
+                      preferred_element_type=jnp.float32) * d ** -0.5
+  mask = _mask(b, lq, k.shape[1], causal=causal, segment_ids=segment_ids,
+               kv_segment_ids=kv_segment_ids)
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1)
@@ -37,7 +55,64 @@ def _xla(q, k, v, *, causal, segment_ids, kv_segment_ids, dropout_rate,
   return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
 
 
-_IMPLEMENTATIONS = {"xla": _xla}
+def _cudnn(q, k, v, *, causal, segment_ids, kv_segment_ids, **_):
+  b, lq = q.shape[:2]
+  mask = _mask(b, lq, k.shape[1], causal=causal, segment_ids=segment_ids,
+               kv_segment_ids=kv_segment_ids)
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+  if mask is not None:
+    out = jnp.where(mask.any(-1)[:, 0, :, None, None], out, 0).astype(out.dtype)
+  return out
+
+
+def _pallas(q, k, v, *, causal, segment_ids, **_):
+  from kosmos_jax import kernels  # pylint: disable=g-import-not-at-top
+  return kernels.flash_attention(q, k, v, causal=causal, segment_ids=segment_ids)
+
+
+def _splash(q, k, v, *, causal, segment_ids, **_):
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash  # pylint: disable=g-import-not-at-top
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask  # pylint: disable=g-import-not-at-top
+  b, length, heads, d = q.shape
+  block = 128
+  padded = -(-length // block) * block
+  if segment_ids is None:
+    segment_ids = jnp.ones((b, length), jnp.int32)
+  pad = [(0, 0), (0, padded - length)]
+  q, k, v = (jnp.pad(x, pad + [(0, 0), (0, 0)]) for x in (q, k, v))
+  # Padding keeps id 0 and so only attends padding: splash forbids empty rows,
+  # and those rows are zeroed below, as the shared semantics require.
+  ids = jnp.pad(segment_ids.astype(jnp.int32), pad)
+  base = (splash_mask.CausalMask((padded, padded)) if causal
+          else splash_mask.FullMask((padded, padded)))
+  kernel = splash.make_splash_mha(
+      splash_mask.MultiHeadMask([base] * heads), head_shards=1, q_seq_shards=1,
+      block_sizes=splash.BlockSizes.get_default(),
+      interpret=jax.default_backend() != "tpu")
+  to_hld = lambda x: x.transpose(0, 2, 1, 3)  # splash takes [heads, length, dim]
+  run = lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=splash.SegmentIds(q=s1, kv=s1))
+  out = jax.vmap(run)(to_hld(q * d ** -0.5), to_hld(k), to_hld(v), ids)
+  out = to_hld(out)[:, :length]
+  return jnp.where((segment_ids != 0)[:, :, None, None], out, 0).astype(q.dtype)
+
+
+_KERNELS = {"pallas": _pallas, "splash": _splash, "cudnn": _cudnn}
+IMPLEMENTATIONS = ("xla", *_KERNELS)
+
+
+def _sharded(kernel, q, k, v, segment_ids, causal):
+  """Runs a kernel per device under the current mesh (shard_map), else directly."""
+  mesh = jax.sharding.get_abstract_mesh()
+  run = functools.partial(kernel, causal=causal)
+  if segment_ids is None:
+    segment_ids = jnp.ones(q.shape[:2], jnp.int32)
+  if mesh.empty or not spmd.get_logical_axis_rules():
+    return run(q, k, v, segment_ids=segment_ids)
+  batch, heads = spmd.get_pspec(("batch", "heads"))
+  qkv, ids = P(batch, None, heads, None), P(batch, None)
+  return jax.shard_map(lambda q, k, v, s: run(q, k, v, segment_ids=s), mesh=mesh,
+                       in_specs=(qkv, qkv, qkv, ids), out_specs=qkv,
+                       check_vma=False)(q, k, v, segment_ids)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
@@ -51,19 +126,21 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
     causal: mask future keys (queries aligned to the end of the keys).
     segment_ids: [b, lq] int, 0 = padding. Defaults to all ones.
     kv_segment_ids: [b, lk] int; defaults to `segment_ids` (self-attention).
-    implementation: one of `available_implementations()`.
-    dropout_rate, dropout_rng: attention-probability dropout (training only).
+    implementation: one of `IMPLEMENTATIONS` (see the module doc).
+    dropout_rate, dropout_rng: attention-probability dropout (training only;
+      xla only: a fused kernel never materialises the probabilities).
   """
-  if implementation not in _IMPLEMENTATIONS:
+  if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {implementation!r} is not one of "
-                     f"{sorted(_IMPLEMENTATIONS)}")
+                     f"{list(IMPLEMENTATIONS)}")
+  self_attention = kv_segment_ids is None and q.shape[1] == k.shape[1]
   if kv_segment_ids is None:
     kv_segment_ids = segment_ids
-  return _IMPLEMENTATIONS[implementation](
-      q, k, v, causal=causal, segment_ids=segment_ids,
-      kv_segment_ids=kv_segment_ids, dropout_rate=dropout_rate,
-      dropout_rng=dropout_rng)
-
-
-def available_implementations() -> list[str]:
-  return sorted(_IMPLEMENTATIONS)
+  if implementation == "xla" or not self_attention:
+    return _xla(q, k, v, causal=causal, segment_ids=segment_ids,
+                kv_segment_ids=kv_segment_ids, dropout_rate=dropout_rate,
+                dropout_rng=dropout_rng)
+  if dropout_rng is not None and dropout_rate > 0.0:
+    raise ValueError(f"attention={implementation!r} has no attention dropout; set "
+                     "model.text.attention_dropout=0 (and vision) or use attention='xla'")
+  return _sharded(_KERNELS[implementation], q, k, v, segment_ids, causal)

@@ -23,7 +23,7 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
   c.dtype = "float32"
   c.param_dtype = "float32"
   c.remat = "none"  # See layers.REMAT_POLICIES.
-  c.attention = "xla"  # See attention.available_implementations().
+  c.attention = "xla"  # See attention.IMPLEMENTATIONS.
   # MAGNETO init (reference 1.5) for training from scratch; off = HF init.
   c.magneto_init = True
   for key, value in overrides.items():
