@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     "pillow==13.0.0",
     "tqdm==4.70.1",
     "sentencepiece==0.2.3",
+    "pyarrow==26.0.1",
 ]
 
 EXTRAS_REQUIRE = {

@@ -1,0 +1,145 @@
+"""Image ops in TensorFlow for the seqio pipelines: check, decode, resize, crop, normalize.
+
+Two transforms (reference/kosmos2.md 2.6):
+  "square": bicubic resize to S x S ignoring the aspect ratio (inference and
+            Hugging Face's processor; `images.preprocess_image` is its numpy twin);
+  "crop":   bicubic resize of the shortest edge to S, then a centre S x S crop
+            (the original training transform); boxes follow the crop and a box
+            keeping less than `MIN_BOX_FRACTION` of its area is dropped.
+Resizing uses antialiasing (as PIL does when shrinking) and rounds to whole
+pixel levels (PIL resizes uint8 images). Output is float32 [3, S, S] (NCHW rows,
+as the model takes them), normalized with the CLIP mean and std.
+"""
+import tensorflow as tf
+
+from kosmos_jax.data import quality
+from kosmos_jax.data.images import CLIP_MEAN, CLIP_STD
+
+MIN_BOX_FRACTION = 0.2  # laion2b_obj_loader's drop_crop_thr
+_TAIL = 1024  # how far from the end a JPEG's EOI marker may sit
+_MAGIC = {  # format -> (offset, bytes)
+    "jpeg": (0, b"\xff\xd8\xff"), "png": (0, b"\x89PNG\r\n\x1a\n"), "gif87": (0, b"GIF87a"),
+    "gif89": (0, b"GIF89a"), "riff": (0, b"RIFF"), "webp": (8, b"WEBP"), "bmp": (0, b"BM")}
+
+
+def _has(head: tf.Tensor, name: str) -> tf.Tensor:
+  offset, magic = _MAGIC[name]
+  return tf.equal(tf.strings.substr(head, offset, len(magic)), magic)
+
+
+def _uint(byte_values: tf.Tensor, big_endian: bool) -> tf.Tensor:
+  """Unsigned integer from a few uint8 values."""
+  b = tf.cast(byte_values, tf.int64)
+  b = b if big_endian else tf.reverse(b, [0])
+  weights = tf.bitwise.left_shift(tf.constant(1, tf.int64), 8 * tf.range(tf.size(b, tf.int64) - 1, -1, -1))
+  return tf.reduce_sum(b * weights)
+
+
+def check_image_bytes(data: tf.Tensor) -> tf.Tensor:
+  """`_issues` vector with at most one image reason for encoded image `data`.
+
+  Cheap header and trailer checks, so that records that would make the decoder
+  raise are counted by reason and dropped instead (see quality.REASONS).
+  """
+  size = tf.strings.length(data)
+  # Zero padding on both sides keeps every substr in range for short inputs.
+  padded = tf.strings.join([tf.constant(b"\0" * _TAIL), data, tf.constant(b"\0" * 32)])
+  head = tf.strings.substr(padded, _TAIL, 32)
+  head_bytes = tf.io.decode_raw(head, tf.uint8)
+  tail_bytes = tf.io.decode_raw(tf.strings.substr(padded, size, _TAIL), tf.uint8)
+  is_jpeg, is_png = _has(head, "jpeg"), _has(head, "png")
+  is_gif = _has(head, "gif87") | _has(head, "gif89")
+  is_webp = _has(head, "riff") & _has(head, "webp")
+  is_bmp = _has(head, "bmp")
+  known = is_jpeg | is_png | is_gif | is_webp | is_bmp
+  jpeg_end = tf.reduce_any((tail_bytes[:-1] == 0xFF) & (tail_bytes[1:] == 0xD9))
+  png_end = tf.equal(tf.strings.substr(padded, size + _TAIL - 8, 4), b"IEND")
+  gif_end = tf.equal(tail_bytes[-1], 0x3B)
+  riff_size = _uint(head_bytes[4:8], big_endian=False) + 8
+  bmp_size = _uint(head_bytes[2:6], big_endian=False)
+  complete = tf.case([(is_jpeg, lambda: jpeg_end), (is_png, lambda: png_end), (is_gif, lambda: gif_end),
+                      (is_webp, lambda: tf.cast(size, tf.int64) >= riff_size),
+                      (is_bmp, lambda: tf.cast(size, tf.int64) >= bmp_size)], default=lambda: tf.constant(True))
+  png_area = _uint(head_bytes[16:20], True) * _uint(head_bytes[20:24], True)
+  gif_area = _uint(head_bytes[6:8], False) * _uint(head_bytes[8:10], False)
+  zero = (is_png & tf.equal(png_area, 0)) | (is_gif & tf.equal(gif_area, 0))
+  return tf.case([
+      (tf.equal(size, 0), lambda: quality.issue("image_missing")),
+      (tf.logical_not(known), lambda: quality.issue("image_unknown_format")),
+      (tf.logical_not(complete), lambda: quality.issue("image_truncated")),
+      (zero, lambda: quality.issue("image_zero_size"))], default=quality.no_issues)
+
+
+def decode_rgb(data: tf.Tensor) -> tf.Tensor:
+  """JPEG/PNG/GIF (first frame)/WebP/BMP bytes -> float32 [h, w, 3] in [0, 255].
+
+  Grey is repeated to three channels; transparency is composited onto white,
+  as transformers' `convert_rgb` does.
+  """
+  image = tf.io.decode_image(data, channels=0, expand_animations=False, dtype=tf.uint8)
+  image = tf.cast(image, tf.float32)
+  channels = tf.shape(image)[-1]
+  rgb = tf.cond(channels < 3, lambda: tf.tile(image[..., :1], [1, 1, 3]), lambda: image[..., :3])
+  alpha = tf.cond(tf.equal(channels % 2, 0), lambda: image[..., -1:] / 255.0,
+                  lambda: tf.ones_like(image[..., :1]))
+  return tf.round(alpha * rgb + (1.0 - alpha) * 255.0)
+
+
+def _resize(image: tf.Tensor, height, width) -> tf.Tensor:
+  resized = tf.image.resize(image, tf.stack([height, width]), method="bicubic", antialias=True)
+  return tf.round(tf.clip_by_value(resized, 0.0, 255.0))
+
+
+def normalize(image: tf.Tensor) -> tf.Tensor:
+  """[h, w, 3] pixel levels -> CLIP-normalized float32 [3, h, w]."""
+  image = (image / 255.0 - tf.constant(CLIP_MEAN)) / tf.constant(CLIP_STD)
+  return tf.transpose(image, [2, 0, 1])
+
+
+def resize_square(image: tf.Tensor, size: int) -> tf.Tensor:
+  """The inference transform's geometry: size x size, aspect ratio ignored."""
+  return _resize(image, size, size)
+
+
+def resize_and_center_crop(image: tf.Tensor, size: int, boxes: tf.Tensor | None = None):
+  """The training transform's geometry, with boxes carried through the crop.
+
+  Args:
+    image: [h, w, 3] pixel levels.
+    size: S; the shortest edge is resized to S (the longer one to
+      int(S * long / short), as PIL-based processors do), then centre-cropped.
+    boxes: optional float32 [n, 4] normalized (x1, y1, x2, y2).
+
+  Returns:
+    (image [S, S, 3], boxes [n, 4] clipped to the crop, keep [n] bool: the box
+    keeps at least MIN_BOX_FRACTION of its area).
+  """
+  shape = tf.shape(image)
+  h, w = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
+  long_side = tf.cast(tf.floor(size * tf.maximum(h, w) / tf.minimum(h, w)), tf.int32)
+  new_h = tf.where(h <= w, size, long_side)
+  new_w = tf.where(h <= w, long_side, size)
+  top, left = (new_h - size) // 2, (new_w - size) // 2
+  image = _resize(image, new_h, new_w)[top:top + size, left:left + size]
+  if boxes is None:
+    return image, None, None
+  scale = tf.cast(tf.stack([new_w, new_h, new_w, new_h]), tf.float32) / size
+  shift = tf.cast(tf.stack([left, top, left, top]), tf.float32) / size
+  moved = tf.reshape(boxes, [-1, 4]) * scale - shift
+  clipped = tf.clip_by_value(moved, 0.0, 1.0)
+  area = lambda b: tf.maximum(b[:, 2] - b[:, 0], 0.0) * tf.maximum(b[:, 3] - b[:, 1], 0.0)
+  keep = area(clipped) >= MIN_BOX_FRACTION * area(moved)
+  return image, clipped, keep & (area(clipped) > 0)
+
+
+def preprocess(data: tf.Tensor, size: int, transform: str = "square", boxes: tf.Tensor | None = None):
+  """Encoded bytes -> (pixels float32 [3, S, S], boxes, keep) for `transform`
+  "square" (boxes unchanged, all kept) or "crop"."""
+  image = decode_rgb(data)
+  if transform == "square":
+    keep = None if boxes is None else tf.ones(tf.shape(boxes)[:1], tf.bool)
+    return tf.ensure_shape(normalize(resize_square(image, size)), [3, size, size]), boxes, keep
+  if transform == "crop":
+    image, boxes, keep = resize_and_center_crop(image, size, boxes)
+    return tf.ensure_shape(normalize(image), [3, size, size]), boxes, keep
+  raise ValueError(f"transform must be 'square' or 'crop', got {transform!r}")

@@ -1,0 +1,228 @@
+"""seqio preprocessors: records -> token sequences with images, all in tf ops.
+
+Input schemas (what `sources.py` and the shapes TFDS builder produce):
+  image-text  key, image (encoded bytes), caption, and for GrIT noun_chunks and
+              ref_exps float32 [n, 7] (start, end, x1, y1, x2, y2, score);
+  document    key, texts [n], images [n] encoded bytes: item i is an image when
+              images[i] is non-empty, else the text texts[i];
+  text        key, text.
+Every family produces the same features, so tasks mix:
+  targets       int32 [len]  `<s> ... </s>` (documents cut by `trim` have no `</s>`)
+  loss_weights  int32 [len]  1 where the token is a prediction target: not `<s>`,
+                             `<image>`, image slots or prompt (reference 1.10: a caption
+                             pair is learnt from `</image>` on, `</s>` included)
+  image_mask    int32 [len]  1 on image slots
+  images        float32 [k, 3, S, S]  the k images of the sequence, in slot order
+  key           string
+plus `_issues`/`_drop` for `quality.filter_and_count`. The tasks in tasks.py
+chain: family preprocessor -> `trim` -> `quality.filter_and_count`.
+"""
+import seqio
+import tensorflow as tf
+
+from kosmos_jax.data import image_ops, quality, text_ops
+from kosmos_jax.data import vocab as vocab_lib
+
+_EMPTY_SPANS = tf.zeros([0, 7], tf.float32)
+
+
+def _images(size: int, count=0) -> tf.Tensor:
+  return tf.zeros([count, 3, size, size], tf.float32)
+
+
+def _decode_checked(data: tf.Tensor, ok: tf.Tensor, size: int, transform: str, boxes: tf.Tensor):
+  """`image_ops.preprocess` only when `ok` (bad bytes would make the decoder raise)."""
+  return tf.cond(ok, lambda: image_ops.preprocess(data, size, transform, boxes),
+                 lambda: (_images(size, 1)[0], boxes, tf.zeros(tf.shape(boxes)[:1], tf.bool)))
+
+
+def _errors_tolerated(dataset: tf.data.Dataset, strict: bool) -> tf.data.Dataset:
+  """Records whose decoding still fails vanish (counted as `decode_errors` in
+  quality.DataStats); in strict mode the error stops the pipeline."""
+  return dataset if strict else dataset.ignore_errors()
+
+
+def image_text_example(x: dict, seed, vocab: vocab_lib.KosmosVocabulary, image_size: int,
+                       transform: str, use_box_prob: float, phrase_mode: str,
+                       score_threshold: float, grounding_prefix: bool, quantizer: str,
+                       num_image_tokens: int) -> dict:
+  """One caption pair or GrIT record -> a sequence (see `image_text`)."""
+  caption, issues = text_ops.repair_utf8(x["caption"])
+  empty = text_ops.is_blank(caption)
+  image_issues = image_ops.check_image_bytes(x["image"])
+  issues += image_issues + quality.issue("text_empty", empty)
+  drop = empty | tf.reduce_any(image_issues > 0)
+  rows = x.get("ref_exps" if phrase_mode == "expression" else "noun_chunks", _EMPTY_SPANS)
+  spans, boxes, span_issues = text_ops.clean_spans(
+      rows, tf.strings.length(caption, unit="UTF8_CHAR"), score_threshold)
+  pixels, boxes, keep = _decode_checked(x["image"], ~drop, image_size, transform, boxes)
+  issues += span_issues + quality.issue("box_cropped_out", tf.reduce_sum(tf.cast(~keep & ~drop, tf.int32)))
+  phrases, boxes, box_phrase, overlap = text_ops.select_spans(
+      tf.boolean_mask(spans, keep), tf.boolean_mask(boxes, keep))
+  grounded = (tf.random.stateless_uniform([], seed) < use_box_prob) & (tf.size(box_phrase) > 0)
+  prefix = [vocab.tag_id("<grounding>")] if grounding_prefix else []
+  ids = tf.cond(
+      grounded,
+      lambda: tf.concat([tf.constant(prefix, tf.int32), text_ops.grounded_caption_ids(
+          vocab, caption, phrases, boxes, box_phrase, quantizer)], 0),
+      lambda: text_ops.tokenize_text(vocab, caption[None])[0])
+  out = text_ops.join(text_ops.token_part(vocab.bos_id, weight=0),
+                      text_ops.image_part(vocab, num_image_tokens),
+                      text_ops.text_part(ids), text_ops.token_part(vocab.eos_id))
+  out.update(key=x["key"], images=pixels[None])
+  return quality.with_issues(out, issues + overlap, drop)
+
+
+_image_text_map = seqio.map_over_dataset(image_text_example, num_seeds=1)
+
+
+def image_text(dataset: tf.data.Dataset, vocab: vocab_lib.KosmosVocabulary, image_size: int = 224,
+               transform: str = "crop", use_box_prob: float = 0.5, phrase_mode: str = "expression",
+               score_threshold: float = 0.65, grounding_prefix: bool = True, quantizer: str = "hf",
+               num_image_tokens: int = vocab_lib.NUM_IMAGE_TOKENS, strict: bool = False,
+               stats: quality.DataStats | None = None) -> tf.data.Dataset:
+  """Caption pairs and GrIT records.
+
+  `<s> <image> slots </image> [<grounding>] caption </s>`, where with
+  probability `use_box_prob` (if any box survives) the caption is grounded:
+  `<phrase>..</phrase><object>..</object>` around the spans of `ref_exps`
+  (`phrase_mode="expression"`) or `noun_chunks` ("phrase") whose score is at
+  least `score_threshold`. Records without span fields are plain captions.
+  Defaults follow KOSMOS-2's train.sh (reference 3.1); `transform` is "crop"
+  (training) or "square" (inference).
+  """
+  dataset = (stats or quality.default_stats()).count_input(dataset)
+  dataset = _image_text_map(
+      dataset, vocab=vocab, image_size=image_size, transform=transform, use_box_prob=use_box_prob,
+      phrase_mode=phrase_mode, score_threshold=score_threshold, grounding_prefix=grounding_prefix,
+      quantizer=quantizer, num_image_tokens=num_image_tokens)
+  return _errors_tolerated(dataset, strict)
+
+
+def referring(dataset: tf.data.Dataset, vocab: vocab_lib.KosmosVocabulary, image_size: int = 224,
+              quantizer: str = "hf",
+              num_image_tokens: int = vocab_lib.NUM_IMAGE_TOKENS, strict: bool = False,
+              stats: quality.DataStats | None = None) -> tf.data.Dataset:
+  """Referring-expression comprehension, one example per (expression, box).
+
+  Input: key, image, expressions [n], boxes float32 [n, 4]. Output:
+  `<s> <image> slots </image> <grounding><phrase>{expression}</phrase>` as the
+  prompt (no loss, `</image>` included) and `<object><patch_index_a><patch_index_b></object></s>`
+  as the target: the REC prompt of the official evaluation (reference 2.7).
+  Images get the square transform: a crop could cut the referent.
+  """
+  def per_expression(x):
+    image_issues = image_ops.check_image_bytes(x["image"])
+    drop = tf.reduce_any(image_issues > 0)
+    boxes = tf.reshape(tf.cast(x["boxes"], tf.float32), [-1, 4])
+    pixels, _, _ = _decode_checked(x["image"], ~drop, image_size, "square", boxes)
+    n = tf.shape(boxes)[0]
+    return tf.data.Dataset.from_tensor_slices(dict(
+        key=tf.fill([n], x["key"]), expression=x["expressions"], box=boxes,
+        images=tf.tile(pixels[None, None], [n, 1, 1, 1, 1]), _issues=tf.tile(image_issues[None], [n, 1]),
+        _drop=tf.fill([n], drop)))
+
+  def example(x):
+    expression, issues = text_ops.repair_utf8(x["expression"])
+    # The box as a one-character GrIT span, so that it gets the same checks.
+    rows = tf.concat([tf.constant([[0.0, 1.0]]), x["box"][None], tf.constant([[1.0]])], 1)
+    spans, boxes, box_issues = text_ops.clean_spans(rows, 1, 0.0)
+    pairs = text_ops.object_ids(vocab, boxes, tf.zeros([tf.shape(boxes)[0]], tf.int32), 1, quantizer)
+    prompt = tf.concat([[vocab.tag_id("<grounding>"), vocab.tag_id("<phrase>")],
+                        text_ops.tokenize_text(vocab, expression[None])[0],
+                        [vocab.tag_id("</phrase>")]], 0)
+    image_ids, image_weights, image_mask = text_ops.image_part(vocab, num_image_tokens)
+    out = text_ops.join(text_ops.token_part(vocab.bos_id, weight=0),
+                        (image_ids, tf.zeros_like(image_weights), image_mask),
+                        text_ops.text_part(prompt, weight=0),
+                        text_ops.text_part(pairs.flat_values), text_ops.token_part(vocab.eos_id))
+    out.update(key=x["key"], images=x["images"])
+    bad = text_ops.is_blank(expression) | tf.equal(tf.size(spans), 0)
+    return quality.with_issues(
+        out, x["_issues"] + issues + box_issues + quality.issue("text_empty", text_ops.is_blank(expression)),
+        x["_drop"] | bad)
+
+  # Counted per expression: each one is a record of this task.
+  dataset = (stats or quality.default_stats()).count_input(dataset.flat_map(per_expression))
+  dataset = dataset.map(example, num_parallel_calls=tf.data.AUTOTUNE)
+  return _errors_tolerated(dataset, strict)
+
+
+def documents(dataset: tf.data.Dataset, vocab: vocab_lib.KosmosVocabulary, image_size: int = 224,
+              transform: str = "crop", num_image_tokens: int = vocab_lib.NUM_IMAGE_TOKENS,
+              strict: bool = False, stats: quality.DataStats | None = None) -> tf.data.Dataset:
+  """Interleaved image-text documents: `<s> item item .. </s>`, each image item
+  as `<image> slots </image>`. A bad image is removed from its document
+  (`doc_image_dropped` plus its reason); a document with no text is dropped."""
+  dataset = (stats or quality.default_stats()).count_input(dataset)
+
+  def example(x):
+    texts, utf8 = tf.map_fn(text_ops.repair_utf8, x["texts"],
+                            fn_output_signature=(tf.string, tf.TensorSpec([len(quality.REASONS)], tf.int32)))
+    data = x["images"]
+    is_image = tf.strings.length(data) > 0
+    checks = tf.map_fn(image_ops.check_image_bytes, data, fn_output_signature=tf.int32)
+    bad_image = is_image & tf.reduce_any(checks > 0, axis=1)
+    keep = ~bad_image & (is_image | ~text_ops.is_blank(texts))
+    texts, is_image, data = (tf.boolean_mask(t, keep) for t in (texts, is_image, data))
+    issues = (tf.reduce_sum(utf8, 0) + tf.reduce_sum(tf.boolean_mask(checks, bad_image), 0)
+              + quality.issue("doc_image_dropped", tf.reduce_sum(tf.cast(bad_image, tf.int32))))
+    no_text = tf.reduce_all(is_image)
+    pixels = tf.map_fn(lambda d: image_ops.preprocess(d, image_size, transform)[0],
+                       tf.boolean_mask(data, is_image),
+                       fn_output_signature=tf.TensorSpec([3, image_size, image_size], tf.float32))
+    out = text_ops.join(text_ops.token_part(vocab.bos_id, weight=0),
+                        text_ops.interleave(vocab, texts, is_image, num_image_tokens),
+                        text_ops.token_part(vocab.eos_id))
+    out.update(key=x["key"], images=pixels)
+    return quality.with_issues(out, issues + quality.issue("text_empty", no_text), no_text)
+
+  dataset = dataset.map(example, num_parallel_calls=tf.data.AUTOTUNE)
+  return _errors_tolerated(dataset, strict)
+
+
+def text_documents(dataset: tf.data.Dataset, vocab: vocab_lib.KosmosVocabulary, image_size: int = 224,
+                   stats: quality.DataStats | None = None) -> tf.data.Dataset:
+  """Text-only documents: `<s> text </s>` (and an empty `images`, so that text
+  tasks mix with image tasks)."""
+  dataset = (stats or quality.default_stats()).count_input(dataset)
+
+  def example(x):
+    text, issues = text_ops.repair_utf8(x["text"])
+    empty = text_ops.is_blank(text)
+    out = text_ops.join(text_ops.token_part(vocab.bos_id, weight=0),
+                        text_ops.text_part(text_ops.tokenize_text(vocab, text[None])[0]),
+                        text_ops.token_part(vocab.eos_id))
+    out.update(key=x["key"], images=_images(image_size))
+    return quality.with_issues(out, issues + quality.issue("text_empty", empty), empty)
+
+  return dataset.map(example, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def trim(dataset: tf.data.Dataset, sequence_length: dict[str, int]) -> tf.data.Dataset:
+  """Fits each sequence into `sequence_length["targets"]` tokens and
+  `sequence_length["images"]` images without cutting an image block.
+
+  The cut goes before the first image block that does not end inside the
+  token limit or that exceeds the image budget, else at the token limit.
+  Counted as `truncated`; a sequence left with < 2 tokens is dropped.
+  """
+  max_length, max_images = sequence_length["targets"], sequence_length["images"]
+
+  def example(x):
+    mask = x["image_mask"]
+    length = tf.size(mask)
+    # An image block runs from `<image>` (one before its first slot) to
+    # `</image>` (one after its last slot).
+    edges = mask[1:] - mask[:-1]
+    starts = tf.cast(tf.where(tf.equal(edges, 1))[:, 0], tf.int32)
+    ends = tf.cast(tf.where(tf.equal(edges, -1))[:, 0], tf.int32) + 1
+    bad = (ends >= max_length) | (tf.range(tf.size(starts)) >= max_images)
+    cut = tf.reduce_min(tf.concat([[tf.minimum(length, max_length)], tf.boolean_mask(starts, bad)], 0))
+    kept_images = tf.reduce_sum(tf.cast(starts < cut, tf.int32))
+    out = dict(x, targets=x["targets"][:cut], loss_weights=x["loss_weights"][:cut],
+               image_mask=mask[:cut], images=x["images"][:kept_images])
+    return quality.with_issues(out, quality.issue("truncated", cut < length) + quality.issue("too_short", cut < 2),
+                               cut < 2)
+
+  return dataset.map(example, num_parallel_calls=tf.data.AUTOTUNE)

@@ -1,0 +1,156 @@
+"""Bad-input accounting: per-reason counters, the drop filter and strict mode.
+
+Every preprocessing op that meets bad input either repairs it by a fixed rule or
+marks the record for dropping, and records why in two per-example features:
+
+  `_issues`  int32 [len(REASONS)]: how often each reason occurred in the record
+             (a document can hold several bad images, a caption several bad boxes);
+  `_drop`    bool: the record must not reach the model.
+
+`filter_and_count` (the last preprocessor of every task) adds `_issues` to a
+`DataStats` object that the trainer reads, drops the marked records, and in
+strict mode fails instead, naming the record's key.
+
+Reasons and their rules (kind: "drop" = record dropped, "repair" = fixed and
+kept, "filter" = ordinary filtering that strict mode accepts):
+"""
+import numpy as np
+import tensorflow as tf
+
+# name -> (kind, rule). The order fixes the index in `_issues`.
+REASONS = {
+    "image_missing": ("drop", "no image bytes (empty field or unreadable file)"),
+    "image_unknown_format": ("drop", "not JPEG, PNG, GIF, WebP or BMP by its magic bytes"),
+    "image_truncated": ("drop", "JPEG without EOI in its last 1 KiB, PNG without IEND, GIF without "
+                        "trailer, WebP shorter than its RIFF size"),
+    "image_zero_size": ("drop", "PNG/GIF header gives zero width or height"),
+    "text_empty": ("drop", "caption or document text is empty after stripping whitespace"),
+    "text_invalid_utf8": ("repair", "invalid UTF-8 bytes replaced by U+FFFD"),
+    "box_nan": ("repair", "span with a NaN/inf start, end, coordinate or score removed"),
+    "box_inverted": ("repair", "x1 > x2 or y1 > y2: coordinates swapped"),
+    "box_outside": ("repair", "coordinates clipped to [0, 1]"),
+    "box_empty": ("repair", "span whose box has no area (after clipping) removed"),
+    "span_out_of_range": ("repair", "span with start < 0, end > caption length, start >= end or "
+                          "fractional offsets removed"),
+    "span_overlap": ("repair", "span overlapping an earlier one (by start) removed"),
+    "doc_image_dropped": ("repair", "bad image inside a document removed with its slots"),
+    "box_low_score": ("filter", "span below the box score threshold removed"),
+    "box_cropped_out": ("filter", "less than 20% of the box survives the centre crop: removed"),
+    "truncated": ("filter", "longer than the sequence length or image budget: cut before the "
+                  "first image that does not fit whole, then at the token limit"),
+    "too_short": ("drop", "fewer than 2 tokens left (nothing to predict)"),
+}
+__doc__ += "".join(f"\n  {n:22s}{k:7s} {r}" for n, (k, r) in REASONS.items())
+REASON_NAMES = tuple(REASONS)
+_STRICT = np.array([REASONS[n][0] != "filter" for n in REASON_NAMES])
+
+
+def reason_index(name: str) -> int:
+  return REASON_NAMES.index(name)
+
+
+def no_issues() -> tf.Tensor:
+  return tf.zeros([len(REASON_NAMES)], tf.int32)
+
+
+def issue(name: str, count=1) -> tf.Tensor:
+  """An `_issues` vector with `count` (a scalar tensor or int) at `name`."""
+  return tf.cast(count, tf.int32) * tf.one_hot(reason_index(name), len(REASON_NAMES), dtype=tf.int32)
+
+
+def with_issues(example: dict, issues: tf.Tensor, drop=False) -> dict:
+  """Adds `issues` to the example's `_issues` and ors `drop` into `_drop`."""
+  example = dict(example)
+  example["_issues"] = example.get("_issues", no_issues()) + issues
+  example["_drop"] = tf.logical_or(example.get("_drop", False), drop)
+  return example
+
+
+class DataStats:
+  """Per-reason counters (a tf.Variable) shared by the pipelines that use them.
+
+  `as_dict()` gives `records_in` (records that entered `count_input`),
+  `records_out` (kept), `records_dropped` (dropped for a counted reason),
+  `decode_errors` (records that vanished through `ignore_errors`: in, minus out,
+  minus dropped; exact once the pipeline is drained, approximate while
+  elements are in flight) and one count per reason.
+  """
+
+  def __init__(self):
+    with tf.init_scope():
+      self._counts = tf.Variable(tf.zeros([len(REASON_NAMES) + 3], tf.int64), trainable=False)
+
+  def _add(self, index: int, value):
+    return self._counts.assign_add(
+        tf.cast(value, tf.int64) * tf.one_hot(index, len(REASON_NAMES) + 3, dtype=tf.int64))
+
+  def count_input(self, dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """Counts the records entering the pipeline."""
+    def count(example):
+      with tf.control_dependencies([self._add(len(REASON_NAMES), 1)]):
+        return tf.nest.map_structure(tf.identity, example)
+    return dataset.map(count, num_parallel_calls=tf.data.AUTOTUNE)
+
+  def record(self, issues: tf.Tensor, dropped: tf.Tensor):
+    """Adds one record's issues; returns the update op."""
+    update = tf.concat([tf.cast(issues, tf.int64), tf.constant([0], tf.int64),
+                        tf.where(dropped, tf.constant([0, 1], tf.int64), tf.constant([1, 0], tf.int64))], 0)
+    return self._counts.assign_add(update)
+
+  def as_dict(self) -> dict[str, int]:
+    counts = self._counts.numpy().tolist()
+    n = len(REASON_NAMES)
+    records_in, records_out, dropped = counts[n:]
+    out = dict(records_in=records_in, records_out=records_out, records_dropped=dropped,
+               decode_errors=max(records_in - records_out - dropped, 0))
+    out.update(zip(REASON_NAMES, counts[:n]))
+    return out
+
+  def reset(self):
+    self._counts.assign(tf.zeros_like(self._counts))
+
+
+_DEFAULT_STATS = None
+
+
+def default_stats() -> DataStats:
+  """The process-wide `DataStats` the registered tasks count into."""
+  global _DEFAULT_STATS
+  if _DEFAULT_STATS is None:
+    _DEFAULT_STATS = DataStats()
+  return _DEFAULT_STATS
+
+
+def filter_and_count(dataset: tf.data.Dataset, stats: DataStats | None = None,
+                     strict: bool = False) -> tf.data.Dataset:
+  """Counts `_issues`, drops records marked `_drop`, removes both features.
+
+  With `strict`, a record with any "drop" or "repair" reason fails the
+  pipeline with an InvalidArgumentError that names its `key` and the reasons.
+  """
+  stats = stats or default_stats()
+  names = tf.constant(REASON_NAMES)
+  strict_mask = tf.constant(_STRICT)
+
+  def count(example):
+    issues, drop = example["_issues"], example["_drop"]
+    deps = [stats.record(issues, drop)]
+    if strict:
+      bad = tf.logical_and(issues > 0, strict_mask)
+      deps.append(tf.debugging.Assert(
+          tf.logical_not(tf.reduce_any(bad)),
+          ["bad record, key:", example.get("key", "?"), "reasons:", tf.boolean_mask(names, bad)]))
+    with tf.control_dependencies(deps):
+      kept = {k: tf.identity(v) for k, v in example.items() if k not in ("_issues", "_drop")}
+    return kept, drop
+
+  def kept(example, drop):
+    del example
+    return tf.logical_not(drop)
+
+  def first(example, drop):
+    del drop
+    return example
+
+  dataset = dataset.map(count, num_parallel_calls=tf.data.AUTOTUNE)
+  return dataset.filter(kept).map(first)
