@@ -23,6 +23,8 @@ import jax.numpy as jnp
 from flax.core import spmd
 from jax.sharding import PartitionSpec as P
 
+from kosmos_jax.models import sharding
+
 
 def _mask(b, lq, lk, *, causal, segment_ids, kv_segment_ids):
   """Boolean [b, 1, lq, lk] mask, or None when everything is allowed."""
@@ -108,7 +110,7 @@ def _sharded(kernel, q, k, v, segment_ids, causal):
     segment_ids = jnp.ones(q.shape[:2], jnp.int32)
   if mesh.empty or not spmd.get_logical_axis_rules():
     return run(q, k, v, segment_ids=segment_ids)
-  batch, heads = spmd.get_pspec(("batch", "heads"))
+  batch, heads = sharding.logical_to_spec(("act_batch", "act_heads"), q.shape[::2], mesh)
   qkv, ids = P(batch, None, heads, None), P(batch, None)
   return jax.shard_map(lambda q, k, v, s: run(q, k, v, segment_ids=s), mesh=mesh,
                        in_specs=(qkv, qkv, qkv, ids), out_specs=qkv,

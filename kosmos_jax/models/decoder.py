@@ -71,12 +71,25 @@ class DecoderBlock(nnx.Module):
                        segment_ids=segment_ids, implementation=implementation,
                        dropout_rate=cfg.attention_dropout, dropout_rng=r_attn)
     x = x + layers.dropout(h, cfg.dropout, r_out)
+    return self._ffn(x, r_act, r_ffn)
+
+  def _ffn(self, x, r_act=None, r_ffn=None):
+    cfg = self.cfg
     h = self.activation(self.fc1(self.final_layer_norm(x)))
-    h = layers.constrain(h, ("batch", "length", "mlp"))
+    h = layers.constrain(h, ("act_batch", "act_length", "act_mlp"))
     h = layers.dropout(h, cfg.activation_dropout, r_act)
     h = self.fc2(self.ffn_layernorm(h))
     x = x + layers.dropout(h, cfg.dropout, r_ffn)
-    return layers.constrain(x, ("batch", "length", "embed"))
+    return layers.constrain(x, ("act_batch", "act_length", "act_embed"))
+
+  def cached(self, x, k_cache, v_cache, *, layer, index, segment_ids, kv_segment_ids,
+             implementation):
+    """`__call__` at inference through a KV cache (see MultiHeadAttention.cached)."""
+    h, k_cache, v_cache = self.self_attn.cached(
+        self.self_attn_layer_norm(x), k_cache, v_cache, layer=layer, index=index,
+        segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+        implementation=implementation)
+    return self._ffn(x + h), k_cache, v_cache
 
 
 class TextDecoder(nnx.Module):
@@ -107,7 +120,7 @@ class TextDecoder(nnx.Module):
       position_ids = positions_from_ids(input_ids, cfg.pad_id)
     x = x + sinusoidal_positions(position_ids, cfg.width, cfg.pad_id).astype(self.dtype)
     x = layers.dropout(x, cfg.dropout, rng)
-    return layers.constrain(x, ("batch", "length", "embed"))
+    return layers.constrain(x, ("act_batch", "act_length", "act_embed"))
 
   def __call__(self, hidden: jax.Array, *, segment_ids: jax.Array | None,
                rng: jax.Array | None = None) -> jax.Array:
@@ -116,7 +129,52 @@ class TextDecoder(nnx.Module):
                                      implementation=self.attention)
     x = layers.scan(self.layers, body, hidden, remat=self.remat, rng=rng,
                     num_layers=self.cfg.depth)
+    return self._logits(x)
+
+  def _logits(self, x: jax.Array) -> jax.Array:
     x = self.layer_norm(x)
     logits = jnp.dot(x, self.embed_tokens[...].astype(self.dtype).T,
                      preferred_element_type=jnp.float32)
-    return layers.constrain(logits, ("batch", "length", "vocab"))
+    return layers.constrain(logits, ("act_batch", "act_length", "act_vocab"))
+
+  def init_cache(self, batch: int, max_len: int) -> dict:
+    """An empty KV cache for `decode`: a plain pytree.
+
+    k, v: [layers, batch, max_len, heads, head_dim] in the compute dtype.
+    segment_ids: [batch, max_len], 0 for unwritten slots and padding.
+    index: the next slot to write. Rows advance together (batches are left
+    padded), so one index serves every row.
+    """
+    cfg = self.cfg
+    shape = (cfg.depth, batch, max_len, cfg.heads, cfg.width // cfg.heads)
+    return dict(k=jnp.zeros(shape, self.dtype), v=jnp.zeros(shape, self.dtype),
+                segment_ids=jnp.zeros((batch, max_len), jnp.int32),
+                index=jnp.zeros((), jnp.int32))
+
+  def decode(self, hidden: jax.Array, cache: dict, *, segment_ids: jax.Array
+             ) -> tuple[jax.Array, dict]:
+    """Embedded inputs [b, l, d] written at cache["index"] -> (logits of the
+    last position [b, vocab] float32, updated cache).
+
+    l > 1 is the prefill of an empty cache (same computation as `__call__`);
+    l == 1 is one decoding step. segment_ids [b, l]: 0 marks padding.
+    """
+    index = cache["index"]
+    segment_ids = segment_ids.astype(jnp.int32)
+    kv_segment_ids = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids, (0, index))
+
+    def body(layer, x, kv, i):
+      x, k, v = layer.cached(x, *kv, layer=i, index=index, segment_ids=segment_ids,
+                             kv_segment_ids=kv_segment_ids,
+                             implementation=self.attention)
+      return x, (k, v)
+
+    x, (k, v) = layers.scan_cached(self.layers, body, hidden, (cache["k"], cache["v"]))
+    cache = dict(k=k, v=v, segment_ids=kv_segment_ids, index=index + hidden.shape[1])
+    return self._logits(x[:, -1:])[:, 0], cache
+
+
+def select_cache_rows(cache: dict, rows: jax.Array) -> dict:
+  """The cache of batch rows `rows` (beam expansion and reordering)."""
+  return dict(k=cache["k"][:, rows], v=cache["v"][:, rows],
+              segment_ids=cache["segment_ids"][rows], index=cache["index"])

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from kosmos_jax.infer import generate as generate_lib
 from kosmos_jax.models import connector, decoder, layers, vit
 
 
@@ -94,3 +95,36 @@ class Kosmos2(nnx.Module):
     logits = self.text_model(hidden, segment_ids=_as_array(segment_ids, jnp.int32),
                              rng=r_dec)
     return KosmosOutput(logits=logits, image_embeds=image_embeds)
+
+  def generate(self, input_ids: Any, pixel_values: Any = None, attention_mask: Any = None,
+               image_embeds_position_mask: Any = None, *, max_new_tokens: int | None = None,
+               num_beams: int | None = None, do_sample: bool | None = None,
+               temperature: float | None = None, top_k: int | None = None,
+               top_p: float | None = None, no_repeat_ngram_size: int | None = None,
+               length_penalty: float | None = None,
+               early_stopping: bool | str | None = None, seed: int = 0,
+               eos_token_id: int | list[int] | None = None,
+               pad_token_id: int | None = None):
+    """Generates token ids, as transformers' `Kosmos2ForConditionalGeneration.generate`.
+
+    Inputs are the processor's (numpy or jax arrays); batches must be left
+    padded. A None option takes the checkpoint's `generation_config` (read
+    by `from_pretrained`), else transformers' default: num_beams=1,
+    do_sample=False, temperature=1, top_k=0 (off), top_p=1,
+    no_repeat_ngram_size=0 (off), length_penalty=1, early_stopping=False;
+    eos/pad ids default to the model config's. max_new_tokens is required
+    unless the generation config has it. Greedy and beam search equal
+    transformers token for token; sampling is reproducible for a `seed`.
+
+    Returns:
+      int64 numpy [batch, prompt length + new tokens]: the prompt, then the
+      new tokens; rows that hit EOS early are filled with the pad id, and the
+      output stops at the last step some row still needed.
+    """
+    return generate_lib.generate(
+        self, input_ids, pixel_values, attention_mask, image_embeds_position_mask,
+        max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
+        temperature=temperature, top_k=top_k, top_p=top_p,
+        no_repeat_ngram_size=no_repeat_ngram_size, length_penalty=length_penalty,
+        early_stopping=early_stopping, seed=seed, eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id)

@@ -9,9 +9,9 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.core import spmd
 
 from kosmos_jax.models import attention
+from kosmos_jax.models.sharding import constrain
 
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 
@@ -24,16 +24,6 @@ def param(value: jax.Array, axes: Sequence[str | None]) -> nnx.Param:
   # Logical names are metadata only: the trainer applies a mesh through the
   # config's rules, never eagerly when a parameter is created.
   return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
-
-
-def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-  """Sharding constraint by logical axis names; a no-op outside a mesh."""
-  mesh = jax.sharding.get_abstract_mesh()
-  rules = spmd.get_logical_axis_rules()
-  if mesh.empty or not rules:
-    return x
-  spec = spmd.get_pspec(tuple(axes))
-  return jax.lax.with_sharding_constraint(x, spec)
 
 
 class Dense(nnx.Module):
@@ -124,23 +114,55 @@ class MultiHeadAttention(nnx.Module):
                   param_dtype=param_dtype) if inner_ln_eps is not None else None)
     self.heads = heads
 
+  def _project(self, x: jax.Array, kv: jax.Array):
+    split = lambda t: t.reshape(*t.shape[:-1], self.heads, -1)
+    q = constrain(split(self.q_proj(x)), ("act_batch", "act_length", "act_heads", "act_kv"))
+    k = constrain(split(self.k_proj(kv)), ("act_batch", "act_length", "act_heads", "act_kv"))
+    v = constrain(split(self.v_proj(kv)), ("act_batch", "act_length", "act_heads", "act_kv"))
+    return q, k, v
+
+  def _output(self, ctx: jax.Array) -> jax.Array:
+    ctx = ctx.reshape(*ctx.shape[:-2], -1)
+    if self.inner_attn_ln is not None:
+      ctx = self.inner_attn_ln(ctx)
+    return self.out_proj(ctx)
+
   def __call__(self, x: jax.Array, kv: jax.Array | None = None, *,
                causal: bool, implementation: str,
                segment_ids: jax.Array | None = None,
                dropout_rate: float = 0.0,
                dropout_rng: jax.Array | None = None) -> jax.Array:
-    kv = x if kv is None else kv
-    split = lambda t: t.reshape(*t.shape[:-1], self.heads, -1)
-    q = constrain(split(self.q_proj(x)), ("batch", "length", "heads", "kv"))
-    k = constrain(split(self.k_proj(kv)), ("batch", "length", "heads", "kv"))
-    v = constrain(split(self.v_proj(kv)), ("batch", "length", "heads", "kv"))
+    q, k, v = self._project(x, x if kv is None else kv)
     ctx = attention.attention(q, k, v, causal=causal, segment_ids=segment_ids,
                               implementation=implementation,
                               dropout_rate=dropout_rate, dropout_rng=dropout_rng)
-    ctx = ctx.reshape(*ctx.shape[:-2], -1)
-    if self.inner_attn_ln is not None:
-      ctx = self.inner_attn_ln(ctx)
-    return self.out_proj(ctx)
+    return self._output(ctx)
+
+  def cached(self, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *,
+             layer: jax.Array, index: jax.Array, segment_ids: jax.Array,
+             kv_segment_ids: jax.Array, implementation: str
+             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Causal self-attention of x [b, l, d] through a KV cache (inference).
+
+    k_cache and v_cache are [layers, b, max_len, heads, head_dim]; this layer's
+    keys and values are written to slot `layer`, positions index..index+l. A
+    block (l > 1) is a prefill into an empty cache and attends within itself,
+    exactly as `__call__`; one token (l == 1) attends to every cache position
+    whose kv_segment_ids [b, max_len] entry is non-zero (written slots only).
+    Returns (output, k_cache, v_cache).
+    """
+    q, k, v = self._project(x, x)
+    start = (layer, 0, index, 0, 0)
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), start)
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), start)
+    if x.shape[1] > 1:
+      ctx = attention.attention(q, k, v, causal=True, segment_ids=segment_ids,
+                                implementation=implementation)
+    else:
+      ctx = attention.attention(q, k_cache[layer], v_cache[layer], causal=False,
+                                segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                                implementation=implementation)
+    return self._output(ctx), k_cache, v_cache
 
 
 REMAT_POLICIES = {
@@ -183,3 +205,22 @@ def scan(layers: nnx.Module, body: Callable, x: jax.Array, *, remat: str,
   rngs = None if rng is None else jax.random.split(rng, num_layers)
   x, _ = jax.lax.scan(step, x, (state, rngs))
   return x
+
+
+def scan_cached(layers: nnx.Module, body: Callable, x: jax.Array, cache):
+  """Runs `body(layer, x, cache, i) -> (x, cache)` over stacked layers (inference).
+
+  The cache (arrays with a leading layer axis) is carried whole rather than
+  scanned over, so layer i updates its slice in place instead of the scan
+  copying the cache into a new stacked output.
+  """
+  graphdef, state = nnx.split(layers)
+
+  def step(carry, xs):
+    layer_state, i = xs
+    y, c = carry
+    return body(nnx.merge(graphdef, layer_state), y, c, i), None
+
+  num_layers = jax.tree.leaves(state)[0].shape[0]
+  (x, cache), _ = jax.lax.scan(step, (x, cache), (state, jnp.arange(num_layers)))
+  return x, cache

@@ -1,4 +1,5 @@
 """Building models: from a config, from our checkpoints, from Hugging Face snapshots."""
+import json
 import os
 
 import jax
@@ -30,6 +31,21 @@ def model_from_params(config: ml_collections.ConfigDict, params: dict) -> Kosmos
   return nnx.merge(graphdef, state)
 
 
+def read_generation_config(path: str) -> ml_collections.FrozenConfigDict:
+  """`generation_config.json` of a checkpoint directory (empty if it has none).
+
+  Frozen (hashable), so the model it is stored on stays usable as a static
+  jit argument. Bookkeeping keys (`_from_model_config`, versions) are dropped.
+  """
+  file = os.path.join(path, "generation_config.json")
+  if not os.path.exists(file):
+    return ml_collections.FrozenConfigDict({})
+  with open(file, encoding="utf-8") as f:
+    values = json.load(f)
+  return ml_collections.FrozenConfigDict(
+      {k: v for k, v in values.items() if not k.startswith("_") and k != "transformers_version"})
+
+
 def from_pretrained(path: str, *, allow_pickle: bool = False, progress: bool = False,
                     **config_overrides) -> Kosmos2:
   """Loads a Hugging Face Kosmos-2 snapshot directory or a kosmos-jax checkpoint.
@@ -42,6 +58,9 @@ def from_pretrained(path: str, *, allow_pickle: bool = False, progress: bool = F
     progress: show a progress bar while reading tensors.
     **config_overrides: model config keys to change, e.g. dtype="bfloat16",
       attention="pallas"; shapes cannot change.
+
+  The directory's `generation_config.json`, if any, becomes
+  `model.generation_config`: the defaults of `model.generate`.
   """
   # Imported here: the converter pulls in safetensors/tqdm only when needed.
   from kosmos_jax.convert import hf  # pylint: disable=g-import-not-at-top
@@ -52,10 +71,13 @@ def from_pretrained(path: str, *, allow_pickle: bool = False, progress: bool = F
     config = checkpoint.load_config(path)
     config.update(config_overrides)
     params = checkpoint.load_params(path, abstract_params(config))
-    return model_from_params(config, params)
-  hf_config, tensors = hf.read_hf_dir(path, allow_pickle=allow_pickle, progress=progress)
-  config = hf.config_from_hf(hf_config)
-  config.update(config_overrides)
-  params = hf.hf_to_params(tensors, config, expected_shapes=abstract_params(config),
-                           progress=progress)
-  return model_from_params(config, params)
+    model = model_from_params(config, params)
+  else:
+    hf_config, tensors = hf.read_hf_dir(path, allow_pickle=allow_pickle, progress=progress)
+    config = hf.config_from_hf(hf_config)
+    config.update(config_overrides)
+    params = hf.hf_to_params(tensors, config, expected_shapes=abstract_params(config),
+                             progress=progress)
+    model = model_from_params(config, params)
+  model.generation_config = read_generation_config(path)
+  return model

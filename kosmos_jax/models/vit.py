@@ -31,7 +31,7 @@ class VisionBlock(nnx.Module):
                            implementation=implementation,
                            dropout_rate=self.attention_dropout, dropout_rng=rng)
     x = x + self.fc2(self.activation(self.fc1(self.layer_norm2(x))))
-    return layers.constrain(x, ("batch", "length", "embed"))
+    return layers.constrain(x, ("act_batch", "act_length", "act_embed"))
 
 
 class VisionTransformer(nnx.Module):

@@ -67,7 +67,7 @@ def test_model_with_pallas_matches_xla():
 def test_kernel_partitions_under_a_mesh():
   mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
                        axis_types=(jax.sharding.AxisType.Explicit,) * 3)
-  rules = (("batch", ("data", "fsdp")), ("heads", "tensor"))
+  rules = (("act_batch", ("data", "fsdp")), ("act_heads", "tensor"))
   q, k, v, segments = _qkv_segments(b=4, length=24, heads=2, d=64, seed=1)
   ref = attention.attention(q, k, v, causal=True, segment_ids=segments)
   with jax.set_mesh(mesh), spmd.logical_axis_rules(rules):
