@@ -24,6 +24,8 @@ INSTALL_REQUIRES = [
     "tqdm==4.70.1",
     "sentencepiece==0.2.3",
     "pyarrow==26.0.1",
+    "clu==0.0.12",
+    "tensorboard==2.21.0",
 ]
 
 EXTRAS_REQUIRE = {

@@ -76,7 +76,42 @@ def cmd_summary(args, overrides) -> None:
                     "bfloat16_gib": round(total * 2 / 2**30, 3)}))
 
 
-_TAKES_CONFIG = ("summary",)
+_TAKES_CONFIG = ("summary", "aot", "train")
+
+
+def cmd_aot(args, overrides) -> None:
+  """Compiles the train step for a TPU topology on this host and prints the plan."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from kosmos_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from kosmos_jax.train import aot  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  config = config_lib.load(args.config, overrides)
+  try:
+    _, report = aot.compile_train_step(config, aot.tpu_devices(args.topology), args.topology)
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    # The TPU compiler refuses plans over HBM itself; its first line says by how much.
+    raise SystemExit(f"{args.config} {overrides} does not fit a {args.topology} chip "
+                     f"(GiB per chip): {str(e).splitlines()[0]}") from e
+  print(json.dumps({"config": args.config, "overrides": overrides,
+                    **dataclasses.asdict(report), "fits": report.fits()}))
+  if not report.fits():
+    raise SystemExit(f"{args.config} needs {report.total_gib} GiB per chip; "
+                     f"a {args.topology} chip has {report.hbm_gib} GiB")
+
+
+def cmd_train(args, overrides) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  from kosmos_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  if args.coordinator or args.multihost:
+    # Cloud TPU pods find their peers themselves; elsewhere pass them in.
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+  from kosmos_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  config = config_lib.load(args.config, overrides)
+  result = trainer.train(config, args.workdir)
+  if jax.process_index() == 0:
+    print(json.dumps(result))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +133,22 @@ def build_parser() -> argparse.ArgumentParser:
   summary = sub.add_parser("summary", help="parameter counts of a config (no allocation); "
                            "accepts --config.key=value overrides")
   summary.add_argument("--config", required=True, help="configs/NAME.py")
+
+  aot_cmd = sub.add_parser("aot", help="compile the train step for a TPU topology here "
+                           "(libtpu) and print per-chip memory and FLOPs; accepts "
+                           "--config.key=value overrides")
+  aot_cmd.add_argument("--config", required=True, help="configs/NAME.py")
+  aot_cmd.add_argument("--topology", required=True, help="e.g. v5e:4x4, v5p:4x4x4, v4:2x2x4")
+
+  train = sub.add_parser("train", help="train (resumes from the latest checkpoint in --workdir); "
+                         "accepts --config.key=value overrides")
+  train.add_argument("--config", required=True, help="configs/NAME.py")
+  train.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard")
+  train.add_argument("--multihost", action="store_true",
+                     help="jax.distributed.initialize() (automatic on Cloud TPU pods)")
+  train.add_argument("--coordinator", help="host:port of process 0 (multi-process off TPU)")
+  train.add_argument("--num-processes", type=int)
+  train.add_argument("--process-id", type=int)
   return parser
 
 
@@ -111,6 +162,10 @@ def main(argv: list[str] | None = None) -> None:
     cmd_convert(args)
   elif args.command == "summary":
     cmd_summary(args, overrides)
+  elif args.command == "aot":
+    cmd_aot(args, overrides)
+  elif args.command == "train":
+    cmd_train(args, overrides)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ import ml_collections
 
 
 def experiment_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Model plus the training keys every config has (scripts set them by name)."""
+  # Imported here so that `kosmos_jax.config` stays importable without JAX.
+  from kosmos_jax.train import optim, partitioning  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict()
   config.model = model
   config.seed = 0
@@ -19,6 +22,24 @@ def experiment_config(model: ml_collections.ConfigDict) -> ml_collections.Config
   # `model.attention`. A FieldReference keeps them from drifting apart.
   config.attention = model.attention
   config.model.attention = config.get_ref("attention")
+  # The step: global batch in sequences, packed length, images per packed row.
+  config.batch_size = 8
+  config.seq_len = 256
+  config.images_per_row = 1
+  config.accumulation = 1  # microbatches per step (gradient accumulation)
+  config.z_loss = 0.0
+  config.total_steps = 1000
+  config.log_every = 10
+  config.checkpoint_every = 500
+  config.eval_every = 0  # 0: no periodic evaluation
+  config.keep_checkpoints = 3
+  config.max_bad_steps = 5  # non-finite steps in a row before the job stops
+  config.init_from = ""  # a HF snapshot or kosmos-jax checkpoint to fine-tune
+  config.data = dict(mixture="shapes_mix", train_split="train", eval_split="validation",
+                     shuffle=True, eval_batches=4)
+  config.optim = optim.optim_config()
+  config.mesh = partitioning.mesh_config()
+  config.sharding_rules = [list(rule) for rule in partitioning.DEFAULT_RULES]
   return config
 
 

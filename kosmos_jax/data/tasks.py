@@ -153,4 +153,7 @@ def register_shapes_tasks(prefix: str = "shapes", image_size: int = 224,
   _register_mixture(f"{prefix}_mix", {f"{prefix}_{k}": v for k, v in SHAPES_RATES.items()})
 
 
+# The released shape (224 px, 64 slots), the demo's and the test model's.
 register_shapes_tasks()
+register_shapes_tasks(prefix="shapes64", image_size=64, num_image_tokens=16)
+register_shapes_tasks(prefix="shapes32", image_size=32, num_image_tokens=8)

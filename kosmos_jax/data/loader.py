@@ -1,0 +1,83 @@
+"""Batches for the trainer: a seqio mixture, packed, one shard per host, checkpointable.
+
+The trainer sees numpy dicts in the feature converter's layout; the tf.data
+iterator behind them is saved in every checkpoint (DataIteratorHandler), so a
+resumed job reads exactly the batches it would have read.
+"""
+import dataclasses
+import os
+from typing import Any, Iterator
+
+import jax
+import orbax.checkpoint as ocp
+import seqio
+import tensorflow as tf
+
+from kosmos_jax.data import feature_converter, quality
+
+
+def dataset(mixture: str, split: str, *, seq_len: int, images_per_row: int,
+            batch_size: int, seed: int, shuffle: bool = True, repeat: bool = True,
+            shard_index: int = 0, num_shards: int = 1) -> tf.data.Dataset:
+  """Packed, batched rows of `mixture` for one host (`batch_size` rows per host)."""
+  # Importing tasks registers the built-in tasks and mixtures.
+  from kosmos_jax.data import tasks  # pylint: disable=g-import-not-at-top,unused-import
+  ds = seqio.get_dataset(
+      mixture, {"targets": seq_len, "images": images_per_row},
+      feature_converter.MultimodalFeatureConverter(pack=True), dataset_split=split,
+      shuffle=shuffle, num_epochs=None if repeat else 1, seed=seed,
+      shard_info=seqio.ShardInfo(index=shard_index, num_shards=num_shards))
+  options = tf.data.Options()
+  # The bad-record counters (quality.DataStats) are tf.Variables updated in the
+  # pipeline; the iterator's checkpoint leaves them out rather than refusing.
+  options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
+  return ds.batch(batch_size, drop_remainder=True).prefetch(2).with_options(options)
+
+
+def numpy_batches(iterator) -> Iterator[dict[str, Any]]:
+  for element in iterator:
+    yield {k: v.numpy() for k, v in element.items()}
+
+
+def dropped_records() -> dict[str, int]:
+  """Records repaired or dropped so far in this process, by reason."""
+  return quality.default_stats().as_dict()
+
+
+# ----------------------------------------------------------------- checkpointing
+# Every process writes its own iterator state (`process_<i>`) into the step's
+# checkpoint directory, which Orbax finalises atomically with the rest.
+
+
+class DataIteratorHandler(ocp.CheckpointHandler):
+  """Saves and restores a tf.data iterator with tf.train.Checkpoint."""
+
+  def save(self, directory, args: "DataIteratorSave"):
+    path = os.path.join(os.fspath(directory), f"process_{jax.process_index()}")
+    tf.train.Checkpoint(iterator=args.iterator).write(path)
+
+  def restore(self, directory, args: "DataIteratorRestore"):
+    path = os.path.join(os.fspath(directory), f"process_{jax.process_index()}")
+    tf.train.Checkpoint(iterator=args.iterator).read(path).assert_consumed()
+    return args.iterator
+
+  def metadata(self, directory):
+    del directory
+
+  def finalize(self, directory):
+    del directory
+
+  def close(self):
+    pass
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class DataIteratorSave(ocp.args.CheckpointArgs):
+  iterator: Any
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class DataIteratorRestore(ocp.args.CheckpointArgs):
+  iterator: Any

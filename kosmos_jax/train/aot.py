@@ -1,0 +1,94 @@
+"""Compile the real train step for a TPU topology on this host (libtpu), and report.
+
+The plan of a pod run is checked before the pod exists: per-chip memory
+(arguments, temporaries, total against the chip's HBM) and FLOPs per step.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.core import spmd
+from jax.experimental import topologies
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from kosmos_jax.models import loading
+from kosmos_jax.train import optim, partitioning, step as step_lib
+
+# HBM per chip in GiB (Cloud TPU documentation).
+HBM_GIB = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32}
+
+
+@dataclasses.dataclass
+class CompileReport:
+  topology: str
+  devices: int
+  mesh: dict
+  argument_gib: float
+  output_gib: float
+  temp_gib: float
+  total_gib: float  # arguments + temporaries (outputs alias the donated state)
+  hbm_gib: float | None
+  flops_per_chip: float  # cost_analysis of the partitioned (per-device) program
+  tokens_per_step: int
+
+  def fits(self) -> bool:
+    return self.hbm_gib is None or self.total_gib <= self.hbm_gib
+
+
+def abstract_batch(config) -> dict:
+  """ShapeDtypeStructs of one global training batch."""
+  b, length, n = config.batch_size, config.seq_len, config.images_per_row
+  v = config.model.vision
+  ints = lambda: jax.ShapeDtypeStruct((b, length), jnp.int32)
+  batch = dict(input_ids=ints(), targets=ints(), segment_ids=ints(), position_ids=ints(),
+               image_embeds_position_mask=ints(),
+               loss_weights=jax.ShapeDtypeStruct((b, length), jnp.float32))
+  if n:
+    batch["pixel_values"] = jax.ShapeDtypeStruct(
+        (b, n, v.num_channels, v.image_size, v.image_size), jnp.float32)
+  return batch
+
+
+def compile_train_step(config, devices, topology_name: str = "") -> tuple[object, CompileReport]:
+  """Lowers and compiles the sharded train step for `devices`; returns (compiled, report)."""
+  mesh = partitioning.make_mesh(config.mesh, devices)
+  rules = partitioning.rules_of(config)
+  model = loading.abstract_model(config.model)
+  graphdef, params = nnx.split(model, nnx.Param)
+  tx = optim.optimizer(config.optim, config.total_steps)
+  state = jax.eval_shape(
+      lambda p: step_lib.TrainState(
+          step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
+          rng=jax.random.key(0), skipped=jnp.zeros((), jnp.int32),
+          bad_in_a_row=jnp.zeros((), jnp.int32)), params)
+  state_sharding = partitioning.train_state_shardings(state, mesh, rules)
+  batch = abstract_batch(config)
+  batch_sharding = {k: partitioning.batch_sharding(mesh, rules, v.shape) for k, v in batch.items()}
+  train_step = step_lib.make_train_step(graphdef, tx, accumulation=config.accumulation,
+                                        z_loss=config.z_loss)
+  with jax.set_mesh(mesh), spmd.logical_axis_rules(rules):
+    compiled = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
+                       out_shardings=(state_sharding, NamedSharding(mesh, P())),
+                       donate_argnums=0).lower(state, batch).compile()
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  gib = lambda n: round(n / 2**30, 3)
+  kind = topology_name.split(":")[0]
+  report = CompileReport(
+      topology=topology_name, devices=len(devices), mesh=dict(mesh.shape),
+      argument_gib=gib(memory.argument_size_in_bytes),
+      output_gib=gib(memory.output_size_in_bytes),
+      temp_gib=gib(memory.temp_size_in_bytes),
+      total_gib=gib(memory.argument_size_in_bytes + memory.temp_size_in_bytes),
+      hbm_gib=HBM_GIB.get(kind), flops_per_chip=float(cost.get("flops", 0.0)),
+      tokens_per_step=config.batch_size * config.seq_len)
+  return compiled, report
+
+
+def tpu_devices(topology_name: str):
+  """The devices of a TPU topology such as 'v5e:4x4', described by libtpu."""
+  topology = topologies.get_topology_desc(platform="tpu", topology_name=topology_name)
+  return topology.devices

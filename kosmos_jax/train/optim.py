@@ -1,0 +1,101 @@
+"""AdamW as KOSMOS-2 trained (reference/kosmos2.md 3.3), parameter freezing, schedules.
+
+Parameters are nnx States of Variables; paths are '/'-joined names such as
+`text_model/layers/fc1/kernel`. Weight decay skips norms and biases.
+"""
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+
+def optim_config() -> ml_collections.ConfigDict:
+  """`optim.*` keys with the paper's settings as defaults."""
+  return ml_collections.ConfigDict(dict(
+      learning_rate=2e-4, warmup_steps=375, end_learning_rate=0.0,
+      b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.01, clip_norm=2.0,
+      # Regexes over parameter paths; `PATTERN@:-1` restricts a stacked
+      # (scanned) parameter to a slice of its layers, e.g. KOSMOS-1's frozen
+      # CLIP except its last block: "vision_model/(?!layers/).*",
+      # "vision_model/layers/.*@:-1".
+      freeze=[]))
+
+
+def path_name(path) -> str:
+  """'text_model/layers/fc1/kernel' for a pytree path into a State of Variables."""
+  names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+  return "/".join(names[:-1] if names and names[-1] == "value" else names)
+
+
+def schedule(cfg, total_steps: int) -> optax.Schedule:
+  """Linear warmup to the peak, then linear decay to `end_learning_rate`."""
+  warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, cfg.learning_rate, warmup),
+       optax.linear_schedule(cfg.learning_rate, cfg.end_learning_rate,
+                             max(total_steps - warmup, 1))], [warmup])
+
+
+def _decays(path, _) -> bool:
+  last = path_name(path).split("/")[-1]
+  return last not in ("bias", "scale")
+
+
+def trainable_mask(params, patterns) -> dict:
+  """1.0 where a parameter trains, 0.0 where frozen; stacked layers may be sliced."""
+  compiled = []
+  for pattern in patterns:
+    regex, _, layers = pattern.partition("@")
+    compiled.append((re.compile(regex), layers))
+
+  def mask(path, value):
+    name = path_name(path)
+    trains = jnp.ones(value.shape, jnp.float32)
+    for regex, layers in compiled:
+      if not regex.fullmatch(name):
+        continue
+      if not layers:
+        return jnp.zeros(value.shape, jnp.float32)
+      if not value.ndim:
+        raise ValueError(f"freeze pattern {regex.pattern}@{layers} slices the scalar {name}")
+      rows = jnp.ones(value.shape[:1], jnp.float32)
+      rows = rows.at[_slice(layers)].set(0.0)
+      trains = trains * rows.reshape((-1,) + (1,) * (value.ndim - 1))
+    return trains
+
+  return jax.tree_util.tree_map_with_path(mask, params)
+
+
+def _slice(spec: str) -> slice:
+  parts = [int(p) if p else None for p in spec.split(":")]
+  if not 1 <= len(parts) <= 3:
+    raise ValueError(f"bad layer slice {spec!r}; use e.g. ':-1' or '2:5'")
+  return slice(*parts) if len(parts) > 1 else slice(parts[0], parts[0] + 1)
+
+
+def _freeze(patterns) -> optax.GradientTransformation:
+  # The mask is built inside the update from shapes alone: XLA folds it into
+  # the multiply, so no second copy of the parameters ever exists.
+  def update(updates, state, params=None):
+    del params
+    mask = trainable_mask(updates, patterns)
+    return jax.tree.map(lambda u, m: u * m.astype(u.dtype), updates, mask), state
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
+  """freeze -> clip(global norm) -> AdamW (decay on weights only) -> freeze.
+
+  Frozen gradients are zeroed before clipping, so they do not count in the
+  norm, and frozen updates after AdamW, so weight decay leaves them alone too.
+  """
+  adamw = optax.adamw(schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                      weight_decay=cfg.weight_decay,
+                      mask=lambda p: jax.tree_util.tree_map_with_path(_decays, p))
+  chain = [optax.clip_by_global_norm(cfg.clip_norm), adamw]
+  if cfg.freeze:
+    freeze = _freeze(list(cfg.freeze))
+    chain = [freeze, *chain, freeze]
+  return optax.chain(*chain)

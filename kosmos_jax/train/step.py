@@ -1,0 +1,110 @@
+"""The train step: masked next-token loss, gradient accumulation, AdamW, skip on non-finite.
+
+A batch is a dict of arrays with a leading batch axis, as the feature converter
+(kosmos_jax/data/feature_converter.py) writes it: `input_ids`, `targets` (the
+token each position predicts), `loss_weights` (of those predictions; 0 on
+prompts, image slots and padding), `segment_ids` (0 = padding), `position_ids`,
+`image_embeds_position_mask`, and optionally `pixel_values` [b, images, C, H, W].
+"""
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+MODEL_INPUTS = ("input_ids", "segment_ids", "position_ids", "image_embeds_position_mask",
+                "pixel_values")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any  # nnx.State of the model's Params
+  opt_state: Any
+  rng: jax.Array
+  skipped: jax.Array  # non-finite steps so far
+  bad_in_a_row: jax.Array
+
+
+def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -> TrainState:
+  params = nnx.state(model, nnx.Param)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=jax.random.key(seed), skipped=jnp.zeros((), jnp.int32),
+                    bad_in_a_row=jnp.zeros((), jnp.int32))
+
+
+def token_loss(logits: jax.Array, batch: dict, z_loss: float = 0.0):
+  """Sums of weighted cross-entropy, z-loss (z * logsumexp^2), correct
+  predictions and weights; the caller divides by the weight of its batch."""
+  targets = batch["targets"]
+  weights = batch["loss_weights"].astype(jnp.float32)
+  logits = logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  xent = (lse - target_logit) * weights
+  correct = (jnp.argmax(logits, -1) == targets) * weights
+  return dict(loss=xent.sum(), z_loss=(z_loss * jnp.square(lse) * weights).sum(),
+              correct=correct.sum(), weight=weights.sum())
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, *, accumulation: int = 1,
+                    z_loss: float = 0.0, max_bad_steps: int = 5) -> Callable:
+  """(state, batch) -> (state, metrics), to be jitted with shardings by the caller."""
+
+  def loss_fn(params, micro, rng):
+    model = nnx.merge(graphdef, params)
+    logits = model(**{k: micro[k] for k in MODEL_INPUTS if k in micro}, dropout_rng=rng).logits
+    sums = token_loss(logits, micro, z_loss)
+    return sums["loss"] + sums["z_loss"], sums
+
+  def step(state: TrainState, batch: dict):
+    rng, step_rng = jax.random.split(state.rng)
+    micro = jax.tree.map(lambda x: x.reshape(accumulation, -1, *x.shape[1:]), batch)
+
+    def accumulate(carry, xs):
+      grads, sums = carry
+      m, r = xs
+      (_, s), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params, m, r)
+      return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, s)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    zero_sums = dict(loss=0.0, z_loss=0.0, correct=0.0, weight=0.0)
+    (grads, sums), _ = jax.lax.scan(
+        accumulate, (zeros, jax.tree.map(jnp.float32, zero_sums)),
+        (micro, jax.random.split(step_rng, accumulation)))
+    # Normalise by the tokens of the whole (accumulated) batch: every token
+    # weighs the same whatever microbatch it fell into.
+    denom = jnp.maximum(sums["weight"], 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    grad_norm = optax.tree.norm(grads)
+    loss = sums["loss"] / denom
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    # A non-finite step leaves parameters and optimizer state as they were.
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    bad = jnp.where(finite, 0, state.bad_in_a_row + 1)
+    new_state = state.replace(
+        step=state.step + 1, params=keep(new_params, state.params),
+        opt_state=keep(new_opt, state.opt_state), rng=rng,
+        skipped=state.skipped + (~finite).astype(jnp.int32), bad_in_a_row=bad)
+    metrics = dict(loss=loss, z_loss=sums["z_loss"] / denom,
+                   accuracy=sums["correct"] / denom, tokens=sums["weight"],
+                   grad_norm=grad_norm, finite=finite, skipped=new_state.skipped,
+                   stop=bad >= max_bad_steps)
+    return new_state, metrics
+
+  return step
+
+
+def make_eval_step(graphdef) -> Callable:
+  """(params, batch) -> sums of loss, correct and weight (no dropout)."""
+
+  def step(params, batch):
+    model = nnx.merge(graphdef, params)
+    logits = model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).logits
+    return token_loss(logits, batch)
+
+  return step

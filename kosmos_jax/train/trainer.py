@@ -1,0 +1,248 @@
+"""`kosmos-jax train`: the sharded training loop with Orbax checkpoints and safe preemption.
+
+One process per host. The job resumes from the latest checkpoint in
+`workdir/checkpoints` (parameters, optimizer, RNG, step and every host's data
+iterator), saves at the next step boundary on SIGTERM and exits 0, skips
+non-finite updates and stops after `max_bad_steps` of them in a row.
+"""
+import json
+import logging
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+import tqdm
+from clu import metric_writers
+from etils import epath
+from flax import nnx
+from flax.core import spmd
+from jax.experimental import multihost_utils
+
+from kosmos_jax.data import loader
+from kosmos_jax.models import loading
+from kosmos_jax.models.kosmos import Kosmos2
+from kosmos_jax.train import mfu, optim, partitioning
+from kosmos_jax.train import step as step_lib
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+class _Preemption:
+  """Remembers a SIGTERM so that the loop can save at a step boundary."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM: saving at the next step boundary, then exiting")
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      # Every host must save the same step: the coordination service agrees on it.
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+
+def _init_params(config, abstract_params, mesh, rules):
+  """Parameters created already sharded: random init, or read from `init_from`."""
+  shardings = partitioning.state_shardings(abstract_params, mesh, rules)
+  if config.init_from:
+    model = loading.from_pretrained(config.init_from, **_numerics(config))
+    return jax.device_put(nnx.state(model), shardings)
+  init = jax.jit(lambda: nnx.state(Kosmos2(config.model, rngs=nnx.Rngs(config.seed))),
+                 out_shardings=shardings)
+  with jax.set_mesh(mesh), spmd.logical_axis_rules(rules):
+    return init()
+
+
+def _numerics(config) -> dict:
+  m = config.model
+  return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention=m.attention)
+
+
+def _as_path(workdir) -> epath.Path:
+  """Local directories and gs:// buckets alike (every pod worker must see the same one)."""
+  path = epath.Path(workdir)
+  return path if "://" in os.fspath(workdir) else epath.Path(os.path.abspath(workdir))
+
+
+def _checkpoint_manager(config, workdir: epath.Path) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=config.keep_checkpoints, save_interval_steps=config.checkpoint_every,
+      enable_async_checkpointing=True, create=True)
+  return ocp.CheckpointManager(workdir / "checkpoints", options=options)
+
+
+def _write_json_line(path: epath.Path, record: dict) -> None:
+  with path.open("a") as f:
+    f.write(json.dumps(record) + "\n")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
+  """Trains until `config.total_steps`; returns the last logged metrics.
+
+  `devices` (default: all) is what the mesh is built from; a checkpoint saved
+  on another mesh restores onto this one.
+  """
+  config = config.copy_and_resolve_references()
+  workdir = _as_path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  primary = jax.process_index() == 0
+  mesh = partitioning.make_mesh(config.mesh, devices)
+  rules = partitioning.rules_of(config)
+  if config.batch_size % jax.process_count():
+    raise ValueError(f"batch_size {config.batch_size} does not divide over "
+                     f"{jax.process_count()} processes")
+
+  tx = optim.optimizer(config.optim, config.total_steps)
+  graphdef, abstract_params = nnx.split(loading.abstract_model(config.model))
+  abstract_state = jax.eval_shape(lambda p: _new_state(p, tx, config.seed), abstract_params)
+  state_sharding = partitioning.train_state_shardings(abstract_state, mesh, rules)
+
+  ds = loader.dataset(config.data.mixture, config.data.train_split, seq_len=config.seq_len,
+                      images_per_row=config.images_per_row,
+                      batch_size=config.batch_size // jax.process_count(), seed=config.seed,
+                      shuffle=config.data.shuffle, shard_index=jax.process_index(),
+                      num_shards=jax.process_count())
+  iterator = iter(ds)
+
+  manager = _checkpoint_manager(config, workdir)
+  start = manager.latest_step()
+  if start is not None:
+    # The target's shardings may differ from the saved ones: a checkpoint
+    # restores onto whatever mesh this run has.
+    target = jax.tree.map(
+        lambda s, sub: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), sub),
+        state_sharding, abstract_state)
+    restored = manager.restore(start, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), data=loader.DataIteratorRestore(iterator)))
+    state = restored.state
+    logging.info("resumed from step %d", start)
+  else:
+    start = 0
+    params = _init_params(config, abstract_params, mesh, rules)
+    with jax.set_mesh(mesh), spmd.logical_axis_rules(rules):
+      state = jax.jit(lambda p: _new_state(p, tx, config.seed),
+                      out_shardings=state_sharding)(params)
+    del params
+    if primary:
+      (workdir / "config.json").write_text(config.to_json(indent=2))
+
+  train_step = step_lib.make_train_step(graphdef, tx, accumulation=config.accumulation,
+                                        z_loss=config.z_loss, max_bad_steps=config.max_bad_steps)
+  first = loader.numpy_batches(iterator)
+  batch_sharding = None
+  writer = metric_writers.create_default_writer(os.fspath(workdir), just_logging=not primary)
+  metrics_path = workdir / "metrics.jsonl"
+  last = {}
+  with jax.set_mesh(mesh), spmd.logical_axis_rules(rules), _Preemption() as preemption:
+    progress = tqdm.tqdm(total=config.total_steps, initial=start, disable=not primary,
+                         desc="train", unit="step", dynamic_ncols=True)
+    window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+    flops_per_step, peak = mfu.model_flops_per_step(config), mfu.peak_flops()
+    for step in range(start, config.total_steps):
+      local = next(first)
+      if batch_sharding is None:
+        batch_sharding = {k: partitioning.batch_sharding(mesh, rules, (config.batch_size, *v.shape[1:]))
+                          for k, v in local.items()}
+        jitted = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
+                         out_shardings=(state_sharding, None), donate_argnums=0)
+      batch = {k: jax.make_array_from_process_local_data(batch_sharding[k], v)
+               for k, v in local.items()}
+      state, metrics = jitted(state, batch)
+      progress.update(1)
+      done = step + 1
+      if step == start:  # the first step compiles: keep it out of the throughput
+        jax.block_until_ready(metrics)
+        window_start = time.perf_counter()
+      else:
+        window_steps += 1
+        window_tokens += int((local["segment_ids"] != 0).sum()) * jax.process_count()
+      if done % config.log_every == 0 or done == config.total_steps:
+        metrics = jax.device_get(metrics)
+        elapsed = max(time.perf_counter() - window_start, 1e-9)
+        step_time = elapsed / max(window_steps, 1)
+        last = dict(step=done, loss=float(metrics["loss"]), accuracy=float(metrics["accuracy"]),
+                    grad_norm=float(metrics["grad_norm"]),
+                    learning_rate=float(optim.schedule(config.optim, config.total_steps)(done - 1)),
+                    tokens_per_s=window_tokens / elapsed, step_time_s=step_time,
+                    mfu=flops_per_step / (step_time * peak), skipped_steps=int(metrics["skipped"]),
+                    **{f"dropped/{k}": v for k, v in loader.dropped_records().items()})
+        if primary:
+          _write_json_line(metrics_path, last)
+          progress.set_postfix(loss=f"{last['loss']:.3f}", mfu=f"{last['mfu']:.1%}")
+        writer.write_scalars(done, last)
+        window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+        if bool(metrics["stop"]):
+          manager.wait_until_finished()
+          raise NonFiniteLossError(
+              f"step {done}: {config.max_bad_steps} non-finite losses or gradients in a row; "
+              "updates were skipped and the job stops (lower optim.learning_rate, check the data)")
+      if config.eval_every and done % config.eval_every == 0:
+        evaluation = evaluate(config, graphdef, state.params, mesh, rules)
+        if primary:
+          _write_json_line(metrics_path, dict(step=done, **evaluation))
+        writer.write_scalars(done, evaluation)
+      if preemption.reached(done):
+        manager.save(done, args=_save_args(state, iterator), force=True)
+        manager.wait_until_finished()
+        logging.warning("preempted: saved step %d, exiting", done)
+        progress.close()
+        return dict(last, preempted_at=done)
+      manager.save(done, args=_save_args(state, iterator),
+                   force=done == config.total_steps)
+    progress.close()
+  manager.wait_until_finished()
+  writer.flush()
+  return last
+
+
+def _new_state(params, tx, seed: int) -> step_lib.TrainState:
+  zero = jnp.zeros((), jnp.int32)
+  return step_lib.TrainState(step=zero, params=params, opt_state=tx.init(params),
+                             rng=jax.random.PRNGKey(seed), skipped=zero, bad_in_a_row=zero)
+
+
+def _save_args(state, iterator):
+  return ocp.args.Composite(state=ocp.args.StandardSave(state),
+                            data=loader.DataIteratorSave(iterator))
+
+
+def evaluate(config, graphdef, params, mesh, rules) -> dict:
+  """Loss and token accuracy on `config.data.eval_batches` batches of the eval split."""
+  ds = loader.dataset(config.data.mixture, config.data.eval_split, seq_len=config.seq_len,
+                      images_per_row=config.images_per_row,
+                      batch_size=config.batch_size // jax.process_count(), seed=config.seed,
+                      shuffle=False, repeat=False, shard_index=jax.process_index(),
+                      num_shards=jax.process_count())
+  eval_step = jax.jit(step_lib.make_eval_step(graphdef))
+  totals = dict(loss=0.0, correct=0.0, weight=0.0)
+  for i, local in enumerate(loader.numpy_batches(iter(ds))):
+    if i == config.data.eval_batches:
+      break
+    sharding = {k: partitioning.batch_sharding(mesh, rules, (config.batch_size, *v.shape[1:]))
+                for k, v in local.items()}
+    batch = {k: jax.make_array_from_process_local_data(sharding[k], v) for k, v in local.items()}
+    sums = jax.device_get(eval_step(params, batch))
+    for k in totals:
+      totals[k] += float(sums[k])
+  weight = max(totals["weight"], 1.0)
+  return {"eval/loss": totals["loss"] / weight, "eval/accuracy": totals["correct"] / weight}

@@ -1,0 +1,34 @@
+"""Synthetic packed batches in the feature converter's layout, for train-step tests."""
+import numpy as np
+
+
+def packed_batch(config, seed: int = 0, batch_size: int | None = None) -> dict:
+  """Rows of two packed sequences, `<s> <image> slots </image> text </s>` then
+  `<s> text </s>`, shifted into input_ids/targets as the converter does."""
+  rng = np.random.default_rng(seed)
+  b = batch_size or config.batch_size
+  length, m = config.seq_len, config.model
+  latents, vocab = m.latent_query_num, m.text.vocab_size
+  rows = {k: np.zeros((b, length), np.int32) for k in
+          ("input_ids", "targets", "segment_ids", "position_ids", "image_embeds_position_mask")}
+  rows["input_ids"][:], rows["position_ids"][:] = 1, 1
+  rows["loss_weights"] = np.zeros((b, length), np.float32)
+  for r in range(b):
+    image = [0, vocab - 3, *range(4, 4 + latents), vocab - 2]
+    first = image + [*rng.integers(100, vocab - 3, rng.integers(3, 8)), 2]
+    second = [0, *rng.integers(100, vocab - 3, rng.integers(2, 6)), 2]
+    at = 0
+    for s, tokens in enumerate((first, second), start=1):
+      n = len(tokens) - 1
+      sl = slice(at, at + n)
+      rows["input_ids"][r, sl], rows["targets"][r, sl] = tokens[:-1], tokens[1:]
+      rows["segment_ids"][r, sl] = s
+      rows["position_ids"][r, sl] = np.arange(n) + 2
+      # Loss from </image> on (reference 1.10): not on <image> or the slots.
+      first_loss = len(image) - 2 if s == 1 else 0
+      rows["loss_weights"][r, at + first_loss:at + n] = 1.0
+      at += n
+    rows["image_embeds_position_mask"][r, 2:2 + latents] = 1
+  v = m.vision
+  pixels = rng.standard_normal((b, config.images_per_row, 3, v.image_size, v.image_size))
+  return dict(rows, pixel_values=pixels.astype(np.float32))

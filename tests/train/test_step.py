@@ -1,0 +1,140 @@
+"""The train step: it learns, accumulates exactly, skips non-finite steps, shards exactly."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from flax.core import spmd
+
+from batches import packed_batch
+from kosmos_jax import config as config_lib
+from kosmos_jax.models.kosmos import Kosmos2
+from kosmos_jax.train import optim, partitioning
+from kosmos_jax.train import step as step_lib
+
+NO_DROPOUT = ["model.text.dropout=0.0", "model.text.attention_dropout=0.0"]
+
+
+def _setup(overrides=()):
+  config = config_lib.load("configs/tiny.py", ["batch_size=4", "seq_len=32",
+                                               "optim.warmup_steps=2", "optim.learning_rate=3e-3",
+                                               *overrides])
+  model = Kosmos2(config.model, rngs=nnx.Rngs(config.seed))
+  graphdef = nnx.graphdef(model)
+  tx = optim.optimizer(config.optim, config.total_steps)
+  state = step_lib.init_state(model, tx, config.seed)
+  train_step = step_lib.make_train_step(graphdef, tx, accumulation=config.accumulation,
+                                        max_bad_steps=config.max_bad_steps)
+  return config, state, train_step
+
+
+def test_loss_goes_down_and_metrics_are_sane():
+  config, state, train_step = _setup()
+  step = jax.jit(train_step)
+  batch = packed_batch(config)
+  losses = []
+  for _ in range(8):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert losses[-1] < losses[0] - 0.5
+  assert 0.0 <= float(metrics["accuracy"]) <= 1.0
+  assert float(metrics["tokens"]) == batch["loss_weights"].sum()
+  assert int(state.step) == 8 and int(state.skipped) == 0
+
+
+def test_loss_counts_weighted_targets_only():
+  logits = jnp.zeros((1, 4, 10)).at[0, 1, 6].set(5.0)
+  batch = dict(targets=jnp.array([[5, 6, 7, 1]]), loss_weights=jnp.array([[0.0, 1.0, 1.0, 0.0]]))
+  sums = step_lib.token_loss(logits, batch, z_loss=1e-4)
+  assert float(sums["weight"]) == 2.0 and float(sums["correct"]) == 1.0
+  lse = np.log(9 + np.exp(5.0))
+  np.testing.assert_allclose(float(sums["loss"]), (lse - 5.0) + np.log(10), rtol=1e-6)
+  np.testing.assert_allclose(float(sums["z_loss"]), 1e-4 * (lse ** 2 + np.log(10) ** 2), rtol=1e-5)
+
+
+def test_accumulation_matches_one_big_batch():
+  config, state1, step1 = _setup(NO_DROPOUT)
+  _, state2, step2 = _setup(NO_DROPOUT + ["accumulation=2"])
+  batch = packed_batch(config)
+  for _ in range(2):
+    state1, m1 = jax.jit(step1)(state1, batch)
+    state2, m2 = jax.jit(step2)(state2, batch)
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(state1.params), jax.tree.leaves(state2.params)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_non_finite_step_is_skipped_and_counted():
+  config, state, train_step = _setup(["max_bad_steps=2"])
+  step = jax.jit(train_step)
+  batch = packed_batch(config)
+  state, _ = step(state, batch)
+  bad = dict(batch, pixel_values=np.full_like(batch["pixel_values"], np.nan))
+  before = jax.tree.map(np.asarray, state.params)
+  state, metrics = step(state, bad)
+  assert not bool(metrics["finite"]) and int(metrics["skipped"]) == 1
+  assert not bool(metrics["stop"])
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(a, np.asarray(b))
+  state, metrics = step(state, bad)
+  assert bool(metrics["stop"])  # two in a row: the trainer stops with a message
+  state, metrics = step(state, batch)
+  assert bool(metrics["finite"]) and int(state.bad_in_a_row) == 0
+
+
+def test_frozen_layers_do_not_move():
+  config, state, train_step = _setup(
+      ['optim.freeze=["vision_model/(?!layers/).*", "vision_model/layers/.*@:-1"]'])
+  before = jax.tree.map(np.asarray, nnx.to_pure_dict(state.params))
+  state, _ = jax.jit(train_step)(state, packed_batch(config))
+  state, _ = jax.jit(train_step)(state, packed_batch(config, seed=1))
+  after = nnx.to_pure_dict(state.params)
+  vision, vision0 = after["vision_model"], before["vision_model"]
+  np.testing.assert_array_equal(vision["pre_layrnorm"]["scale"], vision0["pre_layrnorm"]["scale"])
+  np.testing.assert_array_equal(vision["layers"]["fc1"]["kernel"][0], vision0["layers"]["fc1"]["kernel"][0])
+  assert np.abs(vision["layers"]["fc1"]["kernel"][-1] - vision0["layers"]["fc1"]["kernel"][-1]).max() > 0
+  assert np.abs(after["text_model"]["layers"]["fc1"]["kernel"] -
+                before["text_model"]["layers"]["fc1"]["kernel"]).max() > 0
+
+
+def test_weight_decay_skips_norms_and_biases():
+  config, state, _ = _setup()
+  tx = optim.optimizer(config.optim, 10)
+  zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+  opt_state = tx.init(state.params)
+  for _ in range(3):  # past warmup, the learning rate is non-zero
+    updates, opt_state = tx.update(zero_grads, opt_state, state.params)
+  flat = {optim.path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(updates)[0]}
+  assert not np.asarray(flat["text_model/layer_norm/scale"]).any()
+  assert not np.asarray(flat["text_model/layers/fc1/bias"]).any()
+  assert np.asarray(flat["text_model/layers/fc1/kernel"]).any()
+
+
+def test_sharded_8_devices_equals_one_device():
+  """data=2, fsdp=2, tensor=2 on 8 host devices gives the single-device losses."""
+  config, state, train_step = _setup(NO_DROPOUT + ["batch_size=8", "mesh.data=2",
+                                                   "mesh.fsdp=2", "mesh.tensor=2"])
+  batches = [packed_batch(config, seed=s) for s in range(5)]
+  single = jax.jit(train_step)
+  ref_state, ref_losses = state, []
+  for batch in batches:
+    ref_state, metrics = single(ref_state, batch)
+    ref_losses.append(float(metrics["loss"]))
+
+  mesh = partitioning.make_mesh(config.mesh)
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  rules = partitioning.rules_of(config)
+  state_sharding = partitioning.train_state_shardings(state, mesh, rules)
+  batch_sharding = {k: partitioning.batch_sharding(mesh, rules, v.shape)
+                    for k, v in batches[0].items()}
+  with jax.set_mesh(mesh), spmd.logical_axis_rules(rules):
+    sharded = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
+                      out_shardings=(state_sharding, None), donate_argnums=0)
+    state = jax.device_put(state, state_sharding)
+    losses = []
+    for batch in batches:
+      state, metrics = sharded(state, jax.device_put(batch, batch_sharding))
+      losses.append(float(metrics["loss"]))
+  fc1 = state.params["text_model"]["layers"]["fc1"]["kernel"]
+  assert fc1.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+  np.testing.assert_allclose(losses, ref_losses, atol=1e-5)
