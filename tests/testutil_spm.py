@@ -64,6 +64,37 @@ def make_tiny_processor_dir(directory, model_type: str = "unigram") -> str:
   return os.fspath(directory)
 
 
+def make_tiny_snapshot(directory) -> str:
+  """Writes a Hugging Face Kosmos-2 snapshot directory like the hub's: the
+  processor files plus a random-weight model (save_pretrained) at the real
+  image size whose vocabulary covers the processor's ids; returns it."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  from kosmos_jax.infer.processor import Processor  # pylint: disable=g-import-not-at-top
+  make_tiny_processor_dir(directory)
+  vocab_size = Processor.from_pretrained(directory).vocab.vocab_size
+  config = transformers.Kosmos2Config(
+      text_config=dict(embed_dim=64, layers=2, attention_heads=4, ffn_dim=128,
+                       vocab_size=vocab_size),
+      vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, image_size=224, patch_size=14),
+      latent_query_num=64)
+  transformers.Kosmos2ForConditionalGeneration(config).save_pretrained(os.fspath(directory))
+  return os.fspath(directory)
+
+
+def write_snowman(path, size=(320, 240)) -> str:
+  """A small picture of a snowman (two white discs on blue), in the format the
+  file name says (.jpg, .png, ...); returns the path."""
+  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  width, height = size
+  picture = Image.new("RGB", size, (90, 140, 220))
+  draw = ImageDraw.Draw(picture)
+  draw.ellipse([width * 0.35, height * 0.45, width * 0.65, height * 0.95], fill="white")
+  draw.ellipse([width * 0.40, height * 0.15, width * 0.60, height * 0.48], fill="white")
+  picture.save(path)
+  return os.fspath(path)
+
+
 def random_box(rng: random.Random):
   """A box in one of the forms the processor takes: 4 floats or a pair of
   patch indices; some floats sit exactly on the 32-cell grid."""
