@@ -19,10 +19,11 @@ $(STAMP): setup.py
 test: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -q tests
 
-# Until the training demo lands: the smallest real job, a parameter count of each config.
+# Trains configs/shapes.py from scratch on the synthetic shapes mixture (CPU, about
+# 15 minutes on 2 cores), scores referring expressions on held-out pictures and
+# writes pictures with boxes and summary.json into demo_out/.
 demo: $(STAMP)
-	$(TEST_ENV) $(VENV)/bin/kosmos-jax summary --config configs/kosmos2.py
-	$(TEST_ENV) $(VENV)/bin/kosmos-jax summary --config configs/tiny.py
+	$(TEST_ENV) $(VENV)/bin/kosmos-jax demo --config configs/shapes.py --out demo_out
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -1,0 +1,115 @@
+"""`kosmos-jax demo`: train a Kosmos-2 from scratch on the shapes mixture, then measure and show it.
+
+Four timed phases: data (the synthetic pictures are generated on first use,
+and the held-out REC examples read), training (`trainer.train`, from scratch:
+the run directory is cleared first), REC evaluation on the held-out pictures
+(`eval/rec.py`), and pictures (grounded captions of a few of them). Writes into
+`out`:
+  train/          the training run: checkpoints, config.json, metrics.jsonl
+  rec_NN.png      a held-out picture with each expression's predicted box,
+                  labelled with its IoU against the reference box
+  caption_NN.png  the same picture with the boxes of its grounded caption
+  summary.json    steps, wall times, loss curve, rec_accuracy, captions
+"""
+import json
+import os
+import shutil
+import time
+
+import ml_collections
+
+from kosmos_jax.data import loader
+from kosmos_jax.eval import rec
+from kosmos_jax.infer import visualize
+from kosmos_jax.train import trainer
+
+CAPTION_PROMPT = "<grounding>an image of"  # the shapes captions' opening words
+
+
+def _curves(metrics_path: str) -> tuple[list, list]:
+  """(step, loss) per logged step and the periodic evaluations' rows."""
+  with open(metrics_path) as f:
+    rows = [json.loads(line) for line in f]
+  losses = [[r["step"], round(r["loss"], 4)] for r in rows if "loss" in r]
+  evals = [r for r in rows if "loss" not in r]
+  return losses, evals
+
+
+def _captions(model, processor, images: list, max_new_tokens: int) -> list[tuple[str, list]]:
+  """Greedy grounded captions: (clean text, entities) per image."""
+  inputs = processor(text=[CAPTION_PROMPT] * len(images), images=images)
+  out = model.generate(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
+                       inputs["image_embeds_position_mask"], max_new_tokens=max_new_tokens,
+                       num_beams=1, do_sample=False)
+  return [processor.post_process_generation(processor.decode(ids, skip_special_tokens=True))
+          for ids in out]
+
+
+def _draw(out: str, predictions: list[rec.Prediction], pictures: int, captions_of) -> list[dict]:
+  """rec_NN.png and caption_NN.png for the first `pictures` held-out images."""
+  by_key = {}
+  for p in predictions:
+    by_key.setdefault(p.example.key, []).append(p)
+  keys = list(by_key)[:pictures]
+  captions = captions_of([by_key[k][0].example.image for k in keys]) if keys else []
+  drawn = []
+  for i, (key, (text, entities)) in enumerate(zip(keys, captions)):
+    image = by_key[key][0].example.image
+    answers = [(f"{p.example.expression}: IoU {p.iou:.2f}", (0, 0), [p.box])
+               for p in by_key[key] if p.box is not None]
+    visualize.draw_entities(image, answers).save(os.path.join(out, f"rec_{i:02d}.png"))
+    visualize.draw_entities(image, entities).save(os.path.join(out, f"caption_{i:02d}.png"))
+    drawn.append(dict(key=key, caption=text, entities=[[e[0], [list(b) for b in e[2]]] for e in entities],
+                      rec=[dict(expression=p.example.expression, output=p.text, iou=round(p.iou, 4))
+                           for p in by_key[key]]))
+  return drawn
+
+
+def run(config: ml_collections.ConfigDict, out: str, *, pictures: int = 8,
+        caption_tokens: int = 48, devices=None) -> dict:
+  """Trains, evaluates and draws (see the module doc); returns the summary."""
+  start = time.perf_counter()
+  os.makedirs(out, exist_ok=True)
+  workdir = os.path.join(out, "train")
+  shutil.rmtree(workdir, ignore_errors=True)
+  cfg = config.rec
+  examples = rec.task_examples(cfg.task, cfg.split, cfg.num_images)
+  data_done = time.perf_counter()
+  trainer.train(config, workdir, devices)
+  train_done = time.perf_counter()
+  model = trainer.restore_model(workdir)
+  processor = rec.processor_for(loader.vocabulary(cfg.task), model.config)
+  predictions = rec.predict(model, processor, examples, batch_size=cfg.batch_size,
+                            max_new_tokens=cfg.max_new_tokens)
+  scores = rec.metrics(predictions)
+  eval_done = time.perf_counter()
+  drawn = _draw(out, predictions, pictures,
+                lambda images: _captions(model, processor, images, caption_tokens))
+  end = time.perf_counter()
+  losses, evals = _curves(os.path.join(workdir, "metrics.jsonl"))
+  summary = dict(
+      mixture=config.data.mixture, rec_task=cfg.task, rec_split=cfg.split,
+      steps=config.total_steps, batch_size=config.batch_size, seq_len=config.seq_len,
+      **scores, rec_images=len({e.key for e in examples}),
+      wall_time_s=round(end - start, 1),
+      wall_time_split_s=dict(data=round(data_done - start, 1), train=round(train_done - data_done, 1),
+                             eval=round(eval_done - train_done, 1), pictures=round(end - eval_done, 1)),
+      loss_curve=losses, evaluations=evals, pictures=drawn)
+  with open(os.path.join(out, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  return summary
+
+
+def describe(summary: dict, out: str) -> str:
+  """A few lines for the terminal."""
+  split = summary["wall_time_split_s"]
+  first, last = summary["loss_curve"][0], summary["loss_curve"][-1]
+  lines = [
+      f"REC accuracy (IoU >= 0.5) {summary['rec_accuracy']:.3f} on {summary['rec_count']} expressions "
+      f"of {summary['rec_images']} held-out pictures (mean IoU {summary['rec_mean_iou']:.3f})",
+      f"{summary['steps']} steps, loss {first[1]:.3f} (step {first[0]}) -> {last[1]:.3f}",
+      f"wall time {summary['wall_time_s']:.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in split.items()),
+  ]
+  lines += [f"  {p['key']}: {p['caption']}" for p in summary["pictures"][:3]]
+  lines.append(f"pictures and summary.json in {out}")
+  return "\n".join(lines)
