@@ -35,6 +35,9 @@ EXTRAS_REQUIRE = {
         "transformers==5.23.0",
         "libtpu==0.0.51",
         "pytest==9.0.1",
+        "nbclient==0.11.0",  # executes the Colab notebook in the tests
+        "nbformat==5.11.1",
+        "ipykernel==7.4.0",
     ],
     "tpu": ["libtpu==0.0.51"],
     "gpu": ["jax[cuda12]==0.10.2"],

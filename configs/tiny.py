@@ -12,6 +12,7 @@ def get_config():
       "latent_query_num": 8,
   }))
   config.data.mixture = "shapes32_mix"  # 32 px pictures, 8 image slots
+  config.rec.task = "shapes32_rec"
   config.batch_size = 8
   config.seq_len = 128
   config.total_steps = 20

@@ -5,6 +5,8 @@ import os
 import shutil
 import sys
 
+from kosmos_jax.infer import cli_generate
+
 # Files of a Hugging Face snapshot besides the weights that a converted
 # checkpoint keeps, so that tokenizer, image processor and generation defaults
 # travel with it both ways.
@@ -76,7 +78,7 @@ def cmd_summary(args, overrides) -> None:
                     "bfloat16_gib": round(total * 2 / 2**30, 3)}))
 
 
-_TAKES_CONFIG = ("summary", "aot", "train")
+_TAKES_CONFIG = ("summary", "aot", "train", "demo")
 
 
 def cmd_aot(args, overrides) -> None:
@@ -114,6 +116,13 @@ def cmd_train(args, overrides) -> None:
     print(json.dumps(result))
 
 
+def cmd_demo(args, overrides) -> None:
+  from kosmos_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from kosmos_jax import demo  # pylint: disable=g-import-not-at-top
+  summary = demo.run(config_lib.load(args.config, overrides), args.out, pictures=args.pictures)
+  print(demo.describe(summary, args.out))
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="kosmos-jax", description="KOSMOS-2 in JAX: convert, inspect, train, generate.")
@@ -149,6 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
   train.add_argument("--coordinator", help="host:port of process 0 (multi-process off TPU)")
   train.add_argument("--num-processes", type=int)
   train.add_argument("--process-id", type=int)
+
+  demo_cmd = sub.add_parser("demo", help="train configs/shapes.py from scratch on CPU, score "
+                            "referring expressions on held-out pictures, draw boxes; accepts "
+                            "--config.key=value overrides")
+  demo_cmd.add_argument("--config", default="configs/shapes.py", help="configs/NAME.py")
+  demo_cmd.add_argument("--out", default="demo_out", help="pictures, summary.json, train/")
+  demo_cmd.add_argument("--pictures", type=int, default=8, help="held-out pictures to draw")
+
+  cli_generate.add_parser(sub)
   return parser
 
 
@@ -166,6 +184,10 @@ def main(argv: list[str] | None = None) -> None:
     cmd_aot(args, overrides)
   elif args.command == "train":
     cmd_train(args, overrides)
+  elif args.command == "demo":
+    cmd_demo(args, overrides)
+  elif args.command == "generate":
+    cli_generate.run(args)
 
 
 if __name__ == "__main__":

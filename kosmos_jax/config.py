@@ -32,11 +32,18 @@ def experiment_config(model: ml_collections.ConfigDict) -> ml_collections.Config
   config.log_every = 10
   config.checkpoint_every = 500
   config.eval_every = 0  # 0: no periodic evaluation
+  # Run every `eval_every` steps besides the eval loss: "rec" (kosmos_jax/eval/rec.py).
+  config.evaluators = []
   config.keep_checkpoints = 3
   config.max_bad_steps = 5  # non-finite steps in a row before the job stops
   config.init_from = ""  # a HF snapshot or kosmos-jax checkpoint to fine-tune
+  # `kosmos2_*` mixtures read the user's files: set spm_model_file and data_dir.
   config.data = dict(mixture="shapes_mix", train_split="train", eval_split="validation",
-                     shuffle=True, eval_batches=4)
+                     shuffle=True, eval_batches=4, spm_model_file="", data_dir="")
+  # Referring-expression comprehension: the seqio task whose source gives
+  # (image, expressions, boxes) records, and how much of its split to score.
+  config.rec = dict(task="shapes_rec", split="validation", num_images=100, batch_size=64,
+                    max_new_tokens=8)
   config.optim = optim.optim_config()
   config.mesh = partitioning.mesh_config()
   config.sharding_rules = [list(rule) for rule in partitioning.DEFAULT_RULES]

@@ -16,6 +16,13 @@ import tensorflow as tf
 from kosmos_jax.data import feature_converter, quality
 
 
+def register_user_tasks(data_config) -> None:
+  """Registers the `kosmos2_*` tasks on the user's files, when the config names them."""
+  from kosmos_jax.data import tasks  # pylint: disable=g-import-not-at-top
+  if data_config.spm_model_file and "kosmos2_pretrain" not in seqio.MixtureRegistry.names():
+    tasks.register_kosmos2_tasks(data_config.spm_model_file, data_config.data_dir)
+
+
 def dataset(mixture: str, split: str, *, seq_len: int, images_per_row: int,
             batch_size: int, seed: int, shuffle: bool = True, repeat: bool = True,
             shard_index: int = 0, num_shards: int = 1) -> tf.data.Dataset:
@@ -81,3 +88,22 @@ class DataIteratorSave(ocp.args.CheckpointArgs):
 @dataclasses.dataclass
 class DataIteratorRestore(ocp.args.CheckpointArgs):
   iterator: Any
+
+
+# ----------------------------------------------------------------- raw records
+
+
+def source_records(task_name: str, split: str, limit: int | None = None) -> Iterator[dict[str, Any]]:
+  """The first `limit` records of a task's source, before any preprocessing,
+  as numpy values (bytes for strings and encoded images), in order."""
+  from kosmos_jax.data import tasks  # pylint: disable=g-import-not-at-top,unused-import
+  ds = seqio.get_mixture_or_task(task_name).source.get_dataset(split=split, shuffle=False)
+  if limit is not None:
+    ds = ds.take(limit)
+  return ds.as_numpy_iterator()
+
+
+def vocabulary(task_name: str) -> seqio.Vocabulary:
+  """The vocabulary of a task's (or mixture's) `targets`."""
+  from kosmos_jax.data import tasks  # pylint: disable=g-import-not-at-top,unused-import
+  return seqio.get_mixture_or_task(task_name).output_features["targets"].vocabulary

@@ -108,6 +108,10 @@ class KosmosVocabulary(seqio.Vocabulary):
   # --- ids -----------------------------------------------------------------
 
   @property
+  def sentencepiece_model_file(self) -> str:
+    return self._model_file
+
+  @property
   def bos_id(self) -> int:
     return BOS_ID
 

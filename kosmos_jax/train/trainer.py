@@ -117,6 +117,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
   abstract_state = jax.eval_shape(lambda p: _new_state(p, tx, config.seed), abstract_params)
   state_sharding = partitioning.train_state_shardings(abstract_state, mesh, rules)
 
+  loader.register_user_tasks(config.data)
   ds = loader.dataset(config.data.mixture, config.data.train_split, seq_len=config.seq_len,
                       images_per_row=config.images_per_row,
                       batch_size=config.batch_size // jax.process_count(), seed=config.seed,
@@ -226,8 +227,42 @@ def _save_args(state, iterator):
                             data=loader.DataIteratorSave(iterator))
 
 
+def restore_model(workdir: str, step: int | None = None) -> Kosmos2:
+  """The model of a training run's checkpoint (default: the latest) in `workdir`,
+  on the default device, with the config the run saved."""
+  workdir = _as_path(workdir)
+  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  manager = _checkpoint_manager(config, workdir)
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"{workdir / 'checkpoints'}: no checkpoint")
+  graphdef, abstract_params = nnx.split(loading.abstract_model(config.model))
+  tx = optim.optimizer(config.optim, config.total_steps)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        jax.eval_shape(lambda p: _new_state(p, tx, config.seed), abstract_params))
+  # Only the state: the data iterator's checkpoint is for resuming training.
+  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+  manager.close()
+  return nnx.merge(graphdef, state.params)
+
+
+def _evaluators(config, graphdef, params) -> dict:
+  """`config.evaluators` on the current parameters, as `eval/`-prefixed metrics."""
+  # Imported here: the default path (no evaluators) needs none of it.
+  from kosmos_jax.eval import rec  # pylint: disable=g-import-not-at-top
+  results = {}
+  for name in config.evaluators:
+    if name != "rec":
+      raise ValueError(f"unknown evaluator {name!r}; known: 'rec'")
+    model = nnx.merge(graphdef, params)
+    results.update({f"eval/{k}": v for k, v in rec.evaluate_task(model, **config.rec).items()})
+  return results
+
+
 def evaluate(config, graphdef, params, mesh, rules) -> dict:
-  """Loss and token accuracy on `config.data.eval_batches` batches of the eval split."""
+  """Loss and token accuracy on `config.data.eval_batches` batches of the eval split,
+  then `config.evaluators`."""
   ds = loader.dataset(config.data.mixture, config.data.eval_split, seq_len=config.seq_len,
                       images_per_row=config.images_per_row,
                       batch_size=config.batch_size // jax.process_count(), seed=config.seed,
@@ -245,4 +280,5 @@ def evaluate(config, graphdef, params, mesh, rules) -> dict:
     for k in totals:
       totals[k] += float(sums[k])
   weight = max(totals["weight"], 1.0)
-  return {"eval/loss": totals["loss"] / weight, "eval/accuracy": totals["correct"] / weight}
+  return {"eval/loss": totals["loss"] / weight, "eval/accuracy": totals["correct"] / weight,
+          **_evaluators(config, graphdef, params)}
