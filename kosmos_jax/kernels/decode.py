@@ -39,10 +39,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, sm_scale=None,
   Returns:
     [batch, heads, head_dim] in q.dtype.
   """
-  if backend is None:
-    platform = jax.default_backend()
-    backend = "gpu" if platform == "gpu" else "tpu"
-    interpret = interpret or platform not in ("tpu", "gpu")
+  backend, interpret = tiling.resolve_backend(backend, interpret)
   if sm_scale is None:
     sm_scale = q.shape[-1] ** -0.5
   if backend == "gpu":

@@ -46,10 +46,7 @@ def flash_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None,
     raise ValueError(f"q, k, v shapes differ: {q.shape} {k.shape} {v.shape}")
   if segment_ids is not None and segment_ids.shape != q.shape[:2]:
     raise ValueError(f"segment_ids {segment_ids.shape} != {q.shape[:2]}")
-  if backend is None:
-    platform = jax.default_backend()
-    backend = "gpu" if platform == "gpu" else "tpu"
-    interpret = interpret or platform not in ("tpu", "gpu")
+  backend, interpret = tiling.resolve_backend(backend, interpret)
   if sm_scale is None:
     sm_scale = q.shape[-1] ** -0.5
   module = _BACKENDS[backend]

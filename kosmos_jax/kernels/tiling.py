@@ -132,3 +132,15 @@ def out_struct(shape, dtype, like):
 
 def _round_up(x, m):
   return -(-x // m) * m
+
+
+def resolve_backend(backend: str | None, interpret: bool) -> tuple[str, bool]:
+  """The kernel family to use and whether to interpret it.
+
+  None follows jax.default_backend(); on CPU the TPU kernels run interpreted,
+  which is how the tests check them.
+  """
+  if backend is not None:
+    return backend, interpret
+  platform = jax.default_backend()
+  return ("gpu" if platform == "gpu" else "tpu"), interpret or platform not in ("tpu", "gpu")
