@@ -1,5 +1,6 @@
 """Shared by the benchmarks: the mid-size Kosmos-2 shape and a timer."""
 import statistics
+import tempfile
 import time
 
 # Mid-size Kosmos-2: 6 x 512 decoder, 6-layer ViT of width 384 at 224/14, the
@@ -24,3 +25,16 @@ def timed_pair(ours, theirs, repeats: int) -> tuple[float, float]:
       fn()
       out.append(time.perf_counter() - start)
   return statistics.median(times[0]), statistics.median(times[1])
+
+
+def same_weights(config):
+  """(transformers model, our model) holding the same random weights for `config`
+  (a transformers Kosmos2Config), ours loaded through its safetensors snapshot."""
+  import kosmos_jax  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  hf = transformers.Kosmos2ForConditionalGeneration(config)
+  with tempfile.TemporaryDirectory() as d:
+    hf.save_pretrained(d)
+    return hf, kosmos_jax.from_pretrained(d)

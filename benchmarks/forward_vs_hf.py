@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -18,8 +17,7 @@ import torch
 import transformers
 from flax import nnx
 
-import kosmos_jax
-from common import MID_HF_CONFIG, timed_pair
+from common import MID_HF_CONFIG, same_weights, timed_pair
 from hf_reference import grounded_batch
 
 
@@ -30,12 +28,8 @@ def main():
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args()
 
-  torch.manual_seed(0)
-  hf = transformers.Kosmos2ForConditionalGeneration(
-      transformers.Kosmos2Config(**MID_HF_CONFIG)).eval()
-  with tempfile.TemporaryDirectory() as d:
-    hf.save_pretrained(d)
-    ours = kosmos_jax.from_pretrained(d)
+  hf, ours = same_weights(transformers.Kosmos2Config(**MID_HF_CONFIG))
+  hf.eval()
   batch = grounded_batch(hf.config, [args.text_tokens] * args.batch)
   torch_batch = {k: torch.from_numpy(v) for k, v in batch.items()}
   jax_batch = {k: jax.device_put(v) for k, v in batch.items()}

@@ -9,7 +9,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -19,8 +18,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import torch
 import transformers
 
-import kosmos_jax
-from common import MID_HF_CONFIG, timed_pair
+from common import MID_HF_CONFIG, same_weights, timed_pair
 from hf_reference import grounded_batch
 
 
@@ -34,12 +32,8 @@ def main():
   args = parser.parse_args()
 
   transformers.logging.set_verbosity_error()  # eos_token_id=-1 (below) is deliberate
-  torch.manual_seed(0)
-  hf = transformers.Kosmos2ForConditionalGeneration(
-      transformers.Kosmos2Config(**MID_HF_CONFIG)).eval()
-  with tempfile.TemporaryDirectory() as d:
-    hf.save_pretrained(d)
-    ours = kosmos_jax.from_pretrained(d)
+  hf, ours = same_weights(transformers.Kosmos2Config(**MID_HF_CONFIG))
+  hf.eval()
   batch = grounded_batch(hf.config, [args.text_tokens] * args.batch)
   torch_batch = {k: torch.from_numpy(v) for k, v in batch.items()}
   # EOS disabled on both sides so that every row generates the full budget.

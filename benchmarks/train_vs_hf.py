@@ -8,7 +8,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "models"))
@@ -19,8 +18,7 @@ import torch
 import transformers
 from flax import nnx
 
-import kosmos_jax
-from common import MID_HF_CONFIG, timed_pair
+from common import MID_HF_CONFIG, same_weights, timed_pair
 from hf_reference import grounded_batch
 from kosmos_jax.config import experiment_config
 from kosmos_jax.train import mfu, optim
@@ -45,13 +43,10 @@ def main():
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args()
 
-  torch.manual_seed(0)
   config = transformers.Kosmos2Config(**MID_HF_CONFIG)
   config.text_config.dropout = config.text_config.attention_dropout = 0.0
-  hf = transformers.Kosmos2ForConditionalGeneration(config).train()
-  with tempfile.TemporaryDirectory() as d:
-    hf.save_pretrained(d)
-    ours = kosmos_jax.from_pretrained(d)
+  hf, ours = same_weights(config)
+  hf.train()
   batch = grounded_batch(hf.config, [args.text_tokens] * args.batch)
   tokens = int(batch["attention_mask"].sum())
 
