@@ -66,6 +66,7 @@ class MultimodalFeatureConverter(seqio.FeatureConverter):
       raise ValueError(f"images need a static [3, S, S] shape, got {image_shape}")
     image_shape = image_shape.as_list()
 
+    @tf.autograph.experimental.do_not_convert
     def shift(x):
       tokens = x["targets"]
       n, k = tf.size(tokens) - 1, tf.shape(x["images"])[0]
@@ -79,34 +80,38 @@ class MultimodalFeatureConverter(seqio.FeatureConverter):
                     flush=tf.constant(False))
 
     ds = ds.map(shift, num_parallel_calls=tf.data.AUTOTUNE)
-    empty_row = dict(
-        {k: tf.zeros([length], tf.float32 if k == "loss_weights" else tf.int32) for k in _TOKEN_FEATURES},
-        segment_ids=tf.zeros([length], tf.int32), position_ids=tf.zeros([length], tf.int32),
-        pixel_values=tf.zeros([max_images, *image_shape]), fill=tf.constant(0),
-        num_images=tf.constant(0), num_segments=tf.constant(0))
+    # The open row grows by concatenation, and its images are a list of
+    # references: appending costs the sequence's own tokens, and each image is
+    # copied once, into the finished row (images are the bulk of a row).
+    image_list_shape = tf.constant([-1, *image_shape], tf.int32)
+    empty_row = dict({k: tf.zeros([0], tf.float32 if k == "loss_weights" else tf.int32)
+                      for k in (*_TOKEN_FEATURES, "segment_ids", "position_ids")},
+                     images=tf.raw_ops.EmptyTensorList(element_shape=image_list_shape, max_num_elements=-1,
+                                                       element_dtype=tf.float32),
+                     num_images=tf.constant(0), num_segments=tf.constant(0))
 
-    def append(row, x):
-      n, k = tf.size(x["input_ids"]), tf.shape(x["images"])[0]
-      at = [[row["fill"], length - row["fill"] - n]]
-      out = {key: row[key] + tf.pad(x[key], at) for key in _TOKEN_FEATURES}
-      out["segment_ids"] = row["segment_ids"] + tf.pad(tf.fill([n], row["num_segments"] + 1), at)
-      out["position_ids"] = row["position_ids"] + tf.pad(tf.range(n) + self._pad_id + 1, at)
-      image_at = [[row["num_images"], max_images - row["num_images"] - k]] + [[0, 0]] * 3
-      out["pixel_values"] = row["pixel_values"] + tf.pad(x["images"], image_at)
-      out.update(fill=row["fill"] + n, num_images=row["num_images"] + k,
-                 num_segments=row["num_segments"] + tf.minimum(n, 1))
-      return out
-
+    @tf.autograph.experimental.do_not_convert
     def step(row, x):
-      fits = ((row["fill"] + tf.size(x["input_ids"]) <= length)
-              & (row["num_images"] + tf.shape(x["images"])[0] <= max_images))
+      fill, num_images = tf.size(row["input_ids"]), row["num_images"]
+      n, k = tf.size(x["input_ids"]), tf.shape(x["images"])[0]
+      fits = (fill + n <= length) & (num_images + k <= max_images)
       if self.pack:
         fits &= ~x["flush"]
       else:
-        fits &= tf.equal(row["fill"], 0)
-      emit = ~fits & (row["fill"] > 0)
-      start = tf.nest.map_structure(lambda a, b: tf.where(fits, a, b), row, empty_row)
-      return append(start, x), (emit, row)
+        fits &= tf.equal(fill, 0)
+      emit = ~fits & (fill > 0)
+      # The row x goes into: the open one, or (cut to nothing) a new one.
+      keep_tokens = tf.where(fits, fill, 0)
+      segment = tf.where(fits, row["num_segments"], 0) + 1
+      out = {key: tf.concat([row[key][:keep_tokens], x[key]], 0) for key in _TOKEN_FEATURES}
+      out["segment_ids"] = tf.concat([row["segment_ids"][:keep_tokens], tf.fill([n], segment)], 0)
+      out["position_ids"] = tf.concat([row["position_ids"][:keep_tokens], tf.range(n) + self._pad_id + 1], 0)
+      images = tf.raw_ops.TensorListResize(input_handle=row["images"],
+                                           size=tf.where(fits, tf.raw_ops.TensorListLength(input_handle=row["images"]), 0))
+      out["images"] = tf.raw_ops.TensorListPushBack(input_handle=images, tensor=x["images"])
+      out["num_images"] = tf.where(fits, num_images, 0) + k
+      out["num_segments"] = segment - 1 + tf.minimum(n, 1)
+      return out, (emit, row)
 
     # A last empty sequence flushes the row that is still open.
     flush = dict(input_ids=tf.zeros([0], tf.int32), targets=tf.zeros([0], tf.int32),
@@ -116,14 +121,22 @@ class MultimodalFeatureConverter(seqio.FeatureConverter):
     ds = ds.concatenate(tf.data.Dataset.from_tensors(flush))
     ds = ds.scan(empty_row, step).filter(lambda emit, row: emit)
 
+    zero_images = tf.zeros([max_images, *image_shape])
+
+    @tf.autograph.experimental.do_not_convert
     def finish(emit, row):
       del emit
-      real = row["segment_ids"] > 0
-      out = {k: row[k] for k in ("targets", "loss_weights", "image_embeds_position_mask",
-                                 "pixel_values", "segment_ids")}
-      out["input_ids"] = tf.where(real, row["input_ids"], self._pad_id)
-      out["targets"] = tf.where(real, row["targets"], self._pad_id)
-      out["position_ids"] = tf.where(real, row["position_ids"], self._pad_id)
+      fill = tf.size(row["input_ids"])
+      pad = lambda key, value: tf.ensure_shape(
+          tf.pad(row[key], [[0, length - fill]], constant_values=value), [length])
+      out = {k: pad(k, 0) for k in ("loss_weights", "image_embeds_position_mask", "segment_ids")}
+      out.update({k: pad(k, self._pad_id) for k in ("input_ids", "targets", "position_ids")})
+      images = tf.raw_ops.TensorListPushBack(input_handle=row["images"],
+                                             tensor=zero_images[:max_images - row["num_images"]])
+      pixels, _ = tf.raw_ops.TensorListConcatV2(
+          input_handle=images, element_shape=image_list_shape, leading_dims=tf.zeros([0], tf.int64),
+          element_dtype=tf.float32)
+      out["pixel_values"] = tf.ensure_shape(pixels, [max_images, *image_shape])
       return out
 
     return ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
