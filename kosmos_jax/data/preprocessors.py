@@ -42,6 +42,7 @@ def _errors_tolerated(dataset: tf.data.Dataset, strict: bool) -> tf.data.Dataset
   return dataset if strict else dataset.ignore_errors()
 
 
+@tf.autograph.experimental.do_not_convert
 def image_text_example(x: dict, seed, vocab: vocab_lib.KosmosVocabulary, image_size: int,
                        transform: str, use_box_prob: float, phrase_mode: str,
                        score_threshold: float, grounding_prefix: bool, quantizer: str,
@@ -111,6 +112,7 @@ def referring(dataset: tf.data.Dataset, vocab: vocab_lib.KosmosVocabulary, image
   as the target: the REC prompt of the official evaluation (reference 2.7).
   Images get the square transform: a crop could cut the referent.
   """
+  @tf.autograph.experimental.do_not_convert
   def per_expression(x):
     image_issues = image_ops.check_image_bytes(x["image"])
     drop = tf.reduce_any(image_issues > 0)
@@ -122,6 +124,7 @@ def referring(dataset: tf.data.Dataset, vocab: vocab_lib.KosmosVocabulary, image
         images=tf.tile(pixels[None, None], [n, 1, 1, 1, 1]), _issues=tf.tile(image_issues[None], [n, 1]),
         _drop=tf.fill([n], drop)))
 
+  @tf.autograph.experimental.do_not_convert
   def example(x):
     expression, issues = text_ops.repair_utf8(x["expression"])
     # The box as a one-character GrIT span, so that it gets the same checks.
@@ -156,6 +159,7 @@ def documents(dataset: tf.data.Dataset, vocab: vocab_lib.KosmosVocabulary, image
   (`doc_image_dropped` plus its reason); a document with no text is dropped."""
   dataset = (stats or quality.default_stats()).count_input(dataset)
 
+  @tf.autograph.experimental.do_not_convert
   def example(x):
     texts, utf8 = tf.map_fn(text_ops.repair_utf8, x["texts"],
                             fn_output_signature=(tf.string, tf.TensorSpec([len(quality.REASONS)], tf.int32)))
@@ -187,6 +191,7 @@ def text_documents(dataset: tf.data.Dataset, vocab: vocab_lib.KosmosVocabulary, 
   tasks mix with image tasks)."""
   dataset = (stats or quality.default_stats()).count_input(dataset)
 
+  @tf.autograph.experimental.do_not_convert
   def example(x):
     text, issues = text_ops.repair_utf8(x["text"])
     empty = text_ops.is_blank(text)
@@ -209,6 +214,7 @@ def trim(dataset: tf.data.Dataset, sequence_length: dict[str, int]) -> tf.data.D
   """
   max_length, max_images = sequence_length["targets"], sequence_length["images"]
 
+  @tf.autograph.experimental.do_not_convert
   def example(x):
     mask = x["image_mask"]
     length = tf.size(mask)

@@ -86,6 +86,7 @@ class DataStats:
 
   def count_input(self, dataset: tf.data.Dataset) -> tf.data.Dataset:
     """Counts the records entering the pipeline."""
+    @tf.autograph.experimental.do_not_convert
     def count(example):
       with tf.control_dependencies([self._add(len(REASON_NAMES), 1)]):
         return tf.nest.map_structure(tf.identity, example)
@@ -132,6 +133,7 @@ def filter_and_count(dataset: tf.data.Dataset, stats: DataStats | None = None,
   names = tf.constant(REASON_NAMES)
   strict_mask = tf.constant(_STRICT)
 
+  @tf.autograph.experimental.do_not_convert
   def count(example):
     issues, drop = example["_issues"], example["_drop"]
     deps = [stats.record(issues, drop)]
@@ -144,10 +146,12 @@ def filter_and_count(dataset: tf.data.Dataset, stats: DataStats | None = None,
       kept = {k: tf.identity(v) for k, v in example.items() if k not in ("_issues", "_drop")}
     return kept, drop
 
+  @tf.autograph.experimental.do_not_convert
   def kept(example, drop):
     del example
     return tf.logical_not(drop)
 
+  @tf.autograph.experimental.do_not_convert
   def first(example, drop):
     del drop
     return example
