@@ -12,12 +12,7 @@ Data text is tokenized as text: a literal "<image>" or "</s>" in a web caption
 becomes ordinary pieces, never a tag or special id (the original fairseq
 pipeline also encoded captions with sentencepiece only).
 """
-import functools
-
-import numpy as np
-import sentencepiece as spm
 import tensorflow as tf
-import tensorflow_text as tf_text
 
 from kosmos_jax.data import quality
 from kosmos_jax.data import vocab as vocab_lib
@@ -26,24 +21,9 @@ from kosmos_jax.data import vocab as vocab_lib
 Parts = tuple[tf.Tensor, tf.Tensor, tf.Tensor]  # (ids, loss weights, image-slot mask)
 
 
-@functools.lru_cache(maxsize=None)
-def _plain_tokenizer(vocab: vocab_lib.KosmosVocabulary):
-  """sentencepiece tokenizer and spm id -> vocabulary id table (eager objects)."""
-  with tf.io.gfile.GFile(vocab.sentencepiece_model_file, "rb") as f:
-    proto = f.read()
-  num_pieces = spm.SentencePieceProcessor(model_proto=proto).get_piece_size()
-  spm_to_id = np.arange(1, num_pieces + 1, dtype=np.int32)
-  spm_to_id[:3] = [vocab_lib.UNK_ID, vocab_lib.BOS_ID, vocab_lib.EOS_ID]
-  with tf.init_scope():
-    return (tf_text.SentencepieceTokenizer(model=proto, out_type=tf.int32), tf.constant(spm_to_id))
-
-
 def tokenize_text(vocab: vocab_lib.KosmosVocabulary, texts: tf.Tensor) -> tf.RaggedTensor:
   """1-D string tensor -> ragged ids, each string on its own, no markup parsing."""
-  tokenizer, spm_to_id = _plain_tokenizer(vocab)
-  # sentencepiece keeps U+0085 as a character; the vocabulary maps it to a space.
-  texts = tf.strings.regex_replace(texts, "\x85", " ")
-  return tf.ragged.map_flat_values(tf.gather, spm_to_id, tokenizer.tokenize(texts))
+  return vocab.encode_plain_tf(texts)
 
 
 def repair_utf8(text: tf.Tensor):

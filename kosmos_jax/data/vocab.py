@@ -141,10 +141,6 @@ class KosmosVocabulary(seqio.Vocabulary):
     return self._num_patches_per_side
 
   @property
-  def sentencepiece_model_file(self) -> str:
-    return self._model_file
-
-  @property
   def _base_vocab_size(self) -> int:
     return self._size
 
@@ -233,20 +229,27 @@ class KosmosVocabulary(seqio.Vocabulary):
     state = self._tf()
     s = tf.convert_to_tensor(s, tf.string)
     scalar = s.shape.rank == 0
-    s = tf.strings.regex_replace(tf.reshape(s, [-1]), _SPM_HIDDEN_SPACE, " ")
+    s = tf.reshape(s, [-1])
     # [batch, segments]: text stretches and added tokens (with the whitespace
     # they absorb), in order.
     segments = tf_text.regex_split(s, self._added_pattern, self._added_pattern)
     flat = segments.flat_values
     added_ids = state["added"].lookup(tf.strings.regex_replace(flat, self._ws_prefix_pattern, ""))
     is_added = added_ids >= 0
-    pieces = state["tokenizer"].tokenize(tf.where(is_added, "", flat))
-    text_ids = tf.ragged.map_flat_values(tf.gather, state["spm_to_id"], pieces)
+    text_ids = self.encode_plain_tf(tf.where(is_added, "", flat))
     added_part = tf.RaggedTensor.from_row_lengths(
         tf.boolean_mask(added_ids, is_added), tf.cast(is_added, tf.int64))
     per_segment = tf.concat([added_part, text_ids], axis=1)
     ids = segments.with_flat_values(per_segment).merge_dims(1, 2)
     return ids[0] if scalar else ids
+
+  def encode_plain_tf(self, texts: tf.Tensor) -> tf.RaggedTensor:
+    """1-D strings -> ragged ids, each string as plain text: tags and specials
+    in it are not parsed (data text, and the stretches between added tokens)."""
+    state = self._tf()
+    # sentencepiece keeps U+0085 as a character; Hugging Face splits words on it.
+    texts = tf.strings.regex_replace(texts, _SPM_HIDDEN_SPACE, " ")
+    return tf.ragged.map_flat_values(tf.gather, state["spm_to_id"], state["tokenizer"].tokenize(texts))
 
   def detokenize_tf(self, ids: tf.Tensor, skip_special_tokens: bool = True) -> tf.Tensor:
     """`detokenize` as tf ops over the last axis of a dense or ragged tensor."""
