@@ -106,8 +106,8 @@ class MultimodalFeatureConverter(seqio.FeatureConverter):
       out = {key: tf.concat([row[key][:keep_tokens], x[key]], 0) for key in _TOKEN_FEATURES}
       out["segment_ids"] = tf.concat([row["segment_ids"][:keep_tokens], tf.fill([n], segment)], 0)
       out["position_ids"] = tf.concat([row["position_ids"][:keep_tokens], tf.range(n) + self._pad_id + 1], 0)
-      images = tf.raw_ops.TensorListResize(input_handle=row["images"],
-                                           size=tf.where(fits, tf.raw_ops.TensorListLength(input_handle=row["images"]), 0))
+      kept_images = tf.where(fits, tf.raw_ops.TensorListLength(input_handle=row["images"]), 0)
+      images = tf.raw_ops.TensorListResize(input_handle=row["images"], size=kept_images)
       out["images"] = tf.raw_ops.TensorListPushBack(input_handle=images, tensor=x["images"])
       out["num_images"] = tf.where(fits, num_images, 0) + k
       out["num_segments"] = segment - 1 + tf.minimum(n, 1)
