@@ -162,11 +162,23 @@ class KosmosShapes(tfds.core.GeneratorBasedBuilder):
       yield example["key"], example
 
 
+_BUILT: dict[tuple, tfds.core.DatasetBuilder] = {}
+
+
 def build(data_dir: str | None = None, config: str | ShapesConfig = "224") -> tfds.core.DatasetBuilder:
-  """The prepared builder (generated on first use into `data_dir`)."""
-  builder = KosmosShapes(config=config, data_dir=data_dir or os.path.join(cache_dir(), "tfds"))
-  builder.download_and_prepare()
-  return builder
+  """The prepared builder (generated on first use into `data_dir`).
+
+  Kept per (directory, config) for the process: seqio asks for the source on
+  every `get_dataset`, and preparing a builder costs a few hundred ms even
+  when the files exist.
+  """
+  data_dir = data_dir or os.path.join(cache_dir(), "tfds")
+  key = (data_dir, config if isinstance(config, str) else repr(config))
+  if key not in _BUILT:
+    builder = KosmosShapes(config=config, data_dir=data_dir)
+    builder.download_and_prepare()
+    _BUILT[key] = builder
+  return _BUILT[key]
 
 
 def cache_dir() -> str:
