@@ -12,6 +12,12 @@ Aim: REC accuracy (IoU >= 0.5, greedy output) on 500 held-out pictures within
            0.25 s, so the model is sized for 2500 steps in ~11 minutes.
   rows     REC examples are ~35 tokens with one picture, grit ~63: 128-token
            rows with up to 3 pictures pack 2-3 sequences with little waste.
+  init     from scratch, the released inits (std-0.02 ViT positions, the HF
+           connector) leave the image slots nearly constant and without the
+           layout, and the decoder learns to ignore them; 2-D sin-cos ViT
+           positions and the "scaled" connector init keep where things are
+           (models/config.py). REC on 1,500 steps of REC-only data: 0.092
+           against 0.022, location-token CE 3.32 against 3.53.
   optim    a high peak rate, short warmup, no dropout or weight decay (the
            run sees each training picture about once).
 """
@@ -27,6 +33,7 @@ def get_config():
       "text.heads": 4, "text.ffn_dim": 512, "text.max_positions": 256,
       "text.dropout": 0.0, "text.attention_dropout": 0.0,
       "latent_query_num": 16,
+      "vision.position_init": "sincos2d", "connector_init": "scaled",
   }))
   config.data.mixture = "shapes_demo_mix"
   config.rec.task = "shapes_demo_rec"

@@ -12,13 +12,24 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
   c.vision = dict(
       image_size=224, patch_size=14, num_channels=3, width=1024, depth=24,
       heads=16, mlp_dim=4096, activation="quick_gelu", layer_norm_eps=1e-5,
-      attention_dropout=0.0)
+      attention_dropout=0.0,
+      # "normal": std 0.02, as released. "sincos2d": the 2-D sine-cosine table
+      # of the patch grid (CLS row zero), still trained: for training from
+      # scratch, where the std-0.02 table leaves every patch nearly blind to
+      # where it is (see vit.sincos2d).
+      position_init="normal")
   c.text = dict(
       vocab_size=65037, width=2048, depth=24, heads=32, ffn_dim=8192,
       max_positions=2048, activation="gelu", layer_norm_eps=1e-5,
       scale_embedding=True, pad_id=1, bos_id=0, eos_id=2,
       dropout=0.1, attention_dropout=0.1, activation_dropout=0.0)
   c.latent_query_num = 64
+  # Connector init. "hf": transformers' (std 0.02 projections, std-1 latent
+  # queries). "scaled", for training from scratch: std 1 for the dense layer
+  # (its input is L2-normalised, so unit-scale outputs), width^-0.5 for the
+  # attention projections and std 0.02 latents, so that the image tokens, not
+  # the latents, make up the output from the first step (ImageToTextProjection).
+  c.connector_init = "hf"
   # Numerics and memory: float32/bfloat16 compute, float32 master weights.
   c.dtype = "float32"
   c.param_dtype = "float32"

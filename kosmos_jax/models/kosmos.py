@@ -37,7 +37,7 @@ class Kosmos2(nnx.Module):
     self.image_to_text_projection = connector.ImageToTextProjection(
         config.vision.width, config.text.width, config.text.heads,
         config.latent_query_num, attention=config.attention,
-        attention_dropout=config.text.attention_dropout, **kw)
+        attention_dropout=config.text.attention_dropout, init=config.get("connector_init", "hf"), **kw)
     self.text_model = decoder.TextDecoder(
         config.text, remat=config.remat, attention=config.attention,
         magneto_init=config.magneto_init, **kw)

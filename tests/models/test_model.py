@@ -131,3 +131,49 @@ def test_bad_inputs_say_what_is_wrong(tiny):
     model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"])
   with pytest.raises(ValueError, match="do not match"):
     model(**{**batch, "pixel_values": batch["pixel_values"][:, :, :16, :16]})
+
+
+def test_sincos2d_position_init(tiny):
+  cfg = tiny.model.copy_and_resolve_references()
+  cfg.vision.position_init = "sincos2d"
+  table = np.asarray(Kosmos2(cfg, rngs=nnx.Rngs(0)).vision_model.position_embedding[...])
+  grid, width = cfg.vision.image_size // cfg.vision.patch_size, cfg.vision.width
+  assert table.shape == (grid * grid + 1, width)
+  assert not table[0].any()  # CLS has no place on the grid
+  q = width // 4
+  omega = 10_000.0 ** -(np.arange(q) / q)
+  x, y = 3, 1  # the patch in column 3 of row 1, row-major as the patches are
+  want = np.concatenate([np.sin(x * omega), np.cos(x * omega), np.sin(y * omega), np.cos(y * omega)])
+  np.testing.assert_allclose(table[1 + y * grid + x], want, atol=1e-6)
+  cfg.vision.position_init = "learned"
+  with pytest.raises(ValueError, match="position_init 'learned'"):
+    Kosmos2(cfg, rngs=nnx.Rngs(0))
+
+
+def _square_at(cfg, corner: str) -> np.ndarray:
+  """A grey picture with one red square in a corner, CLIP-normalised, [1, 3, S, S]."""
+  s = cfg.vision.image_size
+  image = np.full((s, s, 3), 0.8, np.float32)
+  side = s // 3
+  at = slice(0, side) if corner == "top left" else slice(s - side, s)
+  image[at, at] = (0.9, 0.1, 0.1)
+  mean, std = np.array([0.481, 0.458, 0.408]), np.array([0.269, 0.261, 0.276])
+  return ((image - mean) / std).transpose(2, 0, 1)[None].astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_scaled_connector_init_lets_the_image_through(tiny, seed):
+  """One square in two places: under the HF connector init the slots barely
+  differ (image tokens enter at ~1% of the std-1 latents' scale, averaged by a
+  uniform attention); under "scaled" the image makes up the slots."""
+  def change(connector_init):
+    cfg = tiny.model.copy_and_resolve_references()
+    cfg.connector_init = connector_init
+    model = Kosmos2(cfg, rngs=nnx.Rngs(seed))
+    a, b = (np.asarray(model.encode_images(_square_at(cfg, c))) for c in ("top left", "bottom right"))
+    return np.linalg.norm(a - b) / np.linalg.norm(a)
+
+  assert change("hf") < 0.04
+  assert change("scaled") > 0.08
+  with pytest.raises(ValueError, match="connector_init 'xavier'"):
+    change("xavier")
