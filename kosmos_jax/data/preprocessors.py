@@ -66,7 +66,7 @@ def image_text_example(x: dict, seed, vocab: vocab_lib.KosmosVocabulary, image_s
       grounded,
       lambda: tf.concat([tf.constant(prefix, tf.int32), text_ops.grounded_caption_ids(
           vocab, caption, phrases, boxes, box_phrase, quantizer)], 0),
-      lambda: text_ops.tokenize_text(vocab, caption[None])[0])
+      lambda: vocab.encode_plain_tf(caption[None])[0])
   out = text_ops.join(text_ops.token_part(vocab.bos_id, weight=0),
                       text_ops.image_part(vocab, num_image_tokens),
                       text_ops.text_part(ids), text_ops.token_part(vocab.eos_id))
@@ -132,7 +132,7 @@ def referring(dataset: tf.data.Dataset, vocab: vocab_lib.KosmosVocabulary, image
     spans, boxes, box_issues = text_ops.clean_spans(rows, 1, 0.0)
     pairs = text_ops.object_ids(vocab, boxes, tf.zeros([tf.shape(boxes)[0]], tf.int32), 1, quantizer)
     prompt = tf.concat([[vocab.tag_id("<grounding>"), vocab.tag_id("<phrase>")],
-                        text_ops.tokenize_text(vocab, expression[None])[0],
+                        vocab.encode_plain_tf(expression[None])[0],
                         [vocab.tag_id("</phrase>")]], 0)
     image_ids, image_weights, image_mask = text_ops.image_part(vocab, num_image_tokens)
     out = text_ops.join(text_ops.token_part(vocab.bos_id, weight=0),
@@ -196,7 +196,7 @@ def text_documents(dataset: tf.data.Dataset, vocab: vocab_lib.KosmosVocabulary, 
     text, issues = text_ops.repair_utf8(x["text"])
     empty = text_ops.is_blank(text)
     out = text_ops.join(text_ops.token_part(vocab.bos_id, weight=0),
-                        text_ops.text_part(text_ops.tokenize_text(vocab, text[None])[0]),
+                        text_ops.text_part(vocab.encode_plain_tf(text[None])[0]),
                         text_ops.token_part(vocab.eos_id))
     out.update(key=x["key"], images=_images(image_size))
     return quality.with_issues(out, issues + quality.issue("text_empty", empty), empty)

@@ -21,11 +21,6 @@ from kosmos_jax.data import vocab as vocab_lib
 Parts = tuple[tf.Tensor, tf.Tensor, tf.Tensor]  # (ids, loss weights, image-slot mask)
 
 
-def tokenize_text(vocab: vocab_lib.KosmosVocabulary, texts: tf.Tensor) -> tf.RaggedTensor:
-  """1-D string tensor -> ragged ids, each string on its own, no markup parsing."""
-  return vocab.encode_plain_tf(texts)
-
-
 def repair_utf8(text: tf.Tensor):
   """(text with invalid UTF-8 replaced by U+FFFD, `_issues`)."""
   fixed = tf.strings.unicode_transcode(text, "UTF-8", "UTF-8", errors="replace")
@@ -140,7 +135,7 @@ def grounded_caption_ids(vocab, caption: tf.Tensor, phrases: tf.Tensor, boxes: t
   last = tf.reduce_max(tf.concat([[0], phrases[:, 1]], 0))
   tail = tf.strings.substr(caption, last, tf.strings.length(caption, unit="UTF8_CHAR") - last,
                            unit="UTF8_CHAR")
-  pieces = tokenize_text(vocab, tf.concat([before, phrase, [tail]], 0))
+  pieces = vocab.encode_plain_tf(tf.concat([before, phrase, [tail]], 0))
   column = lambda tag: tf.RaggedTensor.from_tensor(tf.fill([g, 1], vocab.tag_id(tag)))
   rows = tf.concat([pieces[:g], column("<phrase>"), pieces[g:2 * g], column("</phrase>"),
                     object_ids(vocab, boxes, box_phrase, g, quantizer)], axis=1)
@@ -177,7 +172,7 @@ def join(*parts: Parts) -> dict:
 def interleave(vocab, texts: tf.Tensor, is_image: tf.Tensor, num_image_tokens: int) -> Parts:
   """A document's items, in order: text items tokenized, image items as image parts."""
   n = tf.size(is_image)
-  text_ids = tokenize_text(vocab, tf.where(is_image, "", texts))
+  text_ids = vocab.encode_plain_tf(tf.where(is_image, "", texts))
   block = image_part(vocab, num_image_tokens)
   lengths = tf.where(is_image, tf.size(block[0]), 0)
   as_rows = lambda v: tf.RaggedTensor.from_tensor(tf.tile(v[None], [n, 1]), lengths=lengths)

@@ -103,7 +103,7 @@ def test_grounded_rendering_equals_grounding_py(vocab):
 
 
 def test_markup_in_data_text_stays_text(vocab):
-  ids = text_ops.tokenize_text(vocab, tf.constant(["a <image> b </s> <phrase>"]))[0].numpy()
+  ids = vocab.encode_plain_tf(tf.constant(["a <image> b </s> <phrase>"]))[0].numpy()
   tags = {vocab.tag_id(t) for t in vocab_lib.TAGS} | {vocab.bos_id, vocab.eos_id, vocab.pad_id}
   assert not tags & set(ids.tolist())
 
