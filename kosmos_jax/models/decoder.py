@@ -92,12 +92,35 @@ class DecoderBlock(nnx.Module):
     return self._ffn(x + h), k_cache, v_cache
 
 
+# Longest wavelength ~600 cells: with 10,000 (the ViT's) most dimensions would
+# be nearly constant over a 16-32 cell grid and every location token alike.
+LOCATION_TEMPERATURE = 100.0
+
+
+def _init_locations(embed: jax.Array, cfg) -> jax.Array:
+  """The location tokens' rows of `embed` under `cfg.location_init`."""
+  # .get: configs saved before these init-only keys restore unchanged.
+  init = cfg.get("location_init", "normal")
+  if init == "normal":
+    return embed
+  if init != "sincos2d":
+    raise ValueError(f"text.location_init {init!r}: expected 'normal' or 'sincos2d'")
+  side = cfg.num_patches_per_side
+  if side * side >= cfg.vocab_size:
+    raise ValueError(f"text.num_patches_per_side {side}: {side * side} location tokens do not "
+                     f"fit in text.vocab_size {cfg.vocab_size}")
+  table = layers.sincos2d(side, cfg.width, LOCATION_TEMPERATURE)
+  table = table * (0.02 / table.std())  # the other rows' scale
+  return embed.at[-side * side:].set(table.astype(embed.dtype))
+
+
 class TextDecoder(nnx.Module):
   """Token + image embeddings -> causal MAGNETO stack -> tied LM head."""
 
   def __init__(self, cfg, *, rngs, dtype, param_dtype, remat, attention,
                magneto_init: bool):
     embed = layers.normal(0.02)(rngs.params(), (cfg.vocab_size, cfg.width), param_dtype)
+    embed = _init_locations(embed, cfg)
     self.embed_tokens = layers.param(embed.at[cfg.pad_id].set(0.0), ("vocab", "embed"))
     init_scale = math.sqrt(math.log(2 * cfg.depth)) if magneto_init else 1.0
     self.layers = layers.stacked(

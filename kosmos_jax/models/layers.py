@@ -20,6 +20,20 @@ def normal(std: float) -> Initializer:
   return nnx.initializers.normal(stddev=std)
 
 
+def sincos2d(grid: int, width: int, temperature: float = 10_000.0) -> jax.Array:
+  """[grid * grid, width] table of 2-D positions, row-major like the ViT's
+  patches and the location tokens: sin and cos of x, then of y, each over
+  width / 4 geometric frequencies, unit amplitude. The from-scratch init of
+  the ViT position table and of the location-token embeddings."""
+  if width % 4:
+    raise ValueError(f"sincos2d needs a width divisible by 4, got {width}")
+  omega = temperature ** -(jnp.arange(width // 4) / (width // 4))
+  y, x = jnp.mgrid[:grid, :grid]
+  x = x.reshape(-1, 1) * omega
+  y = y.reshape(-1, 1) * omega
+  return jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)
+
+
 def param(value: jax.Array, axes: Sequence[str | None]) -> nnx.Param:
   # Logical names are metadata only: the trainer applies a mesh through the
   # config's rules, never eagerly when a parameter is created.

@@ -34,22 +34,6 @@ class VisionBlock(nnx.Module):
     return layers.constrain(x, ("act_batch", "act_length", "act_embed"))
 
 
-def sincos2d(grid: int, width: int, temperature: float = 10_000.0) -> jax.Array:
-  """[grid * grid, width] position table, row-major like the patches:
-  sin and cos of x, then of y, each over width / 4 geometric frequencies.
-
-  Unit amplitude, about 20x the std-0.02 table: from the first step a patch's
-  features say where it is, which the connector needs to hand locations on.
-  """
-  if width % 4:
-    raise ValueError(f"sincos2d needs a width divisible by 4, got {width}")
-  omega = temperature ** -(jnp.arange(width // 4) / (width // 4))
-  y, x = jnp.mgrid[:grid, :grid]
-  x = x.reshape(-1, 1) * omega
-  y = y.reshape(-1, 1) * omega
-  return jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)
-
-
 class VisionTransformer(nnx.Module):
   """Patch embedding + class token + learned positions + pre-LN encoder.
 
@@ -70,7 +54,7 @@ class VisionTransformer(nnx.Module):
     # .get: configs saved before this init-only key restore unchanged.
     position_init = cfg.get("position_init", "normal")
     if position_init == "sincos2d":
-      table = jnp.concatenate([jnp.zeros((1, d)), sincos2d(grid, d)]).astype(param_dtype)
+      table = jnp.concatenate([jnp.zeros((1, d)), layers.sincos2d(grid, d)]).astype(param_dtype)
     elif position_init == "normal":
       table = layers.normal(0.02)(rngs.params(), (grid * grid + 1, d), param_dtype)
     else:

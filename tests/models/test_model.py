@@ -150,6 +150,32 @@ def test_sincos2d_position_init(tiny):
     Kosmos2(cfg, rngs=nnx.Rngs(0))
 
 
+def test_sincos2d_location_init(tiny):
+  cfg = tiny.model.copy_and_resolve_references()
+  cfg.text.num_patches_per_side, cfg.text.location_init = 8, "sincos2d"
+  embed = np.asarray(Kosmos2(cfg, rngs=nnx.Rngs(0)).text_model.embed_tokens[...])
+  side, width = 8, cfg.text.width
+  locations = embed[-side * side:]
+  q = width // 4
+  omega = 100.0 ** -(np.arange(q) / q)
+  y, x = (v[:, None] for v in np.divmod(np.arange(side * side), side))
+  table = np.concatenate([np.sin(x * omega), np.cos(x * omega), np.sin(y * omega), np.cos(y * omega)], 1)
+  # <patch_index_k> is cell (k // side, k % side), at the other rows' std 0.02.
+  np.testing.assert_allclose(locations, table * (0.02 / table.std()), atol=1e-6)
+  cos = lambda a, b: a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+  # Neighbouring cells start alike, far ones less so; word rows are untouched.
+  assert cos(locations[0], locations[1]) > cos(locations[0], locations[7]) + 0.2
+  assert cos(locations[0], locations[side]) > cos(locations[0], locations[7 * side]) + 0.2
+  base = np.asarray(Kosmos2(tiny.model, rngs=nnx.Rngs(0)).text_model.embed_tokens[...])
+  np.testing.assert_array_equal(embed[:-side * side], base[:-side * side])
+  cfg.text.location_init = "grid"
+  with pytest.raises(ValueError, match="location_init 'grid'"):
+    Kosmos2(cfg, rngs=nnx.Rngs(0))
+  cfg.text.location_init, cfg.text.num_patches_per_side = "sincos2d", 64
+  with pytest.raises(ValueError, match="num_patches_per_side 64"):
+    Kosmos2(cfg, rngs=nnx.Rngs(0))
+
+
 def _square_at(cfg, corner: str) -> np.ndarray:
   """A grey picture with one red square in a corner, CLIP-normalised, [1, 3, S, S]."""
   s = cfg.vision.image_size
