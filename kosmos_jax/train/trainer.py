@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
+import seqio
 import tqdm
 from clu import metric_writers
 from etils import epath
@@ -96,6 +97,28 @@ def _write_json_line(path: epath.Path, record: dict) -> None:
     f.write(json.dumps(record) + "\n")
 
 
+def _check_vocabulary(config) -> None:
+  """The mixture's ids must fit the model: an embedding lookup clamps ids past
+  the model's vocabulary instead of failing. A larger model vocabulary is
+  padding, except under a location init, which puts the P x P location tokens
+  in the last rows."""
+  vocab = seqio.get_mixture_or_task(config.data.mixture).output_features["targets"].vocabulary
+  text, name = config.model.text, config.data.mixture
+  if vocab.vocab_size > text.vocab_size:
+    raise ValueError(f"model.text.vocab_size is {text.vocab_size} but mixture {name!r} "
+                     f"has {vocab.vocab_size} ids ({vocab})")
+  if text.get("location_init", "normal") == "normal":
+    return
+  if vocab.vocab_size != text.vocab_size:
+    raise ValueError(f"model.text.location_init={text.location_init!r} needs "
+                     f"model.text.vocab_size = the {vocab.vocab_size} ids of mixture {name!r} "
+                     f"(the location tokens are the last rows), got {text.vocab_size}")
+  side = getattr(vocab, "num_patches_per_side", text.num_patches_per_side)
+  if side != text.num_patches_per_side:
+    raise ValueError(f"model.text.num_patches_per_side is {text.num_patches_per_side} but "
+                     f"mixture {name!r} has a {side} x {side} location grid")
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
   """Trains until `config.total_steps`; returns the last logged metrics.
 
@@ -123,6 +146,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
                       batch_size=config.batch_size // jax.process_count(), seed=config.seed,
                       shuffle=config.data.shuffle, shard_index=jax.process_index(),
                       num_shards=jax.process_count())
+  _check_vocabulary(config)
   iterator = iter(ds)
 
   manager = _checkpoint_manager(config, workdir)

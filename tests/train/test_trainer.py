@@ -124,3 +124,15 @@ def test_restores_onto_another_mesh_and_back(reference, tmp_path):
   # Sharded and single-device runs differ only in float summation order.
   np.testing.assert_allclose([losses[s] for s in range(1, STEPS + 1)],
                              [ref[s] for s in range(1, STEPS + 1)], rtol=1e-4)
+
+
+def test_a_vocabulary_mismatch_names_the_keys(tmp_path):
+  # Ids past the model's vocabulary would be clamped by the embedding lookup.
+  with pytest.raises(ValueError, match="model.text.vocab_size is 1000 but mixture 'shapes32_mix' has 1155"):
+    trainer.train(_config(["model.text.vocab_size=1000"]), str(tmp_path), devices=jax.devices()[:1])
+  # The location init writes the last rows: padding would misplace them.
+  with pytest.raises(ValueError, match="location_init='sincos2d' needs model.text.vocab_size = the 1155"):
+    trainer.train(_config(["model.text.location_init=sincos2d"]), str(tmp_path), devices=jax.devices()[:1])
+  with pytest.raises(ValueError, match="num_patches_per_side is 16 but mixture 'shapes32_mix' has a 32 x 32"):
+    trainer.train(_config(["model.text.location_init=sincos2d", "model.text.vocab_size=1155",
+                           "model.text.num_patches_per_side=16"]), str(tmp_path), devices=jax.devices()[:1])
