@@ -20,6 +20,7 @@ _TAIL = 1024  # how far from the end a JPEG's EOI marker may sit
 _MAGIC = {  # format -> (offset, bytes)
     "jpeg": (0, b"\xff\xd8\xff"), "png": (0, b"\x89PNG\r\n\x1a\n"), "gif87": (0, b"GIF87a"),
     "gif89": (0, b"GIF89a"), "riff": (0, b"RIFF"), "webp": (8, b"WEBP"), "bmp": (0, b"BM")}
+_IMAGE_REASONS = ("image_missing", "image_unknown_format", "image_truncated", "image_zero_size")
 
 
 def _has(head: tf.Tensor, name: str) -> tf.Tensor:
@@ -57,17 +58,18 @@ def check_image_bytes(data: tf.Tensor) -> tf.Tensor:
   gif_end = tf.equal(tail_bytes[-1], 0x3B)
   riff_size = _uint(head_bytes[4:8], big_endian=False) + 8
   bmp_size = _uint(head_bytes[2:6], big_endian=False)
-  complete = tf.case([(is_jpeg, lambda: jpeg_end), (is_png, lambda: png_end), (is_gif, lambda: gif_end),
-                      (is_webp, lambda: tf.cast(size, tf.int64) >= riff_size),
-                      (is_bmp, lambda: tf.cast(size, tf.int64) >= bmp_size)], default=lambda: tf.constant(True))
+  # Every check is computed and the format picks one: selects instead of
+  # tf.case, whose branch functions cost start-up and per-record time.
+  size64 = tf.cast(size, tf.int64)
+  complete = tf.where(is_jpeg, jpeg_end, tf.where(is_png, png_end, tf.where(is_gif, gif_end, tf.where(
+      is_webp, size64 >= riff_size, tf.where(is_bmp, size64 >= bmp_size, True)))))
   png_area = _uint(head_bytes[16:20], True) * _uint(head_bytes[20:24], True)
   gif_area = _uint(head_bytes[6:8], False) * _uint(head_bytes[8:10], False)
   zero = (is_png & tf.equal(png_area, 0)) | (is_gif & tf.equal(gif_area, 0))
-  return tf.case([
-      (tf.equal(size, 0), lambda: quality.issue("image_missing")),
-      (tf.logical_not(known), lambda: quality.issue("image_unknown_format")),
-      (tf.logical_not(complete), lambda: quality.issue("image_truncated")),
-      (zero, lambda: quality.issue("image_zero_size"))], default=quality.no_issues)
+  # The first failed check, in this order, is the reason.
+  failed = tf.stack([tf.equal(size, 0), ~known, ~complete, zero])
+  reason = tf.gather([quality.reason_index(n) for n in _IMAGE_REASONS], tf.argmax(tf.cast(failed, tf.int32)))
+  return tf.cast(tf.reduce_any(failed), tf.int32) * tf.one_hot(reason, len(quality.REASON_NAMES), dtype=tf.int32)
 
 
 def decode_rgb(data: tf.Tensor) -> tf.Tensor:
@@ -102,9 +104,10 @@ def _resize(image: tf.Tensor, height, width) -> tf.Tensor:
 
 
 def normalize(image: tf.Tensor) -> tf.Tensor:
-  """[h, w, 3] pixel levels -> CLIP-normalized float32 [3, h, w]."""
+  """[..., h, w, 3] pixel levels -> CLIP-normalized float32 [..., 3, h, w]."""
   # Transposed before the cast: the smaller dtype moves fewer bytes.
-  image = tf.cast(tf.transpose(image, [2, 0, 1]), tf.float32)
+  rank = image.shape.rank
+  image = tf.cast(tf.transpose(image, [*range(rank - 3), rank - 1, rank - 3, rank - 2]), tf.float32)
   return (image / 255.0 - tf.constant(CLIP_MEAN, shape=[3, 1, 1])) / tf.constant(CLIP_STD, shape=[3, 1, 1])
 
 
@@ -113,18 +116,17 @@ def resize_square(image: tf.Tensor, size: int) -> tf.Tensor:
   return _resize(image, size, size)
 
 
-def resize_and_center_crop(image: tf.Tensor, size: int, boxes: tf.Tensor | None = None):
-  """The training transform's geometry, with boxes carried through the crop.
+def resize_and_center_crop(image: tf.Tensor, size: int):
+  """The training transform's geometry.
 
   Args:
     image: [h, w, 3] pixel levels (uint8 or float).
     size: S; the shortest edge is resized to S (the longer one to
       int(S * long / short), as PIL-based processors do), then centre-cropped.
-    boxes: optional float32 [n, 4] normalized (x1, y1, x2, y2).
 
   Returns:
-    (image [S, S, 3], boxes [n, 4] clipped to the crop, keep [n] bool: the box
-    keeps at least MIN_BOX_FRACTION of its area).
+    (image [S, S, 3], geometry float32 [2, 4]: the scale and shift that carry
+    normalized (x1, y1, x2, y2) boxes into the crop, for `crop_boxes`).
   """
   shape = tf.shape(image)
   h, w = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
@@ -133,25 +135,37 @@ def resize_and_center_crop(image: tf.Tensor, size: int, boxes: tf.Tensor | None 
   new_w = tf.where(h <= w, long_side, size)
   top, left = (new_h - size) // 2, (new_w - size) // 2
   image = _resize(image, new_h, new_w)[top:top + size, left:left + size]
-  if boxes is None:
-    return image, None, None
   scale = tf.cast(tf.stack([new_w, new_h, new_w, new_h]), tf.float32) / size
   shift = tf.cast(tf.stack([left, top, left, top]), tf.float32) / size
-  moved = tf.reshape(boxes, [-1, 4]) * scale - shift
+  return image, tf.stack([scale, shift])
+
+
+def crop_boxes(boxes: tf.Tensor, geometry: tf.Tensor):
+  """Boxes [n, 4] through the crop of `resize_and_center_crop`, each with its
+  own geometry [n, 2, 4] (or one [2, 4] for all).
+
+  Returns (boxes clipped to the crop, keep [n] bool: the box keeps at least
+  MIN_BOX_FRACTION of its area).
+  """
+  moved = tf.reshape(boxes, [-1, 4]) * geometry[..., 0, :] - geometry[..., 1, :]
   clipped = tf.clip_by_value(moved, 0.0, 1.0)
   area = lambda b: tf.maximum(b[:, 2] - b[:, 0], 0.0) * tf.maximum(b[:, 3] - b[:, 1], 0.0)
   keep = area(clipped) >= MIN_BOX_FRACTION * area(moved)
-  return image, clipped, keep & (area(clipped) > 0)
+  return clipped, keep & (area(clipped) > 0)
 
 
-def preprocess(data: tf.Tensor, size: int, transform: str = "square", boxes: tf.Tensor | None = None):
-  """Encoded bytes -> (pixels float32 [3, S, S], boxes, keep) for `transform`
-  "square" (boxes unchanged, all kept) or "crop"."""
+def decode_resized(data: tf.Tensor, size: int, transform: str = "square"):
+  """Encoded bytes -> (uint8 [S, S, 3], crop geometry for `crop_boxes`, None
+  for "square", which keeps every box as it is)."""
   image = decode_rgb(data)
   if transform == "square":
-    keep = None if boxes is None else tf.ones(tf.shape(boxes)[:1], tf.bool)
-    return tf.ensure_shape(normalize(resize_square(image, size)), [3, size, size]), boxes, keep
+    return tf.ensure_shape(resize_square(image, size), [size, size, 3]), None
   if transform == "crop":
-    image, boxes, keep = resize_and_center_crop(image, size, boxes)
-    return tf.ensure_shape(normalize(image), [3, size, size]), boxes, keep
+    image, geometry = resize_and_center_crop(image, size)
+    return tf.ensure_shape(image, [size, size, 3]), geometry
   raise ValueError(f"transform must be 'square' or 'crop', got {transform!r}")
+
+
+def preprocess(data: tf.Tensor, size: int, transform: str = "square") -> tf.Tensor:
+  """Encoded bytes -> pixels float32 [3, S, S] for `transform`."""
+  return normalize(decode_resized(data, size, transform)[0])

@@ -17,6 +17,8 @@ Every family produces the same features, so tasks mix:
 plus `_issues`/`_drop` for `quality.filter_and_count`. The tasks in tasks.py
 chain: family preprocessor -> `trim` -> `quality.filter_and_count`.
 """
+import functools
+
 import seqio
 import tensorflow as tf
 
@@ -26,14 +28,19 @@ from kosmos_jax.data import vocab as vocab_lib
 _EMPTY_SPANS = tf.zeros([0, 7], tf.float32)
 
 
+_BATCH = 128  # records per call of the batched text work in `image_text`
+
+
 def _images(size: int, count=0) -> tf.Tensor:
   return tf.zeros([count, 3, size, size], tf.float32)
 
 
-def _decode_checked(data: tf.Tensor, ok: tf.Tensor, size: int, transform: str, boxes: tf.Tensor):
-  """`image_ops.preprocess` only when `ok` (bad bytes would make the decoder raise)."""
-  return tf.cond(ok, lambda: image_ops.preprocess(data, size, transform, boxes),
-                 lambda: (_images(size, 1)[0], boxes, tf.zeros(tf.shape(boxes)[:1], tf.bool)))
+def _decode_checked(data: tf.Tensor, ok: tf.Tensor, size: int, transform: str):
+  """`image_ops.decode_resized` only when `ok` (bad bytes would make the decoder
+  raise); else zero pixels and, for "crop", a geometry that crops every box out."""
+  geometry = tf.zeros([2, 4]) if transform == "crop" else None
+  return tf.cond(ok, lambda: image_ops.decode_resized(data, size, transform),
+                 lambda: (tf.zeros([size, size, 3], tf.uint8), geometry))
 
 
 def _errors_tolerated(dataset: tf.data.Dataset, strict: bool) -> tf.data.Dataset:
@@ -43,38 +50,60 @@ def _errors_tolerated(dataset: tf.data.Dataset, strict: bool) -> tf.data.Dataset
 
 
 @tf.autograph.experimental.do_not_convert
-def image_text_example(x: dict, seed, vocab: vocab_lib.KosmosVocabulary, image_size: int,
-                       transform: str, use_box_prob: float, phrase_mode: str,
-                       score_threshold: float, grounding_prefix: bool, quantizer: str,
-                       num_image_tokens: int) -> dict:
-  """One caption pair or GrIT record -> a sequence (see `image_text`)."""
-  caption, issues = text_ops.repair_utf8(x["caption"])
-  empty = text_ops.is_blank(caption)
+def image_text_record(x: dict, seed, image_size: int, transform: str, phrase_mode: str) -> dict:
+  """The per-record part of `image_text`: what needs one record at a time
+  (image checks and decoding, the seeded grounding draw)."""
   image_issues = image_ops.check_image_bytes(x["image"])
-  issues += image_issues + quality.issue("text_empty", empty)
+  # Blank before or after the UTF-8 repair alike (U+FFFD is not whitespace).
+  empty = text_ops.is_blank(x["caption"])
   drop = empty | tf.reduce_any(image_issues > 0)
-  rows = x.get("ref_exps" if phrase_mode == "expression" else "noun_chunks", _EMPTY_SPANS)
-  spans, boxes, span_issues = text_ops.clean_spans(
-      rows, tf.strings.length(caption, unit="UTF8_CHAR"), score_threshold)
-  pixels, boxes, keep = _decode_checked(x["image"], ~drop, image_size, transform, boxes)
-  issues += span_issues + quality.issue("box_cropped_out", tf.reduce_sum(tf.cast(~keep & ~drop, tf.int32)))
-  phrases, boxes, box_phrase, overlap = text_ops.select_spans(
-      tf.boolean_mask(spans, keep), tf.boolean_mask(boxes, keep))
-  grounded = (tf.random.stateless_uniform([], seed) < use_box_prob) & (tf.size(box_phrase) > 0)
+  pixels, geometry = _decode_checked(x["image"], ~drop, image_size, transform)
+  out = dict(key=x["key"], caption=x["caption"], pixels=pixels, image_issues=image_issues, empty=empty,
+             drop=drop, draw=tf.random.stateless_uniform([], seed),
+             rows=x.get("ref_exps" if phrase_mode == "expression" else "noun_chunks", _EMPTY_SPANS))
+  if geometry is not None:
+    out["geometry"] = geometry
+  return out
+
+
+_image_text_record_map = seqio.map_over_dataset(image_text_record, num_seeds=1)
+
+
+@tf.autograph.experimental.do_not_convert
+def image_text_batch(x: dict, vocab: vocab_lib.KosmosVocabulary, use_box_prob: float,
+                     score_threshold: float, grounding_prefix: bool, quantizer: str,
+                     num_image_tokens: int) -> dict:
+  """The text work of `image_text` on a batch of `image_text_record` outputs
+  (spans ragged), vectorised over the records; features ragged [b, None]."""
+  caption, issues = text_ops.repair_utf8(x["caption"])
+  drop = x["drop"]
+  issues += x["image_issues"] + quality.issue("text_empty", x["empty"])
+  # Records without span fields batch to a dense [b, 0, 7].
+  raw = x["rows"] if isinstance(x["rows"], tf.RaggedTensor) else tf.RaggedTensor.from_tensor(x["rows"])
+  b = tf.size(drop)
+  spans, boxes, rows, span_issues = text_ops.clean_spans(
+      raw.flat_values, text_ops.rows_of(raw.row_splits), tf.strings.length(caption, unit="UTF8_CHAR"),
+      score_threshold)
+  keep = ~tf.gather(drop, rows)
+  if "geometry" in x:
+    boxes, in_crop = image_ops.crop_boxes(boxes, tf.gather(x["geometry"], rows))
+    issues += quality.issue("box_cropped_out", tf.math.unsorted_segment_sum(
+        tf.cast(~in_crop & keep, tf.int32), rows, b))
+    keep &= in_crop
+  issues += span_issues
+  phrases, phrase_rows, boxes, box_phrase, overlap = text_ops.select_spans(
+      *text_ops.select(keep, spans, boxes, rows), b)
+  has_box = tf.math.unsorted_segment_max(tf.ones_like(box_phrase), tf.gather(phrase_rows, box_phrase), b) > 0
+  grounded = (x["draw"] < use_box_prob) & has_box
   prefix = [vocab.tag_id("<grounding>")] if grounding_prefix else []
-  ids = tf.cond(
-      grounded,
-      lambda: tf.concat([tf.constant(prefix, tf.int32), text_ops.grounded_caption_ids(
-          vocab, caption, phrases, boxes, box_phrase, quantizer)], 0),
-      lambda: vocab.encode_plain_tf(caption[None])[0])
-  out = text_ops.join(text_ops.token_part(vocab.bos_id, weight=0),
-                      text_ops.image_part(vocab, num_image_tokens),
-                      text_ops.text_part(ids), text_ops.token_part(vocab.eos_id))
-  out.update(key=x["key"], images=pixels[None])
-  return quality.with_issues(out, issues + overlap, drop)
-
-
-_image_text_map = seqio.map_over_dataset(image_text_example, num_seeds=1)
+  ids = text_ops.grounded_caption_ids(vocab, caption, grounded, phrases, phrase_rows, boxes, box_phrase,
+                                      prefix, quantizer)
+  out = text_ops.join_rows([text_ops.token_part(vocab.bos_id, weight=0),
+                            text_ops.image_part(vocab, num_image_tokens)],
+                           ids, [text_ops.token_part(vocab.eos_id)])
+  out.update(key=x["key"], images=image_ops.normalize(x["pixels"][:, None]), _issues=issues + overlap,
+             _drop=drop)
+  return out
 
 
 def image_text(dataset: tf.data.Dataset, vocab: vocab_lib.KosmosVocabulary, image_size: int = 224,
@@ -93,11 +122,17 @@ def image_text(dataset: tf.data.Dataset, vocab: vocab_lib.KosmosVocabulary, imag
   (training) or "square" (inference).
   """
   dataset = (stats or quality.default_stats()).count_input(dataset)
-  dataset = _image_text_map(
-      dataset, vocab=vocab, image_size=image_size, transform=transform, use_box_prob=use_box_prob,
-      phrase_mode=phrase_mode, score_threshold=score_threshold, grounding_prefix=grounding_prefix,
-      quantizer=quantizer, num_image_tokens=num_image_tokens)
-  return _errors_tolerated(dataset, strict)
+  dataset = _image_text_record_map(dataset, image_size=image_size, transform=transform,
+                                   phrase_mode=phrase_mode)
+  # A record whose decoding fails vanishes alone, before records are batched.
+  dataset = _errors_tolerated(dataset, strict)
+  # The text work costs about as much per call as per record: batched over
+  # records, it is paid once per batch.
+  batch = functools.partial(
+      image_text_batch, vocab=vocab, use_box_prob=use_box_prob, score_threshold=score_threshold,
+      grounding_prefix=grounding_prefix, quantizer=quantizer, num_image_tokens=num_image_tokens)
+  dataset = dataset.ragged_batch(_BATCH).map(batch, num_parallel_calls=tf.data.AUTOTUNE)
+  return dataset.unbatch()
 
 
 def referring(dataset: tf.data.Dataset, vocab: vocab_lib.KosmosVocabulary, image_size: int = 224,
@@ -117,7 +152,7 @@ def referring(dataset: tf.data.Dataset, vocab: vocab_lib.KosmosVocabulary, image
     image_issues = image_ops.check_image_bytes(x["image"])
     drop = tf.reduce_any(image_issues > 0)
     boxes = tf.reshape(tf.cast(x["boxes"], tf.float32), [-1, 4])
-    pixels, _, _ = _decode_checked(x["image"], ~drop, image_size, "square", boxes)
+    pixels = image_ops.normalize(_decode_checked(x["image"], ~drop, image_size, "square")[0])
     n = tf.shape(boxes)[0]
     return tf.data.Dataset.from_tensor_slices(dict(
         key=tf.fill([n], x["key"]), expression=x["expressions"], box=boxes,
@@ -129,8 +164,10 @@ def referring(dataset: tf.data.Dataset, vocab: vocab_lib.KosmosVocabulary, image
     expression, issues = text_ops.repair_utf8(x["expression"])
     # The box as a one-character GrIT span, so that it gets the same checks.
     rows = tf.concat([tf.constant([[0.0, 1.0]]), x["box"][None], tf.constant([[1.0]])], 1)
-    spans, boxes, box_issues = text_ops.clean_spans(rows, 1, 0.0)
-    pairs = text_ops.object_ids(vocab, boxes, tf.zeros([tf.shape(boxes)[0]], tf.int32), 1, quantizer)
+    spans, boxes, _, box_issues = text_ops.clean_spans(rows, [0], [1], 0.0)
+    pairs = tf.concat([[vocab.tag_id("<object>")], tf.reshape(text_ops.quantize_boxes(
+        boxes, vocab.num_patches_per_side, quantizer) + vocab.patch_index_id(0), [-1]),
+                       [vocab.tag_id("</object>")]], 0)
     prompt = tf.concat([[vocab.tag_id("<grounding>"), vocab.tag_id("<phrase>")],
                         vocab.encode_plain_tf(expression[None])[0],
                         [vocab.tag_id("</phrase>")]], 0)
@@ -138,11 +175,11 @@ def referring(dataset: tf.data.Dataset, vocab: vocab_lib.KosmosVocabulary, image
     out = text_ops.join(text_ops.token_part(vocab.bos_id, weight=0),
                         (image_ids, tf.zeros_like(image_weights), image_mask),
                         text_ops.text_part(prompt, weight=0),
-                        text_ops.text_part(pairs.flat_values), text_ops.token_part(vocab.eos_id))
+                        text_ops.text_part(pairs), text_ops.token_part(vocab.eos_id))
     out.update(key=x["key"], images=x["images"])
     bad = text_ops.is_blank(expression) | tf.equal(tf.size(spans), 0)
     return quality.with_issues(
-        out, x["_issues"] + issues + box_issues + quality.issue("text_empty", text_ops.is_blank(expression)),
+        out, x["_issues"] + issues + box_issues[0] + quality.issue("text_empty", text_ops.is_blank(expression)),
         x["_drop"] | bad)
 
   # Counted per expression: each one is a record of this task.
@@ -172,7 +209,7 @@ def documents(dataset: tf.data.Dataset, vocab: vocab_lib.KosmosVocabulary, image
     issues = (tf.reduce_sum(utf8, 0) + tf.reduce_sum(tf.boolean_mask(checks, bad_image), 0)
               + quality.issue("doc_image_dropped", tf.reduce_sum(tf.cast(bad_image, tf.int32))))
     no_text = tf.reduce_all(is_image)
-    pixels = tf.map_fn(lambda d: image_ops.preprocess(d, image_size, transform)[0],
+    pixels = tf.map_fn(lambda d: image_ops.preprocess(d, image_size, transform),
                        tf.boolean_mask(data, is_image),
                        fn_output_signature=tf.TensorSpec([3, image_size, image_size], tf.float32))
     out = text_ops.join(text_ops.token_part(vocab.bos_id, weight=0),

@@ -54,8 +54,10 @@ def no_issues() -> tf.Tensor:
 
 
 def issue(name: str, count=1) -> tf.Tensor:
-  """An `_issues` vector with `count` (a scalar tensor or int) at `name`."""
-  return tf.cast(count, tf.int32) * tf.one_hot(reason_index(name), len(REASON_NAMES), dtype=tf.int32)
+  """An `_issues` vector with `count` at `name`; for counts [b] (one per
+  record of a batch), `_issues` vectors [b, len(REASONS)]."""
+  return (tf.expand_dims(tf.cast(count, tf.int32), -1)
+          * tf.one_hot(reason_index(name), len(REASON_NAMES), dtype=tf.int32))
 
 
 def with_issues(example: dict, issues: tf.Tensor, drop=False) -> dict:

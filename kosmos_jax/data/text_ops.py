@@ -31,19 +31,40 @@ def is_blank(text: tf.Tensor) -> tf.Tensor:
   return tf.equal(tf.strings.length(tf.strings.strip(text)), 0)
 
 
-def clean_spans(raw: tf.Tensor, text_length: tf.Tensor, score_threshold: float):
-  """GrIT rows [n, 7] (start, end, x1, y1, x2, y2, score) -> kept spans.
+def select(mask: tf.Tensor, *tensors: tf.Tensor) -> tuple[tf.Tensor, ...]:
+  """The rows of each tensor where `mask` [n] is true (tf.boolean_mask costs
+  many more ops, and ops cost start-up time)."""
+  index = tf.reshape(tf.where(mask), [-1])
+  return tuple(tf.gather(t, index) for t in tensors)
 
-  Returns (spans int32 [k, 2], boxes float32 [k, 4], `_issues`), by the rules of
-  quality.REASONS: non-finite rows, low scores, bad character ranges and empty
-  boxes are removed; inverted boxes are swapped, boxes outside [0, 1] clipped.
+
+def rows_of(splits: tf.Tensor) -> tf.Tensor:
+  """Each value's row (int32) from ragged row splits (RaggedTensor.value_rowids
+  takes dozens of ops)."""
+  splits = tf.cast(splits, tf.int32)
+  return tf.searchsorted(splits[1:], tf.range(splits[-1]), side="right")
+
+
+def _counts(rows: tf.Tensor, num_records) -> tf.Tensor:
+  return tf.math.unsorted_segment_sum(tf.ones_like(rows), rows, num_records)
+
+
+def clean_spans(raw: tf.Tensor, rows: tf.Tensor, text_length: tf.Tensor, score_threshold: float):
+  """GrIT rows [n, 7] (start, end, x1, y1, x2, y2, score) of a batch of records
+  (`rows` [n]: each row's record, ascending; `text_length` [b]: each record's
+  length in characters) -> kept spans.
+
+  Returns (spans int32 [k, 2], boxes float32 [k, 4], their records [k],
+  `_issues` [b, len(REASONS)]), by the rules of quality.REASONS: non-finite
+  rows, low scores, bad character ranges and empty boxes are removed; inverted
+  boxes are swapped, boxes outside [0, 1] clipped.
   """
   raw = tf.reshape(tf.cast(raw, tf.float32), [-1, 7])
   finite = tf.reduce_all(tf.math.is_finite(raw), axis=1)
   raw = tf.where(finite[:, None], raw, 0.0)
   start, end, score = raw[:, 0], raw[:, 1], raw[:, 6]
   low = finite & (score < score_threshold)
-  length = tf.cast(text_length, tf.float32)
+  length = tf.gather(tf.cast(text_length, tf.float32), rows)
   in_range = ((start == tf.floor(start)) & (end == tf.floor(end)) & (start >= 0)
               & (end <= length) & (start < end))
   candidate = finite & ~low
@@ -56,40 +77,52 @@ def clean_spans(raw: tf.Tensor, text_length: tf.Tensor, score_threshold: float):
   boxes = tf.clip_by_value(boxes, 0.0, 1.0)
   empty = candidate & ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]))
   keep = candidate & ~empty
-  count = lambda m: tf.reduce_sum(tf.cast(m, tf.int32))
+  count = lambda m: tf.math.unsorted_segment_sum(tf.cast(m, tf.int32), rows, tf.size(text_length))
   issues = (quality.issue("box_nan", count(~finite)) + quality.issue("box_low_score", count(low))
             + quality.issue("span_out_of_range", count(bad_range))
             + quality.issue("box_inverted", count(inverted)) + quality.issue("box_outside", count(outside))
             + quality.issue("box_empty", count(empty)))
-  spans = tf.cast(tf.boolean_mask(raw[:, :2], keep), tf.int32)
-  return spans, tf.boolean_mask(boxes, keep), issues
+  spans, boxes, rows = select(keep, tf.cast(raw[:, :2], tf.int32), boxes, rows)
+  return spans, boxes, rows, issues
 
 
-def select_spans(spans: tf.Tensor, boxes: tf.Tensor):
-  """Sorts spans, merges identical ones, removes those overlapping a kept one.
+def select_spans(spans: tf.Tensor, boxes: tf.Tensor, rows: tf.Tensor, num_records):
+  """Per record: sorts spans, merges identical ones, removes those overlapping
+  a kept one. Takes `clean_spans` output (spans, boxes, records).
 
-  Returns (phrase spans int32 [g, 2], boxes [b, 4], box -> phrase index [b],
-  `_issues`).
+  Returns (phrase spans int32 [g, 2], their records [g], boxes [m, 4], each
+  box's phrase index [m], `_issues` [b, len(REASONS)]), in record order.
   """
   key = tf.cast(spans[:, 0], tf.int64) * (2**31) + tf.cast(spans[:, 1], tf.int64)
-  order = tf.argsort(key, stable=True)
-  spans, boxes, key = tf.gather(spans, order), tf.gather(boxes, order), tf.gather(key, order)
-  new = tf.concat([tf.ones([tf.minimum(tf.size(key), 1)], tf.bool), key[1:] != key[:-1]], 0)
+  # By record, then by key; stable, so equal spans keep their input order.
+  by_key = tf.argsort(key, stable=True)
+  order = tf.gather(by_key, tf.argsort(tf.gather(rows, by_key), stable=True))
+  spans, boxes, key, rows = (tf.gather(t, order) for t in (spans, boxes, key, rows))
+  new = tf.concat([tf.ones([tf.minimum(tf.size(key), 1)], tf.bool),
+                   (key[1:] != key[:-1]) | (rows[1:] != rows[:-1])], 0)
   group = tf.cumsum(tf.cast(new, tf.int32)) - 1
-  starts, ends = tf.boolean_mask(spans[:, 0], new), tf.boolean_mask(spans[:, 1], new)
+  starts, group_rows = select(new, spans, rows)
+  # Phrases laid out as [record, position] for one greedy pass over positions;
+  # the padding (0, 0) after a record's phrases changes nothing, and the
+  # extra column gives tf.scan at least one step.
+  position = tf.range(tf.size(group_rows)) - tf.gather(
+      tf.cumsum(_counts(group_rows, num_records), exclusive=True), group_rows)
+  at = tf.stack([group_rows, position], 1)
+  columns = tf.reduce_max(tf.concat([[0], position], 0)) + 2
+  dense = tf.scatter_nd(at, starts, tf.stack([num_records, columns, 2]))
 
   def step(carry, span):  # greedy: keep a phrase that starts after the last kept end
-    last_end, _ = carry
-    keep = span[0] >= last_end
-    return tf.where(keep, span[1], last_end), keep
+    keep = span[:, 0] >= carry[0]
+    return tf.where(keep, span[:, 1], carry[0]), keep
 
-  _, keep = tf.scan(step, (starts, ends), initializer=(tf.constant(0), tf.constant(False)))
+  _, keep = tf.scan(step, tf.transpose(dense, [1, 0, 2]),
+                    initializer=(tf.zeros([num_records], tf.int32), tf.zeros([num_records], tf.bool)))
+  keep = tf.gather_nd(tf.transpose(keep), at)
   box_keep = tf.gather(keep, group)
   rank = tf.cumsum(tf.cast(keep, tf.int32)) - 1
-  phrases = tf.stack([tf.boolean_mask(starts, keep), tf.boolean_mask(ends, keep)], 1)
-  issues = quality.issue("span_overlap", tf.reduce_sum(tf.cast(~box_keep, tf.int32)))
-  return (phrases, tf.boolean_mask(boxes, box_keep),
-          tf.boolean_mask(tf.gather(rank, group), box_keep), issues)
+  issues = quality.issue("span_overlap", tf.math.unsorted_segment_sum(
+      tf.cast(~box_keep, tf.int32), rows, num_records))
+  return (*select(keep, starts, group_rows), *select(box_keep, boxes, tf.gather(rank, group)), issues)
 
 
 def quantize_boxes(boxes: tf.Tensor, num_patches_per_side: int, quantizer: str = "hf") -> tf.Tensor:
@@ -107,39 +140,70 @@ def quantize_boxes(boxes: tf.Tensor, num_patches_per_side: int, quantizer: str =
   return tf.stack([ul[:, 1] * p + ul[:, 0], lr[:, 1] * p + lr[:, 0]], 1)
 
 
-def object_ids(vocab, boxes: tf.Tensor, box_phrase: tf.Tensor, num_phrases, quantizer: str = "hf"):
-  """Ragged [g, ?]: `<object> ul lr [</delimiter_of_multi_objects/> ul lr].. </object>` per phrase."""
-  pairs = quantize_boxes(boxes, vocab.num_patches_per_side, quantizer) + vocab.patch_index_id(0)
-  first = tf.concat([[True], box_phrase[1:] != box_phrase[:-1]], 0)[:tf.size(box_phrase)]
-  delim = tf.fill(tf.shape(box_phrase), vocab.tag_id("</delimiter_of_multi_objects/>"))
-  # First box of a phrase: [ul, lr, -]; the others: [delimiter, ul, lr].
-  rows = tf.where(first[:, None], tf.concat([pairs, pairs[:, :1]], 1),
-                  tf.concat([delim[:, None], pairs], 1))
-  per_box = tf.RaggedTensor.from_tensor(rows, lengths=tf.where(first, 2, 3), row_splits_dtype=tf.int32)
-  locations = tf.RaggedTensor.from_value_rowids(per_box, box_phrase, nrows=num_phrases).merge_dims(1, 2)
-  locations = locations.with_row_splits_dtype(tf.int64)
-  column = lambda tag: tf.RaggedTensor.from_tensor(tf.fill([num_phrases, 1], vocab.tag_id(tag)))
-  return tf.concat([column("<object>"), locations, column("</object>")], axis=1)
+def _ranges(starts: tf.Tensor, lengths: tf.Tensor) -> tf.Tensor:
+  """start, start + 1, .. for each (start, length), concatenated (one op;
+  tf.ragged.range adds dozens)."""
+  return tf.raw_ops.RaggedRange(starts=starts, limits=starts + lengths, deltas=1)[1]
 
 
-def grounded_caption_ids(vocab, caption: tf.Tensor, phrases: tf.Tensor, boxes: tf.Tensor,
-                         box_phrase: tf.Tensor, quantizer: str = "hf") -> tf.Tensor:
-  """Ids of `render_grounded_text(caption, ...)` for `select_spans` output."""
-  g = tf.shape(phrases)[0]
-  pos = tf.concat([[0], phrases[:-1, 1]], 0)[:g]
-  text = tf.fill([g], caption)
-  before = tf.strings.regex_replace(tf.strings.substr(text, pos, phrases[:, 0] - pos, unit="UTF8_CHAR"),
-                                    " +$", "")
+_SLOTS = 2**40  # order keys per record; the last is the tail's, after any phrase's
+
+
+def grounded_caption_ids(vocab, caption: tf.Tensor, grounded: tf.Tensor, phrases: tf.Tensor,
+                         phrase_rows: tf.Tensor, boxes: tf.Tensor, box_phrase: tf.Tensor,
+                         prefix=(), quantizer: str = "hf") -> tf.RaggedTensor:
+  """Ids per record (ragged [b, None]) for captions [b] and their
+  `select_spans` output: where `grounded`, `prefix` and the ids of
+  `render_grounded_text(caption, ...)`; else the caption's plain ids."""
+  b, g, m = tf.size(caption), tf.size(phrase_rows), tf.size(box_phrase)
+  starts, ends = phrases[:, 0], phrases[:, 1]
+  # A phrase's text starts where its record's previous phrase ended.
+  first = tf.concat([[True], phrase_rows[1:] != phrase_rows[:-1]], 0)[:g]
+  pos = tf.where(first, 0, tf.concat([[0], ends[:-1]], 0)[:g])
+  text = tf.gather(caption, phrase_rows)
+  before = tf.strings.regex_replace(tf.strings.substr(text, pos, starts - pos, unit="UTF8_CHAR"), " +$", "")
   lead = pos + tf.strings.length(before, unit="UTF8_CHAR")
-  phrase = tf.strings.substr(text, lead, phrases[:, 1] - lead, unit="UTF8_CHAR")
-  last = tf.reduce_max(tf.concat([[0], phrases[:, 1]], 0))
-  tail = tf.strings.substr(caption, last, tf.strings.length(caption, unit="UTF8_CHAR") - last,
-                           unit="UTF8_CHAR")
-  pieces = vocab.encode_plain_tf(tf.concat([before, phrase, [tail]], 0))
-  column = lambda tag: tf.RaggedTensor.from_tensor(tf.fill([g, 1], vocab.tag_id(tag)))
-  rows = tf.concat([pieces[:g], column("<phrase>"), pieces[g:2 * g], column("</phrase>"),
-                    object_ids(vocab, boxes, box_phrase, g, quantizer)], axis=1)
-  return tf.concat([rows.flat_values, pieces[2 * g]], 0)
+  phrase = tf.strings.substr(text, lead, ends - lead, unit="UTF8_CHAR")
+  last = tf.maximum(tf.math.unsorted_segment_max(ends, phrase_rows, b), 0)
+  tail = tf.strings.substr(caption, last, tf.strings.length(caption, unit="UTF8_CHAR") - last, unit="UTF8_CHAR")
+  tokens = vocab.encode_plain_tf(tf.concat([before, phrase, tail, caption], 0))
+  # Each box as `</delimiter_of_multi_objects/> ul lr`; a phrase's first box skips the delimiter.
+  pairs = quantize_boxes(boxes, vocab.num_patches_per_side, quantizer) + vocab.patch_index_id(0)
+  box_ids = tf.concat([tf.fill([m, 1], vocab.tag_id("</delimiter_of_multi_objects/>")), pairs], 1)
+  tags = [vocab.tag_id(t) for t in ("<phrase>", "</phrase>", "<object>", "</object>")] + list(prefix)
+  values = tf.concat([tags, tf.reshape(box_ids, [-1]), tokens.flat_values], 0)
+  token_start = len(tags) + 3 * m + tf.cast(tokens.row_starts(), tf.int32)
+  token_length = tf.cast(tokens.row_lengths(), tf.int32)
+  first_box = tf.concat([[True], box_phrase[1:] != box_phrase[:-1]], 0)[:m]
+  box_rows, slot = tf.gather(phrase_rows, box_phrase), tf.range(1, g + 1)
+  tokens_at = lambda at, n: (token_start[at:at + n], token_length[at:at + n])  # before, phrase, tail, caption
+  # The ids are pieces (start, length) of `values`, put in order by (record,
+  # slot: 0 the record's head, 1 + i phrase i, _SLOTS - 1 the tail; piece).
+  pieces = [  # record, slot, piece, (start, length), used
+      (phrase_rows, slot, 0, tokens_at(0, g), grounded),  # the text before the phrase
+      (phrase_rows, slot, 1, (0, 1), grounded),  # <phrase>
+      (phrase_rows, slot, 2, tokens_at(g, g), grounded),
+      (phrase_rows, slot, 3, (1, 1), grounded),  # </phrase>
+      (phrase_rows, slot, 4, (2, 1), grounded),  # <object>
+      (box_rows, tf.gather(slot, box_phrase), 5,
+       (len(tags) + 3 * tf.range(m) + tf.cast(first_box, tf.int32), tf.where(first_box, 2, 3)), grounded),
+      (phrase_rows, slot, 6, (3, 1), grounded),  # </object>
+      (tf.range(b), 0, 0, (4, len(prefix)), grounded),
+      (tf.range(b), 0, 1, tokens_at(2 * g + b, b), ~grounded),  # the plain caption
+      (tf.range(b), _SLOTS - 1, 0, tokens_at(2 * g, b), grounded)]
+  record, key, start, length = [], [], [], []
+  for rows, slot_, piece, (start_, length_), used in pieces:
+    n = [tf.size(rows)]
+    record.append(rows)
+    key.append((tf.cast(rows, tf.int64) * _SLOTS + tf.cast(slot_, tf.int64)) * 8 + piece)
+    start.append(tf.broadcast_to(start_, n))
+    length.append(tf.where(tf.gather(used, rows), tf.broadcast_to(length_, n), 0))
+  record, key, start, length = (tf.concat(t, 0) for t in (record, key, start, length))
+  row_lengths = tf.math.unsorted_segment_sum(length, record, b)
+  order = tf.argsort(key, stable=True)  # a phrase's boxes share a key and keep their order
+  start, length = tf.gather(start, order), tf.gather(length, order)
+  ids = tf.gather(values, _ranges(start, length))
+  return tf.RaggedTensor.from_row_lengths(ids, row_lengths, validate=False)
 
 
 # --- sequences ---------------------------------------------------------------
@@ -167,6 +231,25 @@ def join(*parts: Parts) -> dict:
   """Concatenates parts into `targets`, `loss_weights`, `image_mask`."""
   ids, weights, mask = (tf.concat(list(p), 0) for p in zip(*parts))
   return dict(targets=ids, loss_weights=weights, image_mask=mask)
+
+
+def join_rows(before: list[Parts], text: tf.RaggedTensor, after: list[Parts]) -> dict:
+  """`join(*before, text_part(row), *after)` for each row of `text` (ids,
+  ragged [b, None]), as ragged features [b, None]."""
+  head, tail = (tuple(tf.concat(list(p), 0) for p in zip(*parts)) for parts in (before, after))
+  h, t = tf.size(head[0]), tf.size(tail[0])
+  n = tf.cast(text.row_lengths(), tf.int32)
+  lengths = h + n + t
+  # Every position of a row picks from [head, tail, all text ids].
+  offset = _ranges(tf.zeros_like(lengths), lengths)
+  row = rows_of(tf.concat([[0], tf.cumsum(lengths)], 0))
+  n, text_start = tf.gather(n, row), tf.gather(tf.cast(text.row_starts(), tf.int32), row)
+  index = tf.where(offset < h, offset, tf.where(offset < h + n, h + t + text_start + offset - h, offset - n))
+  ids = tf.cast(text.flat_values, tf.int32)
+  sources = (ids, tf.ones_like(ids), tf.zeros_like(ids))
+  features = (tf.RaggedTensor.from_row_lengths(tf.gather(tf.concat([a, b, c], 0), index), lengths, validate=False)
+              for a, b, c in zip(head, tail, sources))
+  return dict(zip(("targets", "loss_weights", "image_mask"), features))
 
 
 def interleave(vocab, texts: tf.Tensor, is_image: tf.Tensor, num_image_tokens: int) -> Parts:

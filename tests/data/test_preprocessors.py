@@ -44,7 +44,7 @@ def image_text_records(records, vocab, **kw):
 def test_decode_square_matches_processor(fmt, channels):
   data = encode(picture(120, 200, channels), fmt)
   assert not image_ops.check_image_bytes(tf.constant(data)).numpy().any()
-  pixels, _, _ = image_ops.preprocess(tf.constant(data), 224, "square")
+  pixels = image_ops.preprocess(tf.constant(data), 224, "square")
   diff = np.abs(pixels.numpy() - images.preprocess_image(data))
   # PIL and TF resize (and decode JPEG) slightly differently: about a pixel level.
   assert pixels.shape == (3, 224, 224) and diff.mean() < 0.02 and diff.max() < 0.1
@@ -62,7 +62,8 @@ def test_crop_carries_boxes():
   image = tf.zeros([100, 200, 3])  # resized to 16 x 32, centre crop keeps x in [0.25, 0.75]
   boxes = tf.constant([[0.3, 0.1, 0.5, 0.9], [0.0, 0.0, 0.1, 1.0], [0.2, 0.0, 0.4, 1.0],
                        [0.74, 0.0, 0.8, 1.0]])
-  out, moved, keep = image_ops.resize_and_center_crop(image, 16, boxes)
+  out, geometry = image_ops.resize_and_center_crop(image, 16)
+  moved, keep = image_ops.crop_boxes(boxes, geometry)
   assert out.shape == (16, 16, 3)
   np.testing.assert_allclose(moved[0], [0.1, 0.1, 0.5, 0.9], atol=1e-6)
   # Outside the crop; 75% inside; 17% inside (< 20%: dropped).
@@ -73,6 +74,7 @@ def test_crop_carries_boxes():
 def test_grounded_rendering_equals_grounding_py(vocab):
   rng = random.Random(0)
   words = testutil_spm.lexicon()
+  captions, raws, expected_spans = [], [], []
   for _ in range(60):
     caption = rng.choice(["", "  "]) + " ".join(rng.choice(words) for _ in range(rng.randint(1, 10)))
     caption += rng.choice(["", " é 東京.", " "])
@@ -86,8 +88,6 @@ def test_grounded_rendering_equals_grounding_py(vocab):
       if rng.random() < 0.3:  # a second box for the same phrase
         rows.append([s, e, 0.1, 0.2, 0.3, 0.4, 0.8])
     raw = np.array(rows, np.float32).reshape(-1, 7)
-    spans, boxes, _ = text_ops.clean_spans(tf.constant(raw), len(caption), 0.65)
-    phrases, boxes, box_phrase, _ = text_ops.select_spans(spans, boxes)
     groups = {}
     for r in raw.tolist():
       groups.setdefault((int(r[0]), int(r[1])), []).append(tuple(r[2:6]))
@@ -96,10 +96,22 @@ def test_grounded_rendering_equals_grounding_py(vocab):
       if s >= last:
         kept.append((s, e, groups[s, e]))
         last = e
-    for quantizer in ("hf", "original"):
-      ids = text_ops.grounded_caption_ids(vocab, tf.constant(caption), phrases, boxes, box_phrase, quantizer)
-      expected = vocab.encode(grounding.render_grounded_text(caption, kept, quantizer=quantizer))
-      assert ids.numpy().tolist() == expected, (caption, kept, quantizer)
+    captions.append(caption)
+    raws.append(raw)
+    expected_spans.append(kept)
+  # All captions as one batch: records must not leak into each other.
+  rows = np.repeat(np.arange(len(raws)), [len(r) for r in raws]).astype(np.int32)
+  spans, boxes, rows, _ = text_ops.clean_spans(np.concatenate(raws), rows, [len(c) for c in captions], 0.65)
+  phrases, phrase_rows, boxes, box_phrase, _ = text_ops.select_spans(spans, boxes, rows, len(captions))
+  grounded = [rng.random() < 0.8 for _ in captions]
+  prefix = [vocab.tag_id("<grounding>")]
+  for quantizer in ("hf", "original"):
+    ids = text_ops.grounded_caption_ids(vocab, tf.constant(captions), tf.constant(grounded), phrases,
+                                        phrase_rows, boxes, box_phrase, prefix, quantizer)
+    for caption, kept, on, row in zip(captions, expected_spans, grounded, ids.to_list()):
+      expected = (prefix + vocab.encode(grounding.render_grounded_text(caption, kept, quantizer=quantizer))
+                  if on else vocab.encode(caption))
+      assert row == expected, (caption, kept, quantizer)
 
 
 def test_markup_in_data_text_stays_text(vocab):
