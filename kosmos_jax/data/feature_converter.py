@@ -119,7 +119,7 @@ class MultimodalFeatureConverter(seqio.FeatureConverter):
                  image_embeds_position_mask=tf.zeros([0], tf.int32),
                  images=tf.zeros([0, *image_shape]), flush=tf.constant(True))
     ds = ds.concatenate(tf.data.Dataset.from_tensors(flush))
-    ds = ds.scan(empty_row, step).filter(lambda emit, row: emit)
+    ds = ds.scan(empty_row, step).filter(tf.autograph.experimental.do_not_convert(lambda emit, row: emit))
 
     zero_images = tf.zeros([max_images, *image_shape])
 

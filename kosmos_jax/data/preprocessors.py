@@ -66,7 +66,10 @@ def image_text_record(x: dict, seed, image_size: int, transform: str, phrase_mod
   return out
 
 
-_image_text_record_map = seqio.map_over_dataset(image_text_record, num_seeds=1)
+# Called with autograph off, so that tf.data does not convert seqio's wrapper
+# functions around ours either (converting them costs start-up time).
+_image_text_record_map = tf.autograph.experimental.do_not_convert(
+    seqio.map_over_dataset(image_text_record, num_seeds=1))
 
 
 @tf.autograph.experimental.do_not_convert

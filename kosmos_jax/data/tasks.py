@@ -101,6 +101,7 @@ def _shapes_dataset(split, shuffle_files, seed=None, *, data_dir, config, view):
 
 
 def _mapped(fn):
+  fn = tf.autograph.experimental.do_not_convert(fn)  # plain tf ops; converting costs start-up
   return lambda ds: ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
 
 
@@ -123,6 +124,7 @@ def _text_view(x):
 
 def _documents_view(ds, pictures: int = 3):
   """Consecutive pictures as one document: image, caption, image, caption, ..."""
+  @tf.autograph.experimental.do_not_convert
   def document(x):
     texts = tf.stack([tf.zeros_like(x["caption"]), x["caption"]], 1)
     images = tf.stack([x["image"], tf.zeros_like(x["image"])], 1)
