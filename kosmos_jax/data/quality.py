@@ -135,8 +135,10 @@ def filter_and_count(dataset: tf.data.Dataset, stats: DataStats | None = None,
   names = tf.constant(REASON_NAMES)
   strict_mask = tf.constant(_STRICT)
 
+  # Counting happens in the filter's predicate and the map only strips the
+  # two features: one stage fewer per record than count, filter, strip.
   @tf.autograph.experimental.do_not_convert
-  def count(example):
+  def count_and_keep(example):
     issues, drop = example["_issues"], example["_drop"]
     deps = [stats.record(issues, drop)]
     if strict:
@@ -145,18 +147,10 @@ def filter_and_count(dataset: tf.data.Dataset, stats: DataStats | None = None,
           tf.logical_not(tf.reduce_any(bad)),
           ["bad record, key:", example.get("key", "?"), "reasons:", tf.boolean_mask(names, bad)]))
     with tf.control_dependencies(deps):
-      kept = {k: tf.identity(v) for k, v in example.items() if k not in ("_issues", "_drop")}
-    return kept, drop
+      return tf.logical_not(drop)
 
   @tf.autograph.experimental.do_not_convert
-  def kept(example, drop):
-    del example
-    return tf.logical_not(drop)
+  def strip(example):
+    return {k: v for k, v in example.items() if k not in ("_issues", "_drop")}
 
-  @tf.autograph.experimental.do_not_convert
-  def first(example, drop):
-    del drop
-    return example
-
-  dataset = dataset.map(count, num_parallel_calls=tf.data.AUTOTUNE)
-  return dataset.filter(kept).map(first)
+  return dataset.filter(count_and_keep).map(strip, num_parallel_calls=tf.data.AUTOTUNE)
