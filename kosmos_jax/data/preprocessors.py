@@ -50,10 +50,13 @@ def _errors_tolerated(dataset: tf.data.Dataset, strict: bool) -> tf.data.Dataset
 
 
 @tf.autograph.experimental.do_not_convert
-def image_text_record(x: dict, seed, image_size: int, transform: str, phrase_mode: str) -> dict:
+def image_text_record(x: dict, seed, image_size: int, transform: str, phrase_mode: str,
+                      stats: quality.DataStats) -> dict:
   """The per-record part of `image_text`: what needs one record at a time
-  (image checks and decoding, the seeded grounding draw)."""
-  image_issues = image_ops.check_image_bytes(x["image"])
+  (counting it in, image checks and decoding, the seeded grounding draw)."""
+  # Counted before anything that can fail: a record whose decoding fails still counts.
+  with tf.control_dependencies([stats.input_counted()]):
+    image_issues = image_ops.check_image_bytes(x["image"])
   # Blank before or after the UTF-8 repair alike (U+FFFD is not whitespace).
   empty = text_ops.is_blank(x["caption"])
   drop = empty | tf.reduce_any(image_issues > 0)
@@ -124,9 +127,8 @@ def image_text(dataset: tf.data.Dataset, vocab: vocab_lib.KosmosVocabulary, imag
   Defaults follow KOSMOS-2's train.sh (reference 3.1); `transform` is "crop"
   (training) or "square" (inference).
   """
-  dataset = (stats or quality.default_stats()).count_input(dataset)
   dataset = _image_text_record_map(dataset, image_size=image_size, transform=transform,
-                                   phrase_mode=phrase_mode)
+                                   phrase_mode=phrase_mode, stats=stats or quality.default_stats())
   # A record whose decoding fails vanishes alone, before records are batched.
   dataset = _errors_tolerated(dataset, strict)
   # The text work costs about as much per call as per record: batched over

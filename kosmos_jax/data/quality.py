@@ -90,9 +90,14 @@ class DataStats:
     """Counts the records entering the pipeline."""
     @tf.autograph.experimental.do_not_convert
     def count(example):
-      with tf.control_dependencies([self._add(len(REASON_NAMES), 1)]):
+      with tf.control_dependencies([self.input_counted()]):
         return tf.nest.map_structure(tf.identity, example)
     return dataset.map(count, num_parallel_calls=tf.data.AUTOTUNE)
+
+  def input_counted(self):
+    """The update op that counts one record in; for a map function that
+    counts its own input (whatever might fail in it must depend on this op)."""
+    return self._add(len(REASON_NAMES), 1)
 
   def record(self, issues: tf.Tensor, dropped: tf.Tensor):
     """Adds one record's issues; returns the update op."""
