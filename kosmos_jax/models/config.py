@@ -35,9 +35,10 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
   c.latent_query_num = 64
   # Connector init. "hf": transformers' (std 0.02 projections, std-1 latent
   # queries). "scaled", for training from scratch: std 1 for the dense layer
-  # (its input is L2-normalised, so unit-scale outputs), width^-0.5 for the
-  # attention projections and std 0.02 latents, so that the image tokens, not
-  # the latents, make up the output from the first step (ImageToTextProjection).
+  # (its input is L2-normalised, so unit-scale outputs), 2/sqrt(width) for q/k
+  # and 1/sqrt(width) for v, std-1 latents: the image tokens make up the slots
+  # from the first step and the latents' distinct queries let each slot learn
+  # its own part of the picture (connector.INITS).
   c.connector_init = "hf"
   # Numerics and memory: float32/bfloat16 compute, float32 master weights.
   c.dtype = "float32"

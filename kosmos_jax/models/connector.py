@@ -11,13 +11,17 @@ from flax import nnx
 from kosmos_jax.models import layers
 
 
-# (dense, q/k/v, latent query) init stds by text width; see model_config's
+# (dense, q/k, v, latent query) init stds by text width; see model_config's
 # `connector_init`. With "hf" at small widths the image tokens reach the output
 # at about 1% of the latents' scale and with uniform attention: the spatial
-# layout is averaged away and the decoder learns to ignore the slots.
+# layout is averaged away and the decoder learns to ignore the slots. "scaled"
+# keeps std-1 latents, so that the queries differ from the first step (near-zero
+# latents give near-zero queries: uniform attention, identical slots and
+# identical gradients, so the latents never specialise), with q/k at twice the
+# 1/sqrt(width) scale for attention logits of order one.
 INITS = {
-    "hf": lambda width: (0.02, 0.02, 1.0),
-    "scaled": lambda width: (1.0, width ** -0.5, 0.02),
+    "hf": lambda width: (0.02, 0.02, 0.02, 1.0),
+    "scaled": lambda width: (1.0, 2 * width ** -0.5, width ** -0.5, 1.0),
 }
 
 
@@ -29,15 +33,15 @@ class ImageToTextProjection(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     if init not in INITS:
       raise ValueError(f"connector_init {init!r}: expected one of {sorted(INITS)}")
-    dense_std, qkv_std, latent_std = INITS[init](text_width)
+    dense_std, qk_std, v_std, latent_std = INITS[init](text_width)
     self.dense = layers.Dense(vision_width, text_width, axes=(None, "embed"),
                               rngs=rngs, kernel_init=layers.normal(dense_std), **kw)
     self.latent_query = layers.param(
         layers.normal(latent_std)(rngs.params(), (num_latents, text_width), param_dtype),
         (None, "embed"))
     self.x_attn = layers.MultiHeadAttention(
-        text_width, heads, rngs=rngs, qkv_init=layers.normal(qkv_std),
-        out_init=layers.normal(0.02), **kw)
+        text_width, heads, rngs=rngs, qkv_init=layers.normal(qk_std),
+        v_init=layers.normal(v_std), out_init=layers.normal(0.02), **kw)
     self.dtype, self.attention = dtype, attention
     self.attention_dropout = attention_dropout
 
