@@ -174,31 +174,33 @@ def grounded_caption_ids(vocab, caption: tf.Tensor, grounded: tf.Tensor, phrases
   values = tf.concat([tags, tf.reshape(box_ids, [-1]), tokens.flat_values], 0)
   token_start = len(tags) + 3 * m + tf.cast(tokens.row_starts(), tf.int32)
   token_length = tf.cast(tokens.row_lengths(), tf.int32)
-  first_box = tf.concat([[True], box_phrase[1:] != box_phrase[:-1]], 0)[:m]
-  box_rows, slot = tf.gather(phrase_rows, box_phrase), tf.range(1, g + 1)
   tokens_at = lambda at, n: (token_start[at:at + n], token_length[at:at + n])  # before, phrase, tail, caption
-  # The ids are pieces (start, length) of `values`, put in order by (record,
-  # slot: 0 the record's head, 1 + i phrase i, _SLOTS - 1 the tail; piece).
-  pieces = [  # record, slot, piece, (start, length), used
-      (phrase_rows, slot, 0, tokens_at(0, g), grounded),  # the text before the phrase
-      (phrase_rows, slot, 1, (0, 1), grounded),  # <phrase>
-      (phrase_rows, slot, 2, tokens_at(g, g), grounded),
-      (phrase_rows, slot, 3, (1, 1), grounded),  # </phrase>
-      (phrase_rows, slot, 4, (2, 1), grounded),  # <object>
-      (box_rows, tf.gather(slot, box_phrase), 5,
-       (len(tags) + 3 * tf.range(m) + tf.cast(first_box, tf.int32), tf.where(first_box, 2, 3)), grounded),
-      (phrase_rows, slot, 6, (3, 1), grounded),  # </object>
-      (tf.range(b), 0, 0, (4, len(prefix)), grounded),
-      (tf.range(b), 0, 1, tokens_at(2 * g + b, b), ~grounded),  # the plain caption
-      (tf.range(b), _SLOTS - 1, 0, tokens_at(2 * g, b), grounded)]
-  record, key, start, length = [], [], [], []
-  for rows, slot_, piece, (start_, length_), used in pieces:
-    n = [tf.size(rows)]
-    record.append(rows)
-    key.append((tf.cast(rows, tf.int64) * _SLOTS + tf.cast(slot_, tf.int64)) * 8 + piece)
-    start.append(tf.broadcast_to(start_, n))
-    length.append(tf.where(tf.gather(used, rows), tf.broadcast_to(length_, n), 0))
-  record, key, start, length = (tf.concat(t, 0) for t in (record, key, start, length))
+  first_box = tf.concat([[True], box_phrase[1:] != box_phrase[:-1]], 0)[:m]
+  box_rows = tf.gather(phrase_rows, box_phrase)
+  on = lambda rows: tf.cast(tf.gather(grounded, rows), tf.int32)[:, None]  # phrases count where grounded
+  # The ids are pieces (start, length) of `values`, put in order by a key:
+  # (record, slot: 0 its head, 1 + i phrase i, _SLOTS - 1 its tail; piece in the slot).
+  key = lambda rows, slot, piece: (tf.cast(rows, tf.int64)[:, None] * _SLOTS + slot) * 8 + piece
+  ones = tf.ones([g], tf.int32)
+  # Per phrase: the text before it, <phrase>, the phrase, </phrase>, <object>, (its boxes,) </object>.
+  (before_start, before_length), (phrase_start, phrase_length) = tokens_at(0, g), tokens_at(g, g)
+  phrase_pieces = (
+      key(phrase_rows, tf.range(1, g + 1, dtype=tf.int64)[:, None], [0, 1, 2, 3, 4, 6]),
+      tf.stack([before_start, 0 * ones, phrase_start, ones, 2 * ones, 3 * ones], 1),
+      tf.stack([before_length, ones, phrase_length, ones, ones, ones], 1) * on(phrase_rows), phrase_rows)
+  box_pieces = (key(box_rows, tf.cast(box_phrase, tf.int64)[:, None] + 1, [5]),
+                (len(tags) + 3 * tf.range(m) + tf.cast(first_box, tf.int32))[:, None],
+                tf.where(first_box, 2, 3)[:, None] * on(box_rows), box_rows)
+  # Per record: the prefix and the tail where grounded, else the plain caption.
+  (tail_start, tail_length), (caption_start, caption_length) = tokens_at(2 * g, b), tokens_at(2 * g + b, b)
+  record_pieces = (key(tf.range(b), [0, 0, _SLOTS - 1], [0, 1, 0]),
+                   tf.stack([tf.fill([b], 4), caption_start, tail_start], 1),
+                   tf.stack([tf.fill([b], len(prefix)), caption_length, tail_length], 1)
+                   * tf.cast(tf.stack([grounded, ~grounded, grounded], 1), tf.int32), tf.range(b))
+  flat = lambda t: tf.reshape(t, [-1])
+  key, start, length, record = (tf.concat(t, 0) for t in zip(*(
+      (flat(k), flat(s), flat(n), flat(tf.broadcast_to(r[:, None], tf.shape(n))))
+      for k, s, n, r in (phrase_pieces, box_pieces, record_pieces))))
   row_lengths = tf.math.unsorted_segment_sum(length, record, b)
   order = tf.argsort(key, stable=True)  # a phrase's boxes share a key and keep their order
   start, length = tf.gather(start, order), tf.gather(length, order)
