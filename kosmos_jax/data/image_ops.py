@@ -28,12 +28,12 @@ def _has(head: tf.Tensor, name: str) -> tf.Tensor:
   return tf.equal(tf.strings.substr(head, offset, len(magic)), magic)
 
 
-def _uint(byte_values: tf.Tensor, big_endian: bool) -> tf.Tensor:
-  """Unsigned integer from a few uint8 values."""
-  b = tf.cast(byte_values, tf.int64)
-  b = b if big_endian else tf.reverse(b, [0])
-  weights = tf.bitwise.left_shift(tf.constant(1, tf.int64), 8 * tf.range(tf.size(b, tf.int64) - 1, -1, -1))
-  return tf.reduce_sum(b * weights)
+def _uint(head_bytes: tf.Tensor, start: int, size: int, big_endian: bool) -> tf.Tensor:
+  """Unsigned integer from `size` header bytes at `start` (constant place
+  values: a few ops, each of which costs start-up time)."""
+  weights = [256**i for i in range(size)]
+  weights = weights[::-1] if big_endian else weights
+  return tf.reduce_sum(tf.cast(head_bytes[start:start + size], tf.int64) * weights)
 
 
 def check_image_bytes(data: tf.Tensor) -> tf.Tensor:
@@ -56,15 +56,15 @@ def check_image_bytes(data: tf.Tensor) -> tf.Tensor:
   jpeg_end = tf.reduce_any((tail_bytes[:-1] == 0xFF) & (tail_bytes[1:] == 0xD9))
   png_end = tf.equal(tf.strings.substr(padded, size + _TAIL - 8, 4), b"IEND")
   gif_end = tf.equal(tail_bytes[-1], 0x3B)
-  riff_size = _uint(head_bytes[4:8], big_endian=False) + 8
-  bmp_size = _uint(head_bytes[2:6], big_endian=False)
+  riff_size = _uint(head_bytes, 4, 4, big_endian=False) + 8
+  bmp_size = _uint(head_bytes, 2, 4, big_endian=False)
   # Every check is computed and the format picks one: selects instead of
   # tf.case, whose branch functions cost start-up and per-record time.
   size64 = tf.cast(size, tf.int64)
   complete = tf.where(is_jpeg, jpeg_end, tf.where(is_png, png_end, tf.where(is_gif, gif_end, tf.where(
       is_webp, size64 >= riff_size, tf.where(is_bmp, size64 >= bmp_size, True)))))
-  png_area = _uint(head_bytes[16:20], True) * _uint(head_bytes[20:24], True)
-  gif_area = _uint(head_bytes[6:8], False) * _uint(head_bytes[8:10], False)
+  png_area = _uint(head_bytes, 16, 4, True) * _uint(head_bytes, 20, 4, True)
+  gif_area = _uint(head_bytes, 6, 2, False) * _uint(head_bytes, 8, 2, False)
   zero = (is_png & tf.equal(png_area, 0)) | (is_gif & tf.equal(gif_area, 0))
   # The first failed check, in this order, is the reason.
   failed = tf.stack([tf.equal(size, 0), ~known, ~complete, zero])
