@@ -266,7 +266,7 @@ def trim(dataset: tf.data.Dataset, sequence_length: dict[str, int]) -> tf.data.D
     starts = tf.cast(tf.where(tf.equal(edges, 1))[:, 0], tf.int32)
     ends = tf.cast(tf.where(tf.equal(edges, -1))[:, 0], tf.int32) + 1
     bad = (ends >= max_length) | (tf.range(tf.size(starts)) >= max_images)
-    cut = tf.reduce_min(tf.concat([[tf.minimum(length, max_length)], tf.boolean_mask(starts, bad)], 0))
+    cut = tf.minimum(tf.minimum(length, max_length), tf.reduce_min(tf.where(bad, starts, max_length)))
     kept_images = tf.reduce_sum(tf.cast(starts < cut, tf.int32))
     out = dict(x, targets=x["targets"][:cut], loss_weights=x["loss_weights"][:cut],
                image_mask=mask[:cut], images=x["images"][:kept_images])
