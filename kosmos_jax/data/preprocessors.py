@@ -61,9 +61,9 @@ def image_text_record(x: dict, seed, image_size: int, transform: str, phrase_mod
   empty = text_ops.is_blank(x["caption"])
   drop = empty | tf.reduce_any(image_issues > 0)
   pixels, geometry = _decode_checked(x["image"], ~drop, image_size, transform)
+  rows = tf.reshape(x.get("ref_exps" if phrase_mode == "expression" else "noun_chunks", _EMPTY_SPANS), [-1, 7])
   out = dict(key=x["key"], caption=x["caption"], pixels=pixels, image_issues=image_issues, empty=empty,
-             drop=drop, draw=tf.random.stateless_uniform([], seed),
-             rows=x.get("ref_exps" if phrase_mode == "expression" else "noun_chunks", _EMPTY_SPANS))
+             drop=drop, draw=tf.random.stateless_uniform([], seed), rows=rows, num_rows=tf.shape(rows)[0])
   if geometry is not None:
     out["geometry"] = geometry
   return out
@@ -79,17 +79,18 @@ _image_text_record_map = tf.autograph.experimental.do_not_convert(
 def image_text_batch(x: dict, vocab: vocab_lib.KosmosVocabulary, use_box_prob: float,
                      score_threshold: float, grounding_prefix: bool, quantizer: str,
                      num_image_tokens: int) -> dict:
-  """The text work of `image_text` on a batch of `image_text_record` outputs
-  (spans ragged), vectorised over the records; features ragged [b, None]."""
+  """The text work of `image_text` on a padded batch of `image_text_record`
+  outputs, vectorised over the records; features ragged [b, None]."""
   caption, issues = text_ops.repair_utf8(x["caption"])
   drop = x["drop"]
   issues += x["image_issues"] + quality.issue("text_empty", x["empty"])
-  # Records without span fields batch to a dense [b, 0, 7].
-  raw = x["rows"] if isinstance(x["rows"], tf.RaggedTensor) else tf.RaggedTensor.from_tensor(x["rows"])
   b = tf.size(drop)
+  # The span rows, padded to [b, n, 7], as flat rows with their records.
+  valid = tf.sequence_mask(x["num_rows"], tf.shape(x["rows"])[1])
+  raw, rows = text_ops.select(tf.reshape(valid, [-1]), tf.reshape(x["rows"], [-1, 7]), tf.reshape(
+      tf.broadcast_to(tf.range(b)[:, None], tf.shape(valid)), [-1]))
   spans, boxes, rows, span_issues = text_ops.clean_spans(
-      raw.flat_values, text_ops.rows_of(raw.row_splits), tf.strings.length(caption, unit="UTF8_CHAR"),
-      score_threshold)
+      raw, rows, tf.strings.length(caption, unit="UTF8_CHAR"), score_threshold)
   keep = ~tf.gather(drop, rows)
   if "geometry" in x:
     boxes, in_crop = image_ops.crop_boxes(boxes, tf.gather(x["geometry"], rows))
@@ -136,7 +137,8 @@ def image_text(dataset: tf.data.Dataset, vocab: vocab_lib.KosmosVocabulary, imag
   batch = functools.partial(
       image_text_batch, vocab=vocab, use_box_prob=use_box_prob, score_threshold=score_threshold,
       grounding_prefix=grounding_prefix, quantizer=quantizer, num_image_tokens=num_image_tokens)
-  dataset = dataset.ragged_batch(_BATCH).map(batch, num_parallel_calls=tf.data.AUTOTUNE)
+  # padded_batch: ragged_batch would add a per-record conversion stage.
+  dataset = dataset.padded_batch(_BATCH).map(batch, num_parallel_calls=tf.data.AUTOTUNE)
   return dataset.unbatch()
 
 
