@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
-import seqio
 import tqdm
 from clu import metric_writers
 from etils import epath
@@ -102,7 +101,7 @@ def _check_vocabulary(config) -> None:
   the model's vocabulary instead of failing. A larger model vocabulary is
   padding, except under a location init, which puts the P x P location tokens
   in the last rows."""
-  vocab = seqio.get_mixture_or_task(config.data.mixture).output_features["targets"].vocabulary
+  vocab = loader.vocabulary(config.data.mixture)
   text, name = config.model.text, config.data.mixture
   if vocab.vocab_size > text.vocab_size:
     raise ValueError(f"model.text.vocab_size is {text.vocab_size} but mixture {name!r} "
