@@ -140,12 +140,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
   state_sharding = partitioning.train_state_shardings(abstract_state, mesh, rules)
 
   loader.register_user_tasks(config.data)
+  _check_vocabulary(config)  # before the pipeline is built
   ds = loader.dataset(config.data.mixture, config.data.train_split, seq_len=config.seq_len,
                       images_per_row=config.images_per_row,
                       batch_size=config.batch_size // jax.process_count(), seed=config.seed,
                       shuffle=config.data.shuffle, shard_index=jax.process_index(),
                       num_shards=jax.process_count())
-  _check_vocabulary(config)
   iterator = iter(ds)
 
   manager = _checkpoint_manager(config, workdir)
