@@ -37,14 +37,26 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -
 
 def token_loss(logits: jax.Array, batch: dict, z_loss: float = 0.0):
   """Sums of weighted cross-entropy, z-loss (z * logsumexp^2), correct
-  predictions and weights; the caller divides by the weight of its batch."""
+  predictions and weights; the caller divides by the weight of its batch.
+
+  The target's logit is picked with a one-hot select rather than a gather: its
+  gradient is then an elementwise select fused into the softmax gradient, not a
+  scatter into a zeroed copy of the logits (and a gather along a vocab axis
+  split over devices would need the whole row). The max of the logsumexp
+  serves the accuracy too: a prediction is correct when the target's logit is the
+  maximum and no lower id ties it (argmax's first-index rule), which reads the
+  logits in the same pass as the exponentials instead of a separate argmax.
+  """
   targets = batch["targets"]
   weights = batch["loss_weights"].astype(jnp.float32)
   logits = logits.astype(jnp.float32)
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  row_max = jax.lax.stop_gradient(logits.max(axis=-1))
+  lse = jnp.log(jnp.exp(logits - row_max[..., None]).sum(axis=-1)) + row_max
+  ids = jnp.arange(logits.shape[-1], dtype=targets.dtype)
+  target_logit = jnp.where(ids == targets[..., None], logits, 0.0).sum(axis=-1)
+  ties_below = ((ids < targets[..., None]) & (logits == row_max[..., None])).any(axis=-1)
   xent = (lse - target_logit) * weights
-  correct = (jnp.argmax(logits, -1) == targets) * weights
+  correct = ((target_logit == row_max) & ~ties_below) * weights
   return dict(loss=xent.sum(), z_loss=(z_loss * jnp.square(lse) * weights).sum(),
               correct=correct.sum(), weight=weights.sum())
 

@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from flax.core import spmd
@@ -50,6 +51,28 @@ def test_loss_counts_weighted_targets_only():
   lse = np.log(9 + np.exp(5.0))
   np.testing.assert_allclose(float(sums["loss"]), (lse - 5.0) + np.log(10), rtol=1e-6)
   np.testing.assert_allclose(float(sums["z_loss"]), 1e-4 * (lse ** 2 + np.log(10) ** 2), rtol=1e-5)
+
+
+def test_loss_gradient_matches_softmax_cross_entropy():
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(2, 5, 11)) * 3, jnp.float32)
+  batch = dict(targets=jnp.asarray(rng.integers(0, 11, (2, 5))),
+               loss_weights=jnp.asarray(rng.integers(0, 2, (2, 5)), jnp.float32))
+  z = 1e-3
+
+  def ours(x):
+    sums = step_lib.token_loss(x, batch, z_loss=z)
+    return sums["loss"] + sums["z_loss"]
+
+  def reference(x):
+    xent = optax.softmax_cross_entropy_with_integer_labels(x, batch["targets"])
+    lse = jax.nn.logsumexp(x, axis=-1)
+    return ((xent + z * lse ** 2) * batch["loss_weights"]).sum()
+
+  np.testing.assert_allclose(ours(logits), reference(logits), rtol=1e-6)
+  np.testing.assert_allclose(jax.grad(ours)(logits), jax.grad(reference)(logits), atol=1e-6)
+  correct = (logits.argmax(-1) == batch["targets"]) * batch["loss_weights"]
+  assert float(step_lib.token_loss(logits, batch)["correct"]) == float(correct.sum())
 
 
 def test_accumulation_matches_one_big_batch():
