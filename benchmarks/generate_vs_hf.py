@@ -14,6 +14,9 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "models"))
 
+import common  # pylint: disable=g-import-not-at-top
+common.steady_heap()
+
 import jax  # pylint: disable=g-import-not-at-top
 import torch
 import transformers

@@ -12,6 +12,9 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "models"))
 
+import common  # pylint: disable=g-import-not-at-top
+common.steady_heap()
+
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 import torch
@@ -40,7 +43,7 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--text-tokens", type=int, default=128)
-  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args()
 
   config = transformers.Kosmos2Config(**MID_HF_CONFIG)
