@@ -1,25 +1,7 @@
-"""Shared by the benchmarks: the mid-size Kosmos-2 shape, a timer, a steady heap."""
-import os
+"""Shared by the benchmarks: the mid-size Kosmos-2 shape and a timer."""
 import statistics
-import sys
 import tempfile
 import time
-
-# glibc gives each thread its own arena and hands every freed block over 32 MB
-# back to the kernel, so each step of either framework faults its large
-# buffers in again: ~700k page faults and ~1.2 s of system time per train step
-# of ours, ~600k of transformers', and the kernel's cost for them swings with
-# whatever ran just before (the other framework's step). One arena that keeps
-# freed memory takes the faults out of both sides' timings.
-STEADY_HEAP = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
-               "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
-
-
-def steady_heap():
-  """Re-runs this script under STEADY_HEAP, unless it already runs under it.
-  Call before anything starts a thread (before importing jax or torch)."""
-  if any(os.environ.get(k) != v for k, v in STEADY_HEAP.items()):
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **STEADY_HEAP})
 
 # Mid-size Kosmos-2: 6 x 512 decoder, 6-layer ViT of width 384 at 224/14, the
 # released vocabulary and 64 latents (transformers Kosmos2Config keywords).

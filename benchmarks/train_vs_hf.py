@@ -12,8 +12,9 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "models"))
 
-import common  # pylint: disable=g-import-not-at-top
-common.steady_heap()
+from kosmos_jax import heap  # pylint: disable=g-import-not-at-top
+# Both sides alike: glibc keeps freed memory (kosmos_jax/heap.py says why).
+heap.keep_freed_memory()
 
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np

@@ -5,6 +5,7 @@ import os
 import shutil
 import sys
 
+from kosmos_jax import heap
 from kosmos_jax.infer import cli_generate
 
 # Files of a Hugging Face snapshot besides the weights that a converted
@@ -219,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
   args = build_parser().parse_args(argv)
   if overrides and args.command not in _TAKES_CONFIG:
     raise SystemExit(f"kosmos-jax {args.command} takes no --config.* overrides: {overrides}")
+  if args.command in ("train", "demo"):
+    heap.keep_freed_memory()  # before jax or tf.data start a thread
   if args.command == "convert":
     cmd_convert(args)
   elif args.command == "summary":
