@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -q tests
 
 # Trains configs/shapes.py from scratch on the synthetic shapes mixture (CPU, about
-# 13 minutes on 2 cores), scores referring expressions on held-out pictures and
+# 11 minutes on 2 cores), scores referring expressions on held-out pictures and
 # writes pictures with boxes and summary.json into demo_out/.
 demo: $(STAMP)
 	$(TEST_ENV) $(VENV)/bin/kosmos-jax demo --config configs/shapes.py --out demo_out

@@ -12,7 +12,7 @@ Aim: REC accuracy (IoU >= 0.5, greedy output) on 500 held-out pictures within
            0.807 to 0.819).
   model    ViT with 8 px patches (8 x 8 tokens; a shape spans 2-3 of them),
            16 latents, narrow 3-layer towers: on 2 cores a step costs about
-           0.25 s (data included), so 3000 steps take about 12.5 minutes.
+           0.21 s (data included), so 3000 steps take about 11 minutes.
   rows     REC examples are ~35 tokens with one picture, grit ~63: 128-token
            rows with up to 3 pictures pack 2-3 sequences with little waste.
   init     from scratch, the released inits leave the image slots nearly
@@ -31,7 +31,8 @@ Aim: REC accuracy (IoU >= 0.5, greedy output) on 500 held-out pictures within
            5e-4 0.639, 7e-4 0.458, 1e-3 0.445, 1.5e-3 0.075 (the decoder
            never leaves the language prior; nor at 1e-3 with a batch of 8).
            Seeds scatter such short runs (5e-4, seed 1: 0.741); the demo
-           itself gave 0.819 (seed 0) and 0.830 (seed 1).
+           itself gave 0.819 (seed 0) and 0.830 (seed 1), and 0.812 (seed 0)
+           since the loss's one-hot target select changed its rounding.
 """
 from kosmos_jax.config import experiment_config
 from kosmos_jax.models.config import model_config
