@@ -33,14 +33,14 @@ def _run_child(**env):
 
 
 def test_freed_memory_is_reused_without_faulting_it_in_again():
-  applied, faults = _run_child()
+  applied, faults = _run_child(JAX_PLATFORMS="cpu")
   assert applied and faults < 1000
 
 
 def test_glibc_defaults_fault_every_large_block_in_again():
   # The behaviour keep_freed_memory removes, and the opt-out: a MALLOC_*
   # variable of the user's own leaves glibc alone.
-  applied, faults = _run_child(MALLOC_ARENA_MAX="8")
+  applied, faults = _run_child(JAX_PLATFORMS="cpu", MALLOC_ARENA_MAX="8")
   assert not applied and faults > 4 * 60_000
 
 
@@ -48,3 +48,11 @@ def test_user_settings_are_left_alone():
   assert heap._user_configured({"MALLOC_ARENA_MAX": "2"})
   assert heap._user_configured({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})
   assert not heap._user_configured({"PATH": "/usr/bin"})
+
+
+def test_only_cpu_runs_are_changed():
+  # A TPU VM's or GPU host's input pipeline runs many threads; one arena would serialise them.
+  assert heap._runs_on_cpu({"JAX_PLATFORMS": "cpu"}, has_accelerator=True)
+  assert not heap._runs_on_cpu({}, has_accelerator=True)
+  assert not heap._runs_on_cpu({"JAX_PLATFORMS": "tpu,cpu"}, has_accelerator=False)
+  assert heap._runs_on_cpu({}, has_accelerator=False)
