@@ -51,5 +51,5 @@ setuptools.setup(
     python_requires=">=3.11,<3.12",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
-    entry_points={"console_scripts": ["kosmos-jax=kosmos_jax.cli:main"]},
+    entry_points={"console_scripts": ["kosmos-jax=kosmos_jax.commands:main"]},
 )

@@ -3,7 +3,7 @@
 One JSON line per (implementation, sequence length); then one line per cache
 length for decode (XLA, which kernels.decode_attention uses on GPU).
 Needs a GPU; exits with a message otherwise.
-Run: `.venv/bin/python benchmarks/attention.py [--head-dim 128 ...]`.
+Run: `.venv/bin/python -m benchmarks.attention [--head-dim 128 ...]`.
 """
 import argparse
 import json
@@ -12,7 +12,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from common import timed
+from benchmarks.common import timed
 from kosmos_jax import kernels
 
 

@@ -17,25 +17,23 @@ grounds half of them (use_box_prob=0.5), but ours renders and tokenises the
 grounded text of every record and then picks, so it does the grounded work
 for all. Ours also does work theirs does not: reading the records from the
 TFDS files (theirs get them from a Python list), byte checks and packing.
-Run: `.venv/bin/python benchmarks/data_vs_hf.py`.
+Run: `.venv/bin/python -m benchmarks.data_vs_hf`.
 """
 import argparse
 import io
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 import seqio  # pylint: disable=g-import-not-at-top
 from PIL import Image
 
 from kosmos_jax.data import feature_converter, loader, shapes
-from testutil_spm import hf_processor
+from tests.helpers.spm import hf_processor
 
 
 def _tagged(record) -> tuple[str, list]:

@@ -1,15 +1,13 @@
 """Forward pass: ours (jit, after compilation) vs transformers, same weights and inputs.
 
-Prints one JSON line. Run: `.venv/bin/python benchmarks/forward_vs_hf.py`.
+Prints one JSON line. Run: `.venv/bin/python -m benchmarks.forward_vs_hf`.
 """
 import argparse
 import json
 import os
-import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "models"))
 
 from kosmos_jax import heap  # pylint: disable=g-import-not-at-top
 # Both sides alike: glibc keeps freed memory (kosmos_jax/heap.py says why).
@@ -21,8 +19,8 @@ import torch
 import transformers
 from flax import nnx
 
-from common import MID_HF_CONFIG, same_weights, timed_pair
-from hf_reference import grounded_batch
+from benchmarks.common import MID_HF_CONFIG, same_weights, timed_pair
+from tests.helpers.hf_reference import grounded_batch
 
 
 def main():

@@ -3,16 +3,14 @@
 Same random weights (the mid-size shape), same batch of images and prompts.
 Prints one JSON line; our first call (tracing + compilation) is reported
 separately from the steady-state time. Run:
-`.venv/bin/python benchmarks/generate_vs_hf.py`.
+`.venv/bin/python -m benchmarks.generate_vs_hf`.
 """
 import argparse
 import json
 import os
-import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "models"))
 
 from kosmos_jax import heap  # pylint: disable=g-import-not-at-top
 # Both sides alike: glibc keeps freed memory (kosmos_jax/heap.py says why).
@@ -22,8 +20,8 @@ import jax  # pylint: disable=g-import-not-at-top
 import torch
 import transformers
 
-from common import MID_HF_CONFIG, same_weights, timed_pair
-from hf_reference import grounded_batch
+from benchmarks.common import MID_HF_CONFIG, same_weights, timed_pair
+from tests.helpers.hf_reference import grounded_batch
 
 
 def main():

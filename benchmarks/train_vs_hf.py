@@ -2,15 +2,13 @@
 
 Prints one JSON line: tokens/s of both, and our MFU. Dropout is off on both
 sides (so the work is the same); both use float32.
-Run: `.venv/bin/python benchmarks/train_vs_hf.py`.
+Run: `.venv/bin/python -m benchmarks.train_vs_hf`.
 """
 import argparse
 import json
 import os
-import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "models"))
 
 from kosmos_jax import heap  # pylint: disable=g-import-not-at-top
 # Both sides alike: glibc keeps freed memory (kosmos_jax/heap.py says why).
@@ -22,8 +20,8 @@ import torch
 import transformers
 from flax import nnx
 
-from common import MID_HF_CONFIG, same_weights, timed_pair
-from hf_reference import grounded_batch
+from benchmarks.common import MID_HF_CONFIG, same_weights, timed_pair
+from tests.helpers.hf_reference import grounded_batch
 from kosmos_jax.config import experiment_config
 from kosmos_jax.train import mfu, optim
 from kosmos_jax.train import step as step_lib

@@ -6,16 +6,11 @@ rows per fsdp group), bfloat16 compute, full rematerialisation:
 
   kosmos-jax aot --config configs/kosmos2_v5p.py --topology v5p:4x4x4
 """
-import importlib.util
-import os
+from configs import kosmos2
 
 
 def get_config():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kosmos2.py")
-  spec = importlib.util.spec_from_file_location("kosmos2_config", path)
-  base = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(base)
-  config = base.get_config()
+  config = kosmos2.get_config()
   config.batch_size = 208
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 16, 4
   return config

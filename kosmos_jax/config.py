@@ -5,16 +5,19 @@ and override what they need; the command line overrides any key with
 `--config.key=value`.
 """
 import ast
+import importlib
 import importlib.util
 import os
+import sys
 
 import ml_collections
+
+from kosmos_jax import sharding
+from kosmos_jax.train import optim
 
 
 def experiment_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Model plus the training keys every config has (scripts set them by name)."""
-  # Imported here so that `kosmos_jax.config` stays importable without JAX.
-  from kosmos_jax.train import optim, partitioning  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict()
   config.model = model
   config.seed = 0
@@ -45,8 +48,8 @@ def experiment_config(model: ml_collections.ConfigDict) -> ml_collections.Config
   config.rec = dict(task="shapes_rec", split="validation", num_images=100, batch_size=64,
                     max_new_tokens=8)
   config.optim = optim.optim_config()
-  config.mesh = partitioning.mesh_config()
-  config.sharding_rules = [list(rule) for rule in partitioning.DEFAULT_RULES]
+  config.mesh = sharding.mesh_config()
+  config.sharding_rules = [list(rule) for rule in sharding.TRAIN_RULES]
   return config
 
 
@@ -56,11 +59,9 @@ def load(path: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
   Values are parsed to the type of the field they replace, so
   `mesh.data=4`, `attention=pallas` and `model.dtype=bfloat16` all work.
   """
-  spec = importlib.util.spec_from_file_location("kosmos_config_file", path)
-  if spec is None or not os.path.isfile(path):
+  if not os.path.isfile(path) or not path.endswith(".py"):
     raise FileNotFoundError(f"config file {path!r} not found")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = _import_file(path)
   if not hasattr(module, "get_config"):
     raise ValueError(f"{path}: a config file must define get_config()")
   config = module.get_config()
@@ -70,6 +71,30 @@ def load(path: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
       raise ValueError(f"config override {item!r} is not key=value")
     _set(config, key, raw)
   return config
+
+
+def _import_file(path: str):
+  """The module of a config file; a file in a package (configs/ has an
+  `__init__.py`) is imported as `package.name`, so configs import their
+  siblings (`from configs import kosmos2`) from any working directory."""
+  directory, name = os.path.split(os.path.abspath(path))
+  if not os.path.isfile(os.path.join(directory, "__init__.py")):
+    spec = importlib.util.spec_from_file_location("kosmos_config_file", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+  package = os.path.basename(directory)
+  loaded = sys.modules.get(package)
+  if loaded is None or list(getattr(loaded, "__path__", [])) != [directory]:
+    # Not imported yet, or another package of that name: this directory's wins.
+    for key in [k for k in sys.modules if k == package or k.startswith(package + ".")]:
+      del sys.modules[key]
+    spec = importlib.util.spec_from_file_location(
+        package, os.path.join(directory, "__init__.py"), submodule_search_locations=[directory])
+    loaded = importlib.util.module_from_spec(spec)
+    sys.modules[package] = loaded
+    spec.loader.exec_module(loaded)
+  return importlib.import_module(f"{package}.{name[:-3]}")
 
 
 def _set(config: ml_collections.ConfigDict, key: str, raw: str) -> None:

@@ -18,9 +18,10 @@ import time
 
 import ml_collections
 
+from kosmos_jax.checkpoints import loading
 from kosmos_jax.data import loader
 from kosmos_jax.eval import rec
-from kosmos_jax.infer import visualize
+from kosmos_jax.processing import visualize
 from kosmos_jax.train import trainer
 
 CAPTION_PROMPT = "<grounding>an image of"  # the shapes captions' opening words
@@ -73,11 +74,12 @@ def run(config: ml_collections.ConfigDict, out: str, *, pictures: int = 8,
   workdir = os.path.join(out, "train")
   shutil.rmtree(workdir, ignore_errors=True)
   cfg = config.rec
+  loader.register_user_tasks(config.data)
   examples = rec.task_examples(cfg.task, cfg.split, cfg.num_images)
   data_done = time.perf_counter()
   trainer.train(config, workdir, devices)
   train_done = time.perf_counter()
-  model = trainer.restore_model(workdir)
+  model = loading.from_pretrained(workdir)
   processor = rec.processor_for(loader.vocabulary(cfg.task), model.config)
   predictions = rec.predict(model, processor, examples, batch_size=cfg.batch_size,
                             max_new_tokens=cfg.max_new_tokens)

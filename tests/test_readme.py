@@ -10,10 +10,9 @@ import sys
 
 import pytest
 
-from kosmos_jax import cli
+from kosmos_jax import commands
 
-sys.path.insert(0, os.path.dirname(__file__))
-from testutil_spm import make_tiny_snapshot, write_snowman  # pylint: disable=g-import-not-at-top
+from tests.helpers.spm import make_tiny_snapshot, write_snowman
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = open(os.path.join(ROOT, "README.md")).read()
@@ -46,13 +45,13 @@ def test_python_examples_run(workdir, monkeypatch):
 def test_cli_examples_run(workdir, monkeypatch):
   # In-process: one interpreter's imports and compile caches serve every command.
   monkeypatch.chdir(workdir)
-  commands = [line for block in _blocks("bash") for line in block.splitlines()
-              if line.startswith("kosmos-jax ")]
-  assert len(commands) >= 5
-  for line in commands:
+  lines = [line for block in _blocks("bash") for line in block.splitlines()
+           if line.startswith("kosmos-jax ")]
+  assert len(lines) >= 5
+  for line in lines:
     argv = shlex.split(line)[1:]
     argv = [os.path.join(ROOT, a) if a.startswith("configs/") else a for a in argv]
     try:
-      cli.main(argv)
+      commands.main(argv)
     except SystemExit as e:
       raise AssertionError(f"{line}: exit {e.code}") from e

@@ -24,7 +24,7 @@ from typing import Mapping
 import seqio
 import tensorflow as tf
 
-from kosmos_jax.data import vocab as vocab_lib
+from kosmos_jax.processing import vocab as vocab_lib
 
 _Spec = seqio.FeatureConverter.FeatureSpec
 _TOKEN_FEATURES = ("input_ids", "targets", "loss_weights", "image_embeds_position_mask")

@@ -14,7 +14,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from kosmos_jax.data import grounding, images as images_lib
+from kosmos_jax.processing import grounding, images as images_lib, visualize
 # Registers the built-in tasks and mixtures.
 from kosmos_jax.data import tasks  # pylint: disable=unused-import
 
@@ -99,7 +99,6 @@ def _dataset(name: str, split: str, lengths: dict[str, int], seed: int) -> tf.da
 
 
 def _draw(example: Example, index: int, out: str) -> None:
-  from kosmos_jax.infer import visualize  # pylint: disable=g-import-not-at-top
   for j, picture in enumerate(example.images):
     path = os.path.join(out, f"{index:02d}_{example.task}_{j}.png")
     visualize.draw_entities(picture, example.entities).save(path)

@@ -13,12 +13,17 @@ import orbax.checkpoint as ocp
 import seqio
 import tensorflow as tf
 
-from kosmos_jax.data import feature_converter, quality
+# Importing tasks registers the built-in tasks and mixtures.
+from kosmos_jax.data import feature_converter, quality, tasks
 
 
 def register_user_tasks(data_config) -> None:
-  """Registers the `kosmos2_*` tasks on the user's files, when the config names them."""
-  from kosmos_jax.data import tasks  # pylint: disable=g-import-not-at-top
+  """Registers the tasks a config describes: the `kosmos2_*` tasks on the
+  user's files (`data.spm_model_file`, `data.data_dir`) and shapes tasks of
+  its own sizes (`data.shapes_tasks`: `tasks.register_shapes_tasks`' arguments)."""
+  shapes_tasks = data_config.get("shapes_tasks")
+  if shapes_tasks:
+    tasks.register_shapes_tasks(**shapes_tasks.to_dict())
   if data_config.spm_model_file and "kosmos2_pretrain" not in seqio.MixtureRegistry.names():
     tasks.register_kosmos2_tasks(data_config.spm_model_file, data_config.data_dir)
 
@@ -27,8 +32,6 @@ def dataset(mixture: str, split: str, *, seq_len: int, images_per_row: int,
             batch_size: int, seed: int, shuffle: bool = True, repeat: bool = True,
             shard_index: int = 0, num_shards: int = 1) -> tf.data.Dataset:
   """Packed, batched rows of `mixture` for one host (`batch_size` rows per host)."""
-  # Importing tasks registers the built-in tasks and mixtures.
-  from kosmos_jax.data import tasks  # pylint: disable=g-import-not-at-top,unused-import
   ds = seqio.get_dataset(
       mixture, {"targets": seq_len, "images": images_per_row},
       feature_converter.MultimodalFeatureConverter(pack=True), dataset_split=split,
@@ -96,7 +99,6 @@ class DataIteratorRestore(ocp.args.CheckpointArgs):
 def source_records(task_name: str, split: str, limit: int | None = None) -> Iterator[dict[str, Any]]:
   """The first `limit` records of a task's source, before any preprocessing,
   as numpy values (bytes for strings and encoded images), in order."""
-  from kosmos_jax.data import tasks  # pylint: disable=g-import-not-at-top,unused-import
   ds = seqio.get_mixture_or_task(task_name).source.get_dataset(split=split, shuffle=False)
   if limit is not None:
     ds = ds.take(limit)
@@ -105,5 +107,4 @@ def source_records(task_name: str, split: str, limit: int | None = None) -> Iter
 
 def vocabulary(task_name: str) -> seqio.Vocabulary:
   """The vocabulary of a task's (or mixture's) `targets`."""
-  from kosmos_jax.data import tasks  # pylint: disable=g-import-not-at-top,unused-import
   return seqio.get_mixture_or_task(task_name).output_features["targets"].vocabulary

@@ -22,8 +22,8 @@ import functools
 import seqio
 import tensorflow as tf
 
-from kosmos_jax.data import image_ops, quality, text_ops
-from kosmos_jax.data import vocab as vocab_lib
+from kosmos_jax.data import tf_image, quality, tf_text
+from kosmos_jax.processing import vocab as vocab_lib
 
 _EMPTY_SPANS = tf.zeros([0, 7], tf.float32)
 
@@ -36,10 +36,10 @@ def _images(size: int, count=0) -> tf.Tensor:
 
 
 def _decode_checked(data: tf.Tensor, ok: tf.Tensor, size: int, transform: str):
-  """`image_ops.decode_resized` only when `ok` (bad bytes would make the decoder
+  """`tf_image.decode_resized` only when `ok` (bad bytes would make the decoder
   raise); else zero pixels and, for "crop", a geometry that crops every box out."""
   geometry = tf.zeros([2, 4]) if transform == "crop" else None
-  return tf.cond(ok, lambda: image_ops.decode_resized(data, size, transform),
+  return tf.cond(ok, lambda: tf_image.decode_resized(data, size, transform),
                  lambda: (tf.zeros([size, size, 3], tf.uint8), geometry))
 
 
@@ -56,9 +56,9 @@ def image_text_record(x: dict, seed, image_size: int, transform: str, phrase_mod
   (counting it in, image checks and decoding, the seeded grounding draw)."""
   # Counted before anything that can fail: a record whose decoding fails still counts.
   with tf.control_dependencies([stats.input_counted()]):
-    image_issues = image_ops.check_image_bytes(x["image"])
+    image_issues = tf_image.check_image_bytes(x["image"])
   # Blank before or after the UTF-8 repair alike (U+FFFD is not whitespace).
-  empty = text_ops.is_blank(x["caption"])
+  empty = tf_text.is_blank(x["caption"])
   drop = empty | tf.reduce_any(image_issues > 0)
   pixels, geometry = _decode_checked(x["image"], ~drop, image_size, transform)
   rows = tf.reshape(x.get("ref_exps" if phrase_mode == "expression" else "noun_chunks", _EMPTY_SPANS), [-1, 7])
@@ -81,34 +81,34 @@ def image_text_batch(x: dict, vocab: vocab_lib.KosmosVocabulary, use_box_prob: f
                      num_image_tokens: int) -> dict:
   """The text work of `image_text` on a padded batch of `image_text_record`
   outputs, vectorised over the records; features ragged [b, None]."""
-  caption, issues = text_ops.repair_utf8(x["caption"])
+  caption, issues = tf_text.repair_utf8(x["caption"])
   drop = x["drop"]
   issues += x["image_issues"] + quality.issue("text_empty", x["empty"])
   b = tf.size(drop)
   # The span rows, padded to [b, n, 7], as flat rows with their records.
   valid = tf.sequence_mask(x["num_rows"], tf.shape(x["rows"])[1])
-  raw, rows = text_ops.select(tf.reshape(valid, [-1]), tf.reshape(x["rows"], [-1, 7]), tf.reshape(
+  raw, rows = tf_text.select(tf.reshape(valid, [-1]), tf.reshape(x["rows"], [-1, 7]), tf.reshape(
       tf.broadcast_to(tf.range(b)[:, None], tf.shape(valid)), [-1]))
-  spans, boxes, rows, span_issues = text_ops.clean_spans(
+  spans, boxes, rows, span_issues = tf_text.clean_spans(
       raw, rows, tf.strings.length(caption, unit="UTF8_CHAR"), score_threshold)
   keep = ~tf.gather(drop, rows)
   if "geometry" in x:
-    boxes, in_crop = image_ops.crop_boxes(boxes, tf.gather(x["geometry"], rows))
+    boxes, in_crop = tf_image.crop_boxes(boxes, tf.gather(x["geometry"], rows))
     issues += quality.issue("box_cropped_out", tf.math.unsorted_segment_sum(
         tf.cast(~in_crop & keep, tf.int32), rows, b))
     keep &= in_crop
   issues += span_issues
-  phrases, phrase_rows, boxes, box_phrase, overlap = text_ops.select_spans(
-      *text_ops.select(keep, spans, boxes, rows), b)
+  phrases, phrase_rows, boxes, box_phrase, overlap = tf_text.select_spans(
+      *tf_text.select(keep, spans, boxes, rows), b)
   has_box = tf.math.unsorted_segment_max(tf.ones_like(box_phrase), tf.gather(phrase_rows, box_phrase), b) > 0
   grounded = (x["draw"] < use_box_prob) & has_box
   prefix = [vocab.tag_id("<grounding>")] if grounding_prefix else []
-  ids = text_ops.grounded_caption_ids(vocab, caption, grounded, phrases, phrase_rows, boxes, box_phrase,
+  ids = tf_text.grounded_caption_ids(vocab, caption, grounded, phrases, phrase_rows, boxes, box_phrase,
                                       prefix, quantizer)
-  out = text_ops.join_rows([text_ops.token_part(vocab.bos_id, weight=0),
-                            text_ops.image_part(vocab, num_image_tokens)],
-                           ids, [text_ops.token_part(vocab.eos_id)])
-  out.update(key=x["key"], images=image_ops.normalize(x["pixels"][:, None]), _issues=issues + overlap,
+  out = tf_text.join_rows([tf_text.token_part(vocab.bos_id, weight=0),
+                            tf_text.image_part(vocab, num_image_tokens)],
+                           ids, [tf_text.token_part(vocab.eos_id)])
+  out.update(key=x["key"], images=tf_image.normalize(x["pixels"][:, None]), _issues=issues + overlap,
              _drop=drop)
   return out
 
@@ -156,10 +156,10 @@ def referring(dataset: tf.data.Dataset, vocab: vocab_lib.KosmosVocabulary, image
   """
   @tf.autograph.experimental.do_not_convert
   def per_expression(x):
-    image_issues = image_ops.check_image_bytes(x["image"])
+    image_issues = tf_image.check_image_bytes(x["image"])
     drop = tf.reduce_any(image_issues > 0)
     boxes = tf.reshape(tf.cast(x["boxes"], tf.float32), [-1, 4])
-    pixels = image_ops.normalize(_decode_checked(x["image"], ~drop, image_size, "square")[0])
+    pixels = tf_image.normalize(_decode_checked(x["image"], ~drop, image_size, "square")[0])
     n = tf.shape(boxes)[0]
     return tf.data.Dataset.from_tensor_slices(dict(
         key=tf.fill([n], x["key"]), expression=x["expressions"], box=boxes,
@@ -168,25 +168,25 @@ def referring(dataset: tf.data.Dataset, vocab: vocab_lib.KosmosVocabulary, image
 
   @tf.autograph.experimental.do_not_convert
   def example(x):
-    expression, issues = text_ops.repair_utf8(x["expression"])
+    expression, issues = tf_text.repair_utf8(x["expression"])
     # The box as a one-character GrIT span, so that it gets the same checks.
     rows = tf.concat([tf.constant([[0.0, 1.0]]), x["box"][None], tf.constant([[1.0]])], 1)
-    spans, boxes, _, box_issues = text_ops.clean_spans(rows, [0], [1], 0.0)
-    pairs = tf.concat([[vocab.tag_id("<object>")], tf.reshape(text_ops.quantize_boxes(
+    spans, boxes, _, box_issues = tf_text.clean_spans(rows, [0], [1], 0.0)
+    pairs = tf.concat([[vocab.tag_id("<object>")], tf.reshape(tf_text.quantize_boxes(
         boxes, vocab.num_patches_per_side, quantizer) + vocab.patch_index_id(0), [-1]),
                        [vocab.tag_id("</object>")]], 0)
     prompt = tf.concat([[vocab.tag_id("<grounding>"), vocab.tag_id("<phrase>")],
                         vocab.encode_plain_tf(expression[None])[0],
                         [vocab.tag_id("</phrase>")]], 0)
-    image_ids, image_weights, image_mask = text_ops.image_part(vocab, num_image_tokens)
-    out = text_ops.join(text_ops.token_part(vocab.bos_id, weight=0),
+    image_ids, image_weights, image_mask = tf_text.image_part(vocab, num_image_tokens)
+    out = tf_text.join(tf_text.token_part(vocab.bos_id, weight=0),
                         (image_ids, tf.zeros_like(image_weights), image_mask),
-                        text_ops.text_part(prompt, weight=0),
-                        text_ops.text_part(pairs), text_ops.token_part(vocab.eos_id))
+                        tf_text.text_part(prompt, weight=0),
+                        tf_text.text_part(pairs), tf_text.token_part(vocab.eos_id))
     out.update(key=x["key"], images=x["images"])
-    bad = text_ops.is_blank(expression) | tf.equal(tf.size(spans), 0)
+    bad = tf_text.is_blank(expression) | tf.equal(tf.size(spans), 0)
     return quality.with_issues(
-        out, x["_issues"] + issues + box_issues[0] + quality.issue("text_empty", text_ops.is_blank(expression)),
+        out, x["_issues"] + issues + box_issues[0] + quality.issue("text_empty", tf_text.is_blank(expression)),
         x["_drop"] | bad)
 
   # Counted per expression: each one is a record of this task.
@@ -205,23 +205,23 @@ def documents(dataset: tf.data.Dataset, vocab: vocab_lib.KosmosVocabulary, image
 
   @tf.autograph.experimental.do_not_convert
   def example(x):
-    texts, utf8 = tf.map_fn(text_ops.repair_utf8, x["texts"],
+    texts, utf8 = tf.map_fn(tf_text.repair_utf8, x["texts"],
                             fn_output_signature=(tf.string, tf.TensorSpec([len(quality.REASONS)], tf.int32)))
     data = x["images"]
     is_image = tf.strings.length(data) > 0
-    checks = tf.map_fn(image_ops.check_image_bytes, data, fn_output_signature=tf.int32)
+    checks = tf.map_fn(tf_image.check_image_bytes, data, fn_output_signature=tf.int32)
     bad_image = is_image & tf.reduce_any(checks > 0, axis=1)
-    keep = ~bad_image & (is_image | ~text_ops.is_blank(texts))
+    keep = ~bad_image & (is_image | ~tf_text.is_blank(texts))
     texts, is_image, data = (tf.boolean_mask(t, keep) for t in (texts, is_image, data))
     issues = (tf.reduce_sum(utf8, 0) + tf.reduce_sum(tf.boolean_mask(checks, bad_image), 0)
               + quality.issue("doc_image_dropped", tf.reduce_sum(tf.cast(bad_image, tf.int32))))
     no_text = tf.reduce_all(is_image)
-    pixels = tf.map_fn(lambda d: image_ops.preprocess(d, image_size, transform),
+    pixels = tf.map_fn(lambda d: tf_image.preprocess(d, image_size, transform),
                        tf.boolean_mask(data, is_image),
                        fn_output_signature=tf.TensorSpec([3, image_size, image_size], tf.float32))
-    out = text_ops.join(text_ops.token_part(vocab.bos_id, weight=0),
-                        text_ops.interleave(vocab, texts, is_image, num_image_tokens),
-                        text_ops.token_part(vocab.eos_id))
+    out = tf_text.join(tf_text.token_part(vocab.bos_id, weight=0),
+                        tf_text.interleave(vocab, texts, is_image, num_image_tokens),
+                        tf_text.token_part(vocab.eos_id))
     out.update(key=x["key"], images=pixels)
     return quality.with_issues(out, issues + quality.issue("text_empty", no_text), no_text)
 
@@ -237,11 +237,11 @@ def text_documents(dataset: tf.data.Dataset, vocab: vocab_lib.KosmosVocabulary, 
 
   @tf.autograph.experimental.do_not_convert
   def example(x):
-    text, issues = text_ops.repair_utf8(x["text"])
-    empty = text_ops.is_blank(text)
-    out = text_ops.join(text_ops.token_part(vocab.bos_id, weight=0),
-                        text_ops.text_part(vocab.encode_plain_tf(text[None])[0]),
-                        text_ops.token_part(vocab.eos_id))
+    text, issues = tf_text.repair_utf8(x["text"])
+    empty = tf_text.is_blank(text)
+    out = tf_text.join(tf_text.token_part(vocab.bos_id, weight=0),
+                        tf_text.text_part(vocab.encode_plain_tf(text[None])[0]),
+                        tf_text.token_part(vocab.eos_id))
     out.update(key=x["key"], images=_images(image_size))
     return quality.with_issues(out, issues + quality.issue("text_empty", empty), empty)
 

@@ -29,7 +29,7 @@ import sentencepiece as spm
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from kosmos_jax.data import vocab as vocab_lib
+from kosmos_jax.processing import vocab as vocab_lib
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (40, 70, 220), "yellow": (235, 195, 20)}

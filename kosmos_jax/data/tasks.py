@@ -14,7 +14,7 @@ call `register_kosmos2_tasks(spm_model_file, data_dir)` (the vocabulary file
 must exist), which adds `kosmos2_{text,caption,grit,interleaved}` and the
 mixture `kosmos2_pretrain`. Other sizes (e.g. the tiny test model) register
 their own twins with `register_shapes_tasks(prefix=..., image_size=...)`; so
-does `make demo` (`shapes_demo_*`: 64 px, 16 x 16 bins, REC-heavy rates).
+does `make demo`, from its config (`data.shapes_tasks` in configs/shapes.py).
 """
 import functools
 import os
@@ -24,7 +24,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from kosmos_jax.data import preprocessors, quality, shapes, sources
-from kosmos_jax.data import vocab as vocab_lib
+from kosmos_jax.processing import vocab as vocab_lib
 
 # Paper Table 7's per-type batch sizes (sequences per step), reference 3.3.
 KOSMOS2_RATES = {"text": 93, "caption": 1117, "grit": 1117, "interleaved": 47}
@@ -139,13 +139,15 @@ _SHAPES_VIEWS = {"text": _mapped(_text_view), "caption": _mapped(_caption_view),
 def register_shapes_tasks(prefix: str = "shapes", image_size: int = 224,
                           num_image_tokens: int = vocab_lib.NUM_IMAGE_TOKENS,
                           num_patches_per_side: int = 32, data_dir: str | None = None,
-                          config: str | shapes.ShapesConfig | None = None,
+                          config: str | dict | shapes.ShapesConfig | None = None,
                           strict: bool = False, rates: dict[str, float] | None = None) -> None:
   """`{prefix}_{text,caption,grit,interleaved,rec}` and `{prefix}_mix` on the
   shapes TFDS dataset (config named after `image_size` unless given); splits
   "train" and "validation" (the held-out "test" split). The inference
   ("square") transform keeps every box whole. `rates` (by family) default to
-  `SHAPES_RATES`."""
+  `SHAPES_RATES`. A dict `config` holds the fields of a `ShapesConfig`."""
+  if isinstance(config, dict):
+    config = shapes.ShapesConfig(**config)
   vocab = shapes.shapes_vocabulary(num_patches_per_side)
   family = _family_preprocessors(vocab, image_size, num_image_tokens, strict, "square",
                                  use_box_prob=0.5, phrase_mode="expression", score_threshold=0.65)
@@ -161,14 +163,3 @@ def register_shapes_tasks(prefix: str = "shapes", image_size: int = 224,
 register_shapes_tasks()
 register_shapes_tasks(prefix="shapes64", image_size=64, num_image_tokens=16)
 register_shapes_tasks(prefix="shapes32", image_size=32, num_image_tokens=8)
-# `make demo` (configs/shapes.py): 64 px on a 16 x 16 location grid (4 px
-# cells; decoded cell centres still give IoU >= 0.5 on 99.9% of the boxes,
-# where an 8 x 8 grid gives 86%), 1000 held-out pictures for the REC score,
-# and REC-heavy rates: the same families, with the expression -> box task
-# that the demo measures seen most. Interleaved documents (three pictures, a
-# whole 128-token row each) stay rare: at rate 0.5 they took ~10% of the
-# tokens and picture slots of the run.
-register_shapes_tasks(
-    prefix="shapes_demo", image_size=64, num_image_tokens=16, num_patches_per_side=16,
-    config=shapes.ShapesConfig(name="64_demo", image_size=64, num_train=20000, num_test=1000),
-    rates=dict(rec=10, grit=3, caption=0.5, text=0.5, interleaved=0.1))

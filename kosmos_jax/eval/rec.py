@@ -13,11 +13,11 @@ from typing import Iterable, Sequence
 import ml_collections
 import numpy as np
 
-from kosmos_jax.data import grounding
-from kosmos_jax.data import images as images_lib
+from kosmos_jax.processing import grounding
+from kosmos_jax.processing import images as images_lib
 from kosmos_jax.data import loader
 from kosmos_jax.eval import boxes as boxes_lib
-from kosmos_jax.infer import processor as processor_lib
+from kosmos_jax.processing import processor as processor_lib
 
 IOU_THRESHOLD = 0.5
 

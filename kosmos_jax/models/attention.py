@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax.core import spmd
 from jax.sharding import PartitionSpec as P
 
-from kosmos_jax.models import sharding
+from kosmos_jax import sharding
 
 
 def _mask(b, lq, lk, *, causal, segment_ids, kv_segment_ids):
@@ -68,6 +68,7 @@ def _cudnn(q, k, v, *, causal, segment_ids, kv_segment_ids, **_):
 
 
 def _pallas(q, k, v, *, causal, segment_ids, **_):
+  # Lazy: Pallas' Mosaic and Triton modules load only when a model uses them.
   from kosmos_jax import kernels  # pylint: disable=g-import-not-at-top
   return kernels.flash_attention(q, k, v, causal=causal, segment_ids=segment_ids)
 

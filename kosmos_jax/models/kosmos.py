@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from kosmos_jax.infer import generate as generate_lib
+from kosmos_jax.models import generation
 from kosmos_jax.models import connector, decoder, layers, vit
 
 
@@ -121,7 +121,7 @@ class Kosmos2(nnx.Module):
       new tokens; rows that hit EOS early are filled with the pad id, and the
       output stops at the last step some row still needed.
     """
-    return generate_lib.generate(
+    return generation.generate(
         self, input_ids, pixel_values, attention_mask, image_embeds_position_mask,
         max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
         temperature=temperature, top_k=top_k, top_p=top_p,

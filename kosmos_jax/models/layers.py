@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kosmos_jax.models import attention
-from kosmos_jax.models.sharding import constrain
+from kosmos_jax.sharding import constrain
 
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 

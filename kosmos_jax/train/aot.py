@@ -13,8 +13,9 @@ from jax.experimental import topologies
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from kosmos_jax.models import loading
-from kosmos_jax.train import optim, partitioning, step as step_lib
+from kosmos_jax.models import build
+from kosmos_jax.train import optim, step as step_lib
+from kosmos_jax import sharding
 
 # HBM per chip in GiB (Cloud TPU documentation).
 HBM_GIB = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32}
@@ -53,9 +54,9 @@ def abstract_batch(config) -> dict:
 
 def compile_train_step(config, devices, topology_name: str = "") -> tuple[object, CompileReport]:
   """Lowers and compiles the sharded train step for `devices`; returns (compiled, report)."""
-  mesh = partitioning.make_mesh(config.mesh, devices)
-  rules = partitioning.rules_of(config)
-  model = loading.abstract_model(config.model)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rules = sharding.rules_of(config)
+  model = build.abstract_model(config.model)
   graphdef, params = nnx.split(model, nnx.Param)
   tx = optim.optimizer(config.optim, config.total_steps)
   state = jax.eval_shape(
@@ -63,9 +64,9 @@ def compile_train_step(config, devices, topology_name: str = "") -> tuple[object
           step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
           rng=jax.random.key(0), skipped=jnp.zeros((), jnp.int32),
           bad_in_a_row=jnp.zeros((), jnp.int32)), params)
-  state_sharding = partitioning.train_state_shardings(state, mesh, rules)
+  state_sharding = sharding.train_state_shardings(state, mesh, rules)
   batch = abstract_batch(config)
-  batch_sharding = {k: partitioning.batch_sharding(mesh, rules, v.shape) for k, v in batch.items()}
+  batch_sharding = {k: sharding.batch_sharding(mesh, rules, v.shape) for k, v in batch.items()}
   train_step = step_lib.make_train_step(graphdef, tx, accumulation=config.accumulation,
                                         z_loss=config.z_loss)
   with jax.set_mesh(mesh), spmd.logical_axis_rules(rules):

@@ -23,9 +23,13 @@ from flax.core import spmd
 from jax.experimental import multihost_utils
 
 from kosmos_jax.data import loader
-from kosmos_jax.models import loading
+from kosmos_jax.eval import rec
+from kosmos_jax.checkpoints import loading
+from kosmos_jax.checkpoints import orbax as orbax_ckpt
+from kosmos_jax.models import build
 from kosmos_jax.models.kosmos import Kosmos2
-from kosmos_jax.train import mfu, optim, partitioning
+from kosmos_jax.train import mfu, optim
+from kosmos_jax import sharding
 from kosmos_jax.train import step as step_lib
 
 
@@ -63,7 +67,7 @@ class _Preemption:
 
 def _init_params(config, abstract_params, mesh, rules):
   """Parameters created already sharded: random init, or read from `init_from`."""
-  shardings = partitioning.state_shardings(abstract_params, mesh, rules)
+  shardings = sharding.state_shardings(abstract_params, mesh, rules)
   if config.init_from:
     model = loading.from_pretrained(config.init_from, **_numerics(config))
     return jax.device_put(nnx.state(model), shardings)
@@ -76,19 +80,6 @@ def _init_params(config, abstract_params, mesh, rules):
 def _numerics(config) -> dict:
   m = config.model
   return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention=m.attention)
-
-
-def _as_path(workdir) -> epath.Path:
-  """Local directories and gs:// buckets alike (every pod worker must see the same one)."""
-  path = epath.Path(workdir)
-  return path if "://" in os.fspath(workdir) else epath.Path(os.path.abspath(workdir))
-
-
-def _checkpoint_manager(config, workdir: epath.Path) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=config.keep_checkpoints, save_interval_steps=config.checkpoint_every,
-      enable_async_checkpointing=True, create=True)
-  return ocp.CheckpointManager(workdir / "checkpoints", options=options)
 
 
 def _write_json_line(path: epath.Path, record: dict) -> None:
@@ -125,19 +116,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
   on another mesh restores onto this one.
   """
   config = config.copy_and_resolve_references()
-  workdir = _as_path(workdir)
+  workdir = orbax_ckpt.as_path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   primary = jax.process_index() == 0
-  mesh = partitioning.make_mesh(config.mesh, devices)
-  rules = partitioning.rules_of(config)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rules = sharding.rules_of(config)
   if config.batch_size % jax.process_count():
     raise ValueError(f"batch_size {config.batch_size} does not divide over "
                      f"{jax.process_count()} processes")
 
   tx = optim.optimizer(config.optim, config.total_steps)
-  graphdef, abstract_params = nnx.split(loading.abstract_model(config.model))
+  graphdef, abstract_params = nnx.split(build.abstract_model(config.model))
   abstract_state = jax.eval_shape(lambda p: _new_state(p, tx, config.seed), abstract_params)
-  state_sharding = partitioning.train_state_shardings(abstract_state, mesh, rules)
+  state_sharding = sharding.train_state_shardings(abstract_state, mesh, rules)
 
   loader.register_user_tasks(config.data)
   _check_vocabulary(config)  # before the pipeline is built
@@ -148,7 +139,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
                       num_shards=jax.process_count())
   iterator = iter(ds)
 
-  manager = _checkpoint_manager(config, workdir)
+  manager = orbax_ckpt.checkpoint_manager(workdir, keep=config.keep_checkpoints,
+                                           every=config.checkpoint_every)
   start = manager.latest_step()
   if start is not None:
     # The target's shardings may differ from the saved ones: a checkpoint
@@ -185,7 +177,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
     for step in range(start, config.total_steps):
       local = next(first)
       if batch_sharding is None:
-        batch_sharding = {k: partitioning.batch_sharding(mesh, rules, (config.batch_size, *v.shape[1:]))
+        batch_sharding = {k: sharding.batch_sharding(mesh, rules, (config.batch_size, *v.shape[1:]))
                           for k, v in local.items()}
         jitted = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
                          out_shardings=(state_sharding, None), donate_argnums=0)
@@ -250,30 +242,8 @@ def _save_args(state, iterator):
                             data=loader.DataIteratorSave(iterator))
 
 
-def restore_model(workdir: str, step: int | None = None) -> Kosmos2:
-  """The model of a training run's checkpoint (default: the latest) in `workdir`,
-  on the default device, with the config the run saved."""
-  workdir = _as_path(workdir)
-  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-  manager = _checkpoint_manager(config, workdir)
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"{workdir / 'checkpoints'}: no checkpoint")
-  graphdef, abstract_params = nnx.split(loading.abstract_model(config.model))
-  tx = optim.optimizer(config.optim, config.total_steps)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                        jax.eval_shape(lambda p: _new_state(p, tx, config.seed), abstract_params))
-  # Only the state: the data iterator's checkpoint is for resuming training.
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
-  manager.close()
-  return nnx.merge(graphdef, state.params)
-
-
 def _evaluators(config, graphdef, params) -> dict:
   """`config.evaluators` on the current parameters, as `eval/`-prefixed metrics."""
-  # Imported here: the default path (no evaluators) needs none of it.
-  from kosmos_jax.eval import rec  # pylint: disable=g-import-not-at-top
   results = {}
   for name in config.evaluators:
     if name != "rec":
@@ -296,9 +266,9 @@ def evaluate(config, graphdef, params, mesh, rules) -> dict:
   for i, local in enumerate(loader.numpy_batches(iter(ds))):
     if i == config.data.eval_batches:
       break
-    sharding = {k: partitioning.batch_sharding(mesh, rules, (config.batch_size, *v.shape[1:]))
-                for k, v in local.items()}
-    batch = {k: jax.make_array_from_process_local_data(sharding[k], v) for k, v in local.items()}
+    shardings = {k: sharding.batch_sharding(mesh, rules, (config.batch_size, *v.shape[1:]))
+                 for k, v in local.items()}
+    batch = {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in local.items()}
     sums = jax.device_get(eval_step(params, batch))
     for k in totals:
       totals[k] += float(sums[k])

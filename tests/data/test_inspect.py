@@ -7,10 +7,10 @@ import pytest
 import seqio
 from PIL import Image
 
-from kosmos_jax import cli
+from kosmos_jax import commands
 from kosmos_jax.data import inspect as data_inspect
 from kosmos_jax.data import loader, shapes, tasks
-import testutil_spm
+from tests.helpers import spm as spm_util
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 P = 32  # location bins per side of the shapes vocabulary used here
@@ -27,7 +27,7 @@ def itest(tmp_path_factory):
 
 def _exit_code(argv) -> int:
   with pytest.raises(SystemExit) as e:
-    cli.main(argv)
+    commands.main(argv)
   return e.value.code
 
 
@@ -67,7 +67,7 @@ def test_mixture_examples_name_their_task_and_mark_images(itest):
 
 
 def test_cli_prints_and_draws(itest, tmp_path, capsys):
-  cli.main(["data", "inspect", f"{itest}_rec", "--num", "2", "--out", str(tmp_path / "pictures")])
+  commands.main(["data", "inspect", f"{itest}_rec", "--num", "2", "--out", str(tmp_path / "pictures")])
   out = capsys.readouterr().out
   assert out.count(f"{itest}_rec key=") == 2 and out.count("  entity 'the ") == 2
   files = sorted(os.listdir(tmp_path / "pictures"))
@@ -91,11 +91,11 @@ def test_bad_arguments_exit_2(itest, capsys, argv, message):
 
 
 def test_user_tasks_from_config(tmp_path, capsys):
-  spm_file = testutil_spm.train_tiny_spm(tmp_path / "spm")
+  spm_file = spm_util.train_tiny_spm(tmp_path / "spm")
   (tmp_path / "text").mkdir()
   (tmp_path / "text" / "t.txt").write_text("ba be bi\n")
   try:
-    cli.main(["data", "inspect", "kosmos2_text", "--num", "1",
+    commands.main(["data", "inspect", "kosmos2_text", "--num", "1",
               "--config", os.path.join(ROOT, "configs/tiny.py"),
               f"--config.data.spm_model_file={spm_file}", f"--config.data.data_dir={tmp_path}"])
   finally:

@@ -8,16 +8,17 @@ import seqio
 import tensorflow as tf
 from PIL import Image
 
-from kosmos_jax.data import grounding, image_ops, images, preprocessors, quality, text_ops
-from kosmos_jax.data import vocab as vocab_lib
-import testutil_spm
+from kosmos_jax.processing import grounding, images
+from kosmos_jax.data import tf_image, preprocessors, quality, tf_text
+from kosmos_jax.processing import vocab as vocab_lib
+from tests.helpers import spm as spm_util
 
 SLOTS = 4  # image tokens per image in these tests
 
 
 @pytest.fixture(scope="module")
 def vocab(tmp_path_factory):
-  return vocab_lib.KosmosVocabulary(testutil_spm.train_tiny_spm(tmp_path_factory.mktemp("spm")))
+  return vocab_lib.KosmosVocabulary(spm_util.train_tiny_spm(tmp_path_factory.mktemp("spm")))
 
 
 def encode(array, fmt="PNG", **kw):
@@ -43,8 +44,8 @@ def image_text_records(records, vocab, **kw):
                                           ("WEBP", 3), ("WEBP", 4), ("BMP", 3)])
 def test_decode_square_matches_processor(fmt, channels):
   data = encode(picture(120, 200, channels), fmt)
-  assert not image_ops.check_image_bytes(tf.constant(data)).numpy().any()
-  pixels = image_ops.preprocess(tf.constant(data), 224, "square")
+  assert not tf_image.check_image_bytes(tf.constant(data)).numpy().any()
+  pixels = tf_image.preprocess(tf.constant(data), 224, "square")
   diff = np.abs(pixels.numpy() - images.preprocess_image(data))
   # PIL and TF resize (and decode JPEG) slightly differently: about a pixel level.
   assert pixels.shape == (3, 224, 224) and diff.mean() < 0.02 and diff.max() < 0.1
@@ -54,7 +55,7 @@ def test_gif_first_frame():
   frames = [Image.new("RGB", (20, 10), c) for c in ((255, 0, 0), (0, 0, 255))]
   buffer = io.BytesIO()
   frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
-  rgb = image_ops.decode_rgb(tf.constant(buffer.getvalue())).numpy()
+  rgb = tf_image.decode_rgb(tf.constant(buffer.getvalue())).numpy()
   assert rgb.shape == (10, 20, 3) and rgb[..., 0].min() > 200 and rgb[..., 2].max() < 50
 
 
@@ -62,8 +63,8 @@ def test_crop_carries_boxes():
   image = tf.zeros([100, 200, 3])  # resized to 16 x 32, centre crop keeps x in [0.25, 0.75]
   boxes = tf.constant([[0.3, 0.1, 0.5, 0.9], [0.0, 0.0, 0.1, 1.0], [0.2, 0.0, 0.4, 1.0],
                        [0.74, 0.0, 0.8, 1.0]])
-  out, geometry = image_ops.resize_and_center_crop(image, 16)
-  moved, keep = image_ops.crop_boxes(boxes, geometry)
+  out, geometry = tf_image.resize_and_center_crop(image, 16)
+  moved, keep = tf_image.crop_boxes(boxes, geometry)
   assert out.shape == (16, 16, 3)
   np.testing.assert_allclose(moved[0], [0.1, 0.1, 0.5, 0.9], atol=1e-6)
   # Outside the crop; 75% inside; 17% inside (< 20%: dropped).
@@ -73,7 +74,7 @@ def test_crop_carries_boxes():
 
 def test_grounded_rendering_equals_grounding_py(vocab):
   rng = random.Random(0)
-  words = testutil_spm.lexicon()
+  words = spm_util.lexicon()
   captions, raws, expected_spans = [], [], []
   for _ in range(60):
     caption = rng.choice(["", "  "]) + " ".join(rng.choice(words) for _ in range(rng.randint(1, 10)))
@@ -101,12 +102,12 @@ def test_grounded_rendering_equals_grounding_py(vocab):
     expected_spans.append(kept)
   # All captions as one batch: records must not leak into each other.
   rows = np.repeat(np.arange(len(raws)), [len(r) for r in raws]).astype(np.int32)
-  spans, boxes, rows, _ = text_ops.clean_spans(np.concatenate(raws), rows, [len(c) for c in captions], 0.65)
-  phrases, phrase_rows, boxes, box_phrase, _ = text_ops.select_spans(spans, boxes, rows, len(captions))
+  spans, boxes, rows, _ = tf_text.clean_spans(np.concatenate(raws), rows, [len(c) for c in captions], 0.65)
+  phrases, phrase_rows, boxes, box_phrase, _ = tf_text.select_spans(spans, boxes, rows, len(captions))
   grounded = [rng.random() < 0.8 for _ in captions]
   prefix = [vocab.tag_id("<grounding>")]
   for quantizer in ("hf", "original"):
-    ids = text_ops.grounded_caption_ids(vocab, tf.constant(captions), tf.constant(grounded), phrases,
+    ids = tf_text.grounded_caption_ids(vocab, tf.constant(captions), tf.constant(grounded), phrases,
                                         phrase_rows, boxes, box_phrase, prefix, quantizer)
     for caption, kept, on, row in zip(captions, expected_spans, grounded, ids.to_list()):
       expected = (prefix + vocab.encode(grounding.render_grounded_text(caption, kept, quantizer=quantizer))

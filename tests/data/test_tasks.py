@@ -9,7 +9,7 @@ import seqio
 from PIL import Image
 
 from kosmos_jax.data import feature_converter, shapes, sources, tasks
-import testutil_spm
+from tests.helpers import spm as spm_util
 
 
 def _jpeg(colour=(200, 0, 0)):
@@ -54,7 +54,7 @@ def test_sources_read_tar_parquet_jsonl(tmp_path):
 
 
 def test_kosmos2_tasks_on_user_files(tmp_path):
-  spm_file = testutil_spm.train_tiny_spm(tmp_path / "spm")
+  spm_file = spm_util.train_tiny_spm(tmp_path / "spm")
   for name in ("grit", "caption"):
     (tmp_path / name).mkdir()
     (tmp_path / name / "img.jpg").write_bytes(_jpeg())

@@ -7,7 +7,8 @@ import seqio
 from flax import nnx
 
 from kosmos_jax import config as config_lib
-from kosmos_jax.data import grounding, loader
+from kosmos_jax.processing import grounding
+from kosmos_jax.data import loader
 from kosmos_jax.eval import boxes, rec
 from kosmos_jax.models.kosmos import Kosmos2
 

@@ -8,7 +8,8 @@ from flax.core import spmd
 from jax.sharding import PartitionSpec as P
 
 from kosmos_jax import config as config_lib
-from kosmos_jax.models import attention, loading
+from kosmos_jax.models import attention
+from kosmos_jax.models import build
 from kosmos_jax.models.kosmos import Kosmos2
 
 CPU_KERNELS = ["pallas", "splash"]  # cudnn needs a GPU; both others interpret on CPU.
@@ -59,7 +60,7 @@ def test_model_with_pallas_matches_xla():
   mask = (ids != 1).astype(np.int32)
   ref = np.asarray(model(ids, attention_mask=mask).logits)
   config.attention = "pallas"
-  kernel_model = loading.model_from_params(config, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  kernel_model = build.model_from_params(config, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   got = np.asarray(kernel_model(ids, attention_mask=mask).logits)
   np.testing.assert_allclose(got[mask.astype(bool)], ref[mask.astype(bool)], atol=1e-4)
 

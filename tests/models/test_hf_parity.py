@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import kosmos_jax
-from hf_reference import TINY_HF_CONFIGS, grounded_batch, random_hf_model
+from tests.helpers.hf_reference import TINY_HF_CONFIGS, grounded_batch, random_hf_model
 
 TOL = 1e-4  # max abs difference, relative to the largest logit
 

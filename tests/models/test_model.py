@@ -10,12 +10,13 @@ import transformers
 from flax import nnx
 
 from kosmos_jax import config as config_lib
-from kosmos_jax.models import decoder, loading
+from kosmos_jax.models import decoder
+from kosmos_jax.models import build
 from kosmos_jax.models.kosmos import Kosmos2
 
 
 def test_released_size_matches_transformers_default_config():
-  ours = loading.param_count(config_lib.load("configs/kosmos2.py").model)
+  ours = build.param_count(config_lib.load("configs/kosmos2.py").model)
   with torch.device("meta"):
     theirs_model = transformers.Kosmos2ForConditionalGeneration(transformers.Kosmos2Config())
   # lm_head is tied to embed_tokens: counted once, as parameters() does.
@@ -44,12 +45,12 @@ def _inputs(cfg, batch=2, text=6, seed=0):
 
 
 def test_every_parameter_has_logical_axes(tiny):
-  state = nnx.state(loading.abstract_model(tiny.model), nnx.Param)
+  state = nnx.state(build.abstract_model(tiny.model), nnx.Param)
   for path, var in jax.tree_util.tree_flatten_with_path(
       state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
     axes = var.get_metadata()["out_sharding"]
     assert len(axes) == var.get_value().ndim, path
-  blocks = nnx.state(loading.abstract_model(tiny.model).text_model.layers, nnx.Param)
+  blocks = nnx.state(build.abstract_model(tiny.model).text_model.layers, nnx.Param)
   assert blocks["fc1"]["kernel"].get_metadata()["out_sharding"] == ("layers", "embed", "mlp")
 
 
@@ -72,7 +73,7 @@ def test_bfloat16_compute_tracks_float32(tiny):
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   cfg16 = tiny.model.copy_and_resolve_references()
   cfg16.dtype = "bfloat16"
-  model16 = loading.model_from_params(cfg16, params)
+  model16 = build.model_from_params(cfg16, params)
   batch = _inputs(tiny.model)
   ref = np.asarray(model(**batch).logits)
   got = model16(**batch).logits
@@ -91,7 +92,7 @@ def test_dropout_only_with_an_rng_and_remat_changes_nothing(tiny):
   assert np.abs(train - a).max() > 1e-3
   cfg = tiny.model.copy_and_resolve_references()
   cfg.remat = "full"
-  remat = loading.model_from_params(cfg, params)
+  remat = build.model_from_params(cfg, params)
 
   def loss(m):
     return m(**batch, dropout_rng=jax.random.key(0)).logits.mean()

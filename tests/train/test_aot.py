@@ -3,12 +3,12 @@ import json
 
 import pytest
 
-from kosmos_jax import cli
+from kosmos_jax import commands
 
 
 @pytest.mark.parametrize("attention", ["xla", "pallas"])
 def test_tiny_train_step_compiles_for_v5e(capsys, attention):
-  cli.main(["aot", "--config", "configs/tiny.py", "--topology", "v5e:2x2",
+  commands.main(["aot", "--config", "configs/tiny.py", "--topology", "v5e:2x2",
             "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.batch_size=8",
             "--config.seq_len=64", f"--config.attention={attention}",
             "--config.model.text.attention_dropout=0.0"])
@@ -20,6 +20,6 @@ def test_tiny_train_step_compiles_for_v5e(capsys, attention):
 
 def test_a_plan_that_does_not_fit_fails_loudly(capsys):
   with pytest.raises(SystemExit, match="GiB per chip"):
-    cli.main(["aot", "--config", "configs/tiny.py", "--topology", "v5e:2x2",
+    commands.main(["aot", "--config", "configs/tiny.py", "--topology", "v5e:2x2",
               "--config.mesh.data=4", "--config.batch_size=16384", "--config.seq_len=256",
               "--config.images_per_row=0"])

@@ -18,7 +18,7 @@ def _run_two_processes(workdir, total_steps):
   port = _free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
   procs = [subprocess.Popen(
-      [sys.executable, "-m", "kosmos_jax.cli", "train", "--config", "configs/tiny.py",
+      [sys.executable, "-m", "kosmos_jax.commands", "train", "--config", "configs/tiny.py",
        "--workdir", str(workdir), "--coordinator", f"localhost:{port}", "--num-processes", "2",
        "--process-id", str(i), f"--config.total_steps={total_steps}", "--config.log_every=2",
        "--config.checkpoint_every=2", "--config.batch_size=4", "--config.seq_len=64"],

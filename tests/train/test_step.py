@@ -7,10 +7,11 @@ import pytest
 from flax import nnx
 from flax.core import spmd
 
-from batches import packed_batch
+from tests.helpers.batches import packed_batch
 from kosmos_jax import config as config_lib
 from kosmos_jax.models.kosmos import Kosmos2
-from kosmos_jax.train import optim, partitioning
+from kosmos_jax.train import optim
+from kosmos_jax import sharding
 from kosmos_jax.train import step as step_lib
 
 NO_DROPOUT = ["model.text.dropout=0.0", "model.text.attention_dropout=0.0"]
@@ -144,11 +145,11 @@ def test_sharded_8_devices_equals_one_device():
     ref_state, metrics = single(ref_state, batch)
     ref_losses.append(float(metrics["loss"]))
 
-  mesh = partitioning.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh)
   assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
-  rules = partitioning.rules_of(config)
-  state_sharding = partitioning.train_state_shardings(state, mesh, rules)
-  batch_sharding = {k: partitioning.batch_sharding(mesh, rules, v.shape)
+  rules = sharding.rules_of(config)
+  state_sharding = sharding.train_state_shardings(state, mesh, rules)
+  batch_sharding = {k: sharding.batch_sharding(mesh, rules, v.shape)
                     for k, v in batches[0].items()}
   with jax.set_mesh(mesh), spmd.logical_axis_rules(rules):
     sharded = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),

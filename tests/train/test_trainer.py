@@ -31,7 +31,7 @@ def _losses(workdir):
 
 
 def _spawn(workdir, extra=()):
-  cmd = [sys.executable, "-m", "kosmos_jax.cli", "train", "--config", "configs/tiny.py",
+  cmd = [sys.executable, "-m", "kosmos_jax.commands", "train", "--config", "configs/tiny.py",
          "--workdir", str(workdir), *[f"--config.{o}" for o in [*OVERRIDES, *extra]]]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
   return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -1,0 +1,1 @@
+"""Experiment configs: `get_config()` in each file; `kosmos-jax CMD --config configs/NAME.py`."""

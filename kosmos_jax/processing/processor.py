@@ -1,0 +1,226 @@
+"""A KOSMOS-2 processor with the inputs and outputs of transformers' Kosmos2Processor.
+
+Text construction (reference/kosmos2.md 2.2): `<s>` + `<image>` + 64 slots +
+`</image>` + the stripped text with boxes inserted after each phrase; the 64
+slot ids are replaced by 4..67 and flagged in `image_embeds_position_mask`.
+Batches with images are padded to the longest sequence, as transformers does.
+Everything comes back as numpy arrays.
+"""
+import json
+import math
+import numbers
+import os
+import re
+from typing import Sequence
+
+import numpy as np
+
+from kosmos_jax.processing import files, grounding
+from kosmos_jax.processing import images as images_lib
+from kosmos_jax.processing import vocab as vocab_lib
+
+_PHRASE_RE = re.compile(r"<phrase>.+?</phrase>")
+# transformers' `clean_up_tokenization`, applied on decode when the tokenizer
+# config asks for it.
+_CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+             (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+def _read_json(path: str) -> dict:
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _is_box(box) -> bool:
+  """A location pair (2 ints) or normalized coordinates (4 floats), as a tuple."""
+  if not isinstance(box, tuple):
+    return False
+  if len(box) == 2:
+    return all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in box)
+  return len(box) == 4 and all(isinstance(v, numbers.Real) and not isinstance(v, numbers.Integral) for v in box)
+
+
+def _check_boxes(boxes, where: str):
+  """`boxes` for one text: None, or one entry per phrase that is None, a box,
+  or a list of boxes."""
+  if boxes is None:
+    return
+  if not isinstance(boxes, list):
+    raise ValueError(f"bboxes{where} must be None or a list with one entry per <phrase>, got {type(boxes).__name__}")
+  for entry in boxes:
+    for box in ([] if entry is None else entry if isinstance(entry, list) else [entry]):
+      if not _is_box(box):
+        raise ValueError(
+            f"bboxes{where}: {box!r} is not a box; use a tuple of 2 ints (patch indices) or of 4 floats "
+            "(x1, y1, x2, y2), a list of such tuples, or None")
+
+
+def _pad(rows: list[list[int]], value: int, length: int, side: str) -> np.ndarray:
+  pad = lambda r: [value] * (length - len(r))
+  return np.array([pad(r) + r if side == "left" else r + pad(r) for r in rows], np.int64)
+
+
+class Processor:
+  """Turns text, images and boxes into model inputs, and generated ids back."""
+
+  def __init__(self, vocab: vocab_lib.KosmosVocabulary,
+               image_options: images_lib.ImageOptions = images_lib.ImageOptions(),
+               num_image_tokens: int = vocab_lib.NUM_IMAGE_TOKENS, padding_side: str = "right",
+               clean_up_tokenization_spaces: bool = False):
+    self.vocab = vocab
+    self.image_options = image_options
+    self.num_image_tokens = num_image_tokens
+    self.padding_side = padding_side
+    self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
+
+  @classmethod
+  def from_pretrained(cls, directory: str | os.PathLike) -> "Processor":
+    """Reads a Hugging Face Kosmos-2 processor directory.
+
+    Needs `sentencepiece.bpe.model`; reads `tokenizer_config.json` (padding
+    side, decode clean-up) and the image settings from `processor_config.json`
+    (transformers 5) or `preprocessor_config.json` (hub snapshots).
+    """
+    directory = os.fspath(directory)
+    spm_file = os.path.join(directory, files.SENTENCEPIECE)
+    if not os.path.exists(spm_file):
+      raise FileNotFoundError(f"{spm_file} not found: a Kosmos-2 processor directory needs the sentencepiece model")
+    processor_config = _read_json(os.path.join(directory, "processor_config.json"))
+    image_config = processor_config.get("image_processor") or _read_json(
+        os.path.join(directory, "preprocessor_config.json"))
+    tokenizer_config = _read_json(os.path.join(directory, "tokenizer_config.json"))
+    num_patches = processor_config.get("num_patch_index_tokens", 1024)
+    vocab = vocab_lib.KosmosVocabulary(spm_file, num_patches_per_side=math.isqrt(num_patches))
+    return cls(vocab,
+               image_options=images_lib.ImageOptions.from_hf_config(image_config),
+               num_image_tokens=processor_config.get("num_image_tokens", vocab_lib.NUM_IMAGE_TOKENS),
+               padding_side=tokenizer_config.get("padding_side", "right"),
+               clean_up_tokenization_spaces=tokenizer_config.get("clean_up_tokenization_spaces", False))
+
+  # --- text ----------------------------------------------------------------
+
+  def insert_boxes(self, text: str, boxes) -> str:
+    """Appends `<object>..</object>` after the i-th `<phrase>..</phrase>` for
+    `boxes[i]` (None or an empty list: no object)."""
+    if not boxes:
+      return text
+    phrases = list(_PHRASE_RE.finditer(text))
+    if len(phrases) != len(boxes):
+      raise ValueError(f"{len(boxes)} bboxes entries for {len(phrases)} <phrase>..</phrase> pairs in {text!r}")
+    out, pos = [], 0
+    for match, entry in zip(phrases, boxes):
+      out.append(text[pos:match.end()])
+      pos = match.end()
+      entry = [entry] if isinstance(entry, tuple) else entry
+      if entry:
+        out.append(grounding.object_markup(entry, self.vocab.num_patches_per_side))
+    out.append(text[pos:])
+    return "".join(out)
+
+  def prompt_text(self, text: str, with_image: bool, boxes=None) -> str:
+    """The string the tokenizer sees (without `<s>`)."""
+    text = text.strip()
+    if with_image:
+      text = " ".join(["<image>"] * (self.num_image_tokens + 1) + ["</image>", text])
+    return self.insert_boxes(text, boxes)
+
+  # --- call ----------------------------------------------------------------
+
+  def __call__(self, text: str | Sequence[str] | None = None, images=None, bboxes=None,
+               padding: bool | str = False, padding_side: str | None = None,
+               add_eos_token: bool = False, add_special_tokens: bool = True) -> dict[str, np.ndarray]:
+    """Model inputs as numpy arrays.
+
+    Args:
+      text: a string or a list of strings.
+      images: an image or a list of images (one per text), see
+        `images_lib.to_rgb` for the accepted kinds.
+      bboxes: for one text, a list with one entry per `<phrase>`: None, a box
+        (tuple of 2 ints = patch indices, or 4 floats = normalized x1, y1, x2,
+        y2) or a list of boxes; for a batch, a list of those (or None).
+      padding: pad a text-only batch to its longest row (True or "longest");
+        batches with images are always padded, as in transformers.
+      padding_side: "left" or "right"; default from the tokenizer config.
+      add_eos_token: end with `</s>`.
+      add_special_tokens: start with `<s>` (and allow `</s>`).
+
+    Returns:
+      `input_ids`, `attention_mask` (int64, (B, L); B = 1 for a single
+      string, as transformers' `return_tensors="np"` gives), with images also `image_embeds_position_mask` and
+      `pixel_values` (float32, (N, 3, H, W)).
+    """
+    if text is None and images is None:
+      raise ValueError("pass text, images or both")
+    out = {}
+    if images is not None:
+      image_list = images if isinstance(images, list) else [images]
+      out["pixel_values"] = images_lib.preprocess_images(image_list, self.image_options)
+    if text is None:
+      return out
+
+    single = isinstance(text, str)
+    texts = [text] if single else list(text)
+    if single:
+      _check_boxes(bboxes, "")
+      box_lists = [bboxes]
+    elif bboxes is None:
+      box_lists = [None] * len(texts)
+    else:
+      if not isinstance(bboxes, list) or len(bboxes) != len(texts):
+        raise ValueError(f"bboxes must be None or a list with one entry per text ({len(texts)})")
+      for i, b in enumerate(bboxes):
+        _check_boxes(b, f"[{i}]")
+      box_lists = bboxes
+    if images is not None and len(image_list) != len(texts):
+      raise ValueError(f"got {len(texts)} texts and {len(image_list)} images; pass one image per text")
+
+    with_bos = add_special_tokens
+    rows = []
+    for t, b in zip(texts, box_lists):
+      ids = self.vocab.encode(self.prompt_text(t, images is not None, b))
+      if with_bos:
+        ids = [self.vocab.bos_id] + ids
+      if add_special_tokens and add_eos_token:
+        ids.append(self.vocab.eos_id)
+      rows.append(ids)
+
+    image_masks = None
+    if images is not None:
+      start = int(with_bos) + 1  # after <s> and the real <image>
+      slots = vocab_lib.image_slot_ids(self.num_image_tokens)
+      image_masks = []
+      for ids in rows:
+        ids[start:start + self.num_image_tokens] = slots
+        image_masks.append([0] * start + [1] * self.num_image_tokens + [0] * (len(ids) - start - self.num_image_tokens))
+
+    side = padding_side or self.padding_side
+    if side not in ("left", "right"):
+      raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+    length = max(map(len, rows))
+    if (images is None and not padding) and len(set(map(len, rows))) > 1:
+      raise ValueError("texts encode to different lengths; pass padding=True to get arrays")
+    out["input_ids"] = _pad(rows, self.vocab.pad_id, length, side)
+    out["attention_mask"] = _pad([[1] * len(r) for r in rows], 0, length, side)
+    if image_masks is not None:
+      out["image_embeds_position_mask"] = _pad(image_masks, 0, length, side)
+    return out
+
+  # --- output --------------------------------------------------------------
+
+  def decode(self, ids, skip_special_tokens: bool = False) -> str:
+    """Ids to text, as the Hugging Face tokenizer's `decode`."""
+    text = self.vocab.detokenize(np.asarray(ids).reshape(-1).tolist(), skip_special_tokens)
+    if self.clean_up_tokenization_spaces:
+      for old, new in _CLEANUPS:
+        text = text.replace(old, new)
+    return text
+
+  def batch_decode(self, sequences, skip_special_tokens: bool = False) -> list[str]:
+    return [self.decode(ids, skip_special_tokens) for ids in sequences]
+
+  def post_process_generation(self, text: str, cleanup_and_extract: bool = True):
+    """Caption after `</image>`; with `cleanup_and_extract`, `(clean_text,
+    [(phrase, (start, end), [(x1, y1, x2, y2), ...]), ...])`."""
+    return grounding.post_process_generation(text, cleanup_and_extract, self.vocab.num_patches_per_side)

@@ -1,0 +1,130 @@
+"""`kosmos-jax generate` on a tiny random snapshot: outputs, pictures, and errors."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import kosmos_jax
+from tests.helpers import spm as spm_util
+from kosmos_jax import commands
+from kosmos_jax.processing import grounding
+from kosmos_jax.processing import visualize
+
+NEW = 6
+
+
+@pytest.fixture(scope="module")
+def snapshot(tiny_snapshot):
+  return tiny_snapshot
+
+
+@pytest.fixture(scope="module")
+def pair(snapshot):
+  snap = str(snapshot / "snap")
+  return kosmos_jax.from_pretrained(snap), kosmos_jax.Processor.from_pretrained(snap)
+
+
+def _generate(capsys, snapshot, *args):
+  commands.main(["generate", "--checkpoint", str(snapshot / "snap"), *args])
+  return capsys.readouterr().out
+
+
+def _error(snapshot, *args, checkpoint=None):
+  with pytest.raises(SystemExit) as e:
+    commands.main(["generate", "--checkpoint", checkpoint or str(snapshot / "snap"), *args])
+  return str(e.value)
+
+
+def test_json_and_text_outputs_match_model_generate(capsys, snapshot, pair):
+  model, processor = pair
+  images = [str(snapshot / "snowman.jpg"), str(snapshot / "tall.png")]
+  out = _generate(capsys, snapshot, "--image", images[0], "--image", images[1],
+                  "--max-new-tokens", str(NEW), "--json")
+  results = [json.loads(line) for line in out.splitlines()]
+  inputs = processor(text=["<grounding>An image of"] * 2,
+                     images=[np.asarray(Image.open(p).convert("RGB")) for p in images])
+  want = model.generate(**inputs, max_new_tokens=NEW)
+  assert [r["image"] for r in results] == images
+  for result, row in zip(results, want.tolist()):
+    assert result["token_ids"] == row[:len(result["token_ids"])]
+    assert all(t == processor.vocab.pad_id for t in row[len(result["token_ids"]):])
+    text, entities = processor.post_process_generation(
+        processor.decode(row, skip_special_tokens=True))
+    assert result["text"] == text
+    assert result["entities"] == [dict(phrase=p, span=list(s), boxes=[list(b) for b in boxes])
+                                  for p, s, boxes in entities]
+  out = _generate(capsys, snapshot, "--image", images[0], "--image", images[1],
+                  "--max-new-tokens", str(NEW))
+  lines = [line for line in out.splitlines() if not line.startswith("  ")]
+  assert lines == [f"{r['image']}: {r['text']}" for r in results]
+
+
+def test_out_writes_annotated_pictures(capsys, snapshot, tmp_path):
+  image = str(snapshot / "snowman.jpg")
+  out = _generate(capsys, snapshot, "--image", image, "--image", image,
+                  "--max-new-tokens", str(NEW), "--json", "--out", str(tmp_path / "pics"))
+  pictures = [json.loads(line)["picture"] for line in out.splitlines()]
+  assert pictures == [str(tmp_path / "pics" / f"snowman-{i}.png") for i in (0, 1)]
+  for path in pictures:
+    assert Image.open(path).size == (320, 240)
+
+
+def test_box_builds_the_referring_prompt(capsys, snapshot, pair):
+  _, processor = pair
+  image = str(snapshot / "snowman.jpg")
+  box = (0.25, 0.5, 0.75, 1.0)
+  # Two images: the batch shape of the other tests, so nothing recompiles.
+  run = lambda *a: [json.loads(line) for line in _generate(
+      capsys, snapshot, "--image", image, "--image", image, "--max-new-tokens", str(NEW),
+      "--json", "--box", "0.25,0.5,0.75,1", *a).splitlines()]
+  reg, _ = run()
+  prompt = processor(text=grounding.reg_prompt(box), images=np.zeros((8, 8, 3), np.uint8))
+  width = prompt["input_ids"].shape[1]
+  assert reg["token_ids"][:width] == prompt["input_ids"][0].tolist()
+  assert reg["entities"][0]["phrase"] == "It"
+  assert reg["entities"][0]["boxes"] == [[0.265625, 0.515625, 0.734375, 0.984375]]
+  # The same box on the one phrase of a given prompt.
+  assert run("--prompt", "<phrase> It</phrase> is")[0] == reg
+
+
+def test_bad_inputs_are_named(snapshot, tmp_path):
+  image = str(snapshot / "snowman.jpg")
+  not_image = tmp_path / "notes.jpg"
+  not_image.write_text("not a picture")
+  assert "notes.jpg: cannot read it as an image" in _error(snapshot, "--image", str(not_image))
+  assert "missing.png: cannot read" in _error(snapshot, "--image", str(tmp_path / "missing.png"))
+  deep = tmp_path / "deep.png"
+  Image.fromarray(np.full((8, 8), 4000, np.uint16)).save(deep)
+  assert "deep.png: unsupported mode 'I;16'" in _error(snapshot, "--image", str(deep))
+  too_long = "It is a snowman. " * 600  # > 2048 tokens
+  assert "(text.max_positions)" in _error(snapshot, "--image", image, "--prompt", too_long)
+  assert "with --box: 1 bboxes entries for 0 <phrase>" in _error(
+      snapshot, "--image", image, "--box", "0,0,1,1", "--prompt", "An image of")
+  # A snapshot without its sentencepiece model.
+  bare = tmp_path / "bare"
+  bare.mkdir()
+  for name in ("config.json", "model.safetensors", "processor_config.json"):
+    os.symlink(snapshot / "snap" / name, bare / name)
+  assert "missing processor file sentencepiece.bpe.model" in _error(
+      snapshot, "--image", image, checkpoint=str(bare))
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("--box", "0.5,0.5,0.2,0.9"), ("--box", "1,2,3"), ("--box", "0,0,2,2"), ("--box", "a,b,c,d"),
+    ("--max-new-tokens", "0"), ("--num-beams", "-2")])
+def test_bad_options_are_refused(capsys, snapshot, flag, value):
+  assert _error(snapshot, "--image", "x.jpg", flag, value) == "2"  # argparse's exit code
+  assert f"{flag}: " in capsys.readouterr().err
+
+
+def test_random_ids_post_process_and_draw_without_raising(pair):
+  _, processor = pair
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    # Markup-heavy id soup: tags and location tokens in random order.
+    ids = rng.integers(processor.vocab.vocab_size - 1040, processor.vocab.vocab_size, 30)
+    text, entities = processor.post_process_generation(processor.decode(ids))
+    assert isinstance(text, str)
+    visualize.draw_entities(np.zeros((8, 8, 3), np.uint8), entities)
