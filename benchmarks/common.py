@@ -13,6 +13,17 @@ MID_HF_CONFIG = dict(
     latent_query_num=64)
 
 
+def timed(fn, repeats: int) -> tuple[float, list[float]]:
+  """Median wall time of `fn()` (which must block until done) over `repeats`
+  calls, and every call's time."""
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times), times
+
+
 def timed_pair(ours, theirs, repeats: int) -> tuple[float, float]:
   """Median wall times of `ours()` and `theirs()` (each must block until done).
 

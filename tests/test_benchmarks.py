@@ -1,0 +1,46 @@
+"""Every benchmark script imports and answers `--help`, so none can rot unseen.
+
+The scripts are run by hand (`python -m benchmarks.NAME`); this runs them in
+one subprocess (they set the process's malloc options and import torch).
+"""
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPTS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py")
+                 if p.stem not in ("__init__", "common"))
+
+CHECK = """
+import contextlib, importlib, io, sys
+for name in sys.argv[1:]:
+  module = importlib.import_module(f"benchmarks.{name}")
+  sys.argv = [name, "--help"]
+  out = io.StringIO()
+  try:
+    with contextlib.redirect_stdout(out):
+      module.main()
+  except SystemExit as e:
+    assert e.code == 0, (name, e.code)
+  else:
+    raise AssertionError(f"{name}: --help did not exit")
+  assert "usage:" in out.getvalue(), name
+  print("ok", name)
+"""
+
+
+def test_every_benchmark_imports_and_has_help():
+  assert {"attention", "data_vs_hf", "forward_vs_hf", "generate_vs_hf", "train_vs_hf"} <= set(SCRIPTS)
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", CHECK, *SCRIPTS], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  assert proc.stdout.split() == [w for s in SCRIPTS for w in ("ok", s)]
+
+
+def test_timed_reports_the_median():
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
+  calls = []
+  median, times = common.timed(lambda: calls.append(1), 5)
+  assert len(calls) == len(times) == 5 and min(times) <= median <= max(times)
