@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell sha1sum setup.py | cut -c1-12)
 # Tests run on CPU (tests/conftest.py forces 8 host devices for the mesh tests).
 TEST_ENV := JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=3
 
-.PHONY: test demo venv clean
+.PHONY: test lint format demo venv clean
 
 venv: $(STAMP)
 
@@ -16,8 +16,17 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet -e '.[test]'
 	rm -f $(VENV)/.installed-* && touch $@
 
-test: $(STAMP)
+# Format and lint first (about a second): a style slip fails before the slow tests.
+test: lint
 	$(TEST_ENV) $(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 # Trains configs/shapes.py from scratch on the synthetic shapes mixture (CPU, about
 # 11 minutes on 2 cores), scores referring expressions on held-out pictures and

@@ -5,6 +5,7 @@ length for decode (XLA, which kernels.decode_attention uses on GPU).
 Needs a GPU; exits with a message otherwise.
 Run: `.venv/bin/python -m benchmarks.attention [--head-dim 128 ...]`.
 """
+
 import argparse
 import json
 import sys
@@ -21,14 +22,17 @@ def attention_fn(impl, causal):
   if impl == "ours":
     return lambda q, k, v: kernels.flash_attention(q, k, v, causal=causal)
   return lambda q, k, v: jax.nn.dot_product_attention(
-      q, k, v, is_causal=causal, implementation=impl)
+    q, k, v, is_causal=causal, implementation=impl
+  )
 
 
 def forward_backward(attention):
   """Jitted (q, k, v, dout) -> (out, dq, dk, dv)."""
+
   def step(q, k, v, dout):
     out, vjp = jax.vjp(attention, q, k, v)
     return (out, *vjp(dout))
+
   return jax.jit(step)
 
 
@@ -48,24 +52,29 @@ def run_flash(args, dtype):
     q, k, v, dout = (jax.random.normal(key, shape, dtype) for key in keys)
     baseline = None
     for impl in ("ours", "cudnn", "xla"):
-      record = dict(case="flash_fwd_bwd", impl=impl, batch=batch,
-                    seq_len=length, heads=args.heads, head_dim=args.head_dim,
-                    dtype=args.dtype, causal=args.causal)
+      record = dict(
+        case="flash_fwd_bwd",
+        impl=impl,
+        batch=batch,
+        seq_len=length,
+        heads=args.heads,
+        head_dim=args.head_dim,
+        dtype=args.dtype,
+        causal=args.causal,
+      )
       try:
         step = forward_backward(attention_fn(impl, args.causal))
         outs = jax.block_until_ready(step(q, k, v, dout))  # Compile + warm.
-        seconds, _ = timed(
-            lambda: jax.block_until_ready(step(q, k, v, dout)), args.repeats)
+        seconds, _ = timed(lambda: jax.block_until_ready(step(q, k, v, dout)), args.repeats)
         record["ms"] = round(seconds * 1e3, 3)
-        record["tflops"] = round(
-            flops(*shape, args.causal) / seconds / 1e12, 2)
+        record["tflops"] = round(flops(*shape, args.causal) / seconds / 1e12, 2)
         if impl == "ours":
           baseline = outs
         elif baseline is not None:  # A fast wrong kernel cannot hide.
           record["max_abs_diff_vs_ours"] = max(
-              float(jnp.max(jnp.abs(a.astype(jnp.float32) -
-                                    b.astype(jnp.float32))))
-              for a, b in zip(outs, baseline))
+            float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+            for a, b in zip(outs, baseline)
+          )
       except Exception as e:  # pylint: disable=broad-except
         record["error"] = f"{type(e).__name__}: {str(e)[:300]}"
       print(json.dumps(record), flush=True)
@@ -84,24 +93,33 @@ def run_decode(args, dtype):
     # kernel): the line says how close XLA gets to the HBM bandwidth.
     step = jax.jit(kernels.decode_attention)
     jax.block_until_ready(step(q, k, v, lengths))
-    seconds, _ = timed(lambda: jax.block_until_ready(step(q, k, v, lengths)),
-                       args.repeats)
+    seconds, _ = timed(lambda: jax.block_until_ready(step(q, k, v, lengths)), args.repeats)
     # Bytes of the valid half of the K and V caches.
     moved = 2 * batch * (max_length // 2) * args.heads * args.head_dim
     moved *= jnp.dtype(dtype).itemsize
-    print(json.dumps(dict(
-        case="decode", impl="xla", batch=batch, cache_len=max_length,
-        valid_len=max_length // 2, heads=args.heads, head_dim=args.head_dim,
-        dtype=args.dtype, us=round(seconds * 1e6, 1),
-        useful_gb_per_s=round(moved / seconds / 1e9, 1))), flush=True)
+    print(
+      json.dumps(
+        dict(
+          case="decode",
+          impl="xla",
+          batch=batch,
+          cache_len=max_length,
+          valid_len=max_length // 2,
+          heads=args.heads,
+          head_dim=args.head_dim,
+          dtype=args.dtype,
+          us=round(seconds * 1e6, 1),
+          useful_gb_per_s=round(moved / seconds / 1e9, 1),
+        )
+      ),
+      flush=True,
+    )
 
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--seq-lens", type=int, nargs="+",
-                      default=[512, 1024, 2048, 4096, 8192])
-  parser.add_argument("--tokens", type=int, default=16384,
-                      help="batch = tokens // seq_len")
+  parser.add_argument("--seq-lens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
+  parser.add_argument("--tokens", type=int, default=16384, help="batch = tokens // seq_len")
   # Kosmos-2's decoder: 32 heads of 64.
   parser.add_argument("--heads", type=int, default=32)
   parser.add_argument("--head-dim", type=int, default=64)
@@ -112,10 +130,11 @@ def main():
   args = parser.parse_args()
   args.causal = bool(args.causal)
   if jax.default_backend() != "gpu":
-    sys.exit(f"benchmarks/attention.py needs a GPU; jax sees "
-             f"{jax.default_backend()!r} ({jax.devices()[0].device_kind}).")
-  print(json.dumps(dict(device=jax.devices()[0].device_kind,
-                        jax=jax.__version__)), flush=True)
+    sys.exit(
+      f"benchmarks/attention.py needs a GPU; jax sees "
+      f"{jax.default_backend()!r} ({jax.devices()[0].device_kind})."
+    )
+  print(json.dumps(dict(device=jax.devices()[0].device_kind, jax=jax.__version__)), flush=True)
   dtype = jnp.dtype(args.dtype)
   run_flash(args, dtype)
   run_decode(args, dtype)

@@ -1,4 +1,5 @@
 """Shared by the benchmarks: the mid-size Kosmos-2 shape and a timer."""
+
 import statistics
 import tempfile
 import time
@@ -6,11 +7,24 @@ import time
 # Mid-size Kosmos-2: 6 x 512 decoder, 6-layer ViT of width 384 at 224/14, the
 # released vocabulary and 64 latents (transformers Kosmos2Config keywords).
 MID_HF_CONFIG = dict(
-    text_config=dict(embed_dim=512, layers=6, attention_heads=8, ffn_dim=2048,
-                     vocab_size=65037, max_position_embeddings=2048),
-    vision_config=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
-                       num_attention_heads=6, image_size=224, patch_size=14),
-    latent_query_num=64)
+  text_config=dict(
+    embed_dim=512,
+    layers=6,
+    attention_heads=8,
+    ffn_dim=2048,
+    vocab_size=65037,
+    max_position_embeddings=2048,
+  ),
+  vision_config=dict(
+    hidden_size=384,
+    intermediate_size=1536,
+    num_hidden_layers=6,
+    num_attention_heads=6,
+    image_size=224,
+    patch_size=14,
+  ),
+  latent_query_num=64,
+)
 
 
 def timed(fn, repeats: int) -> tuple[float, list[float]]:
@@ -41,9 +55,11 @@ def timed_pair(ours, theirs, repeats: int) -> tuple[float, float]:
 def same_weights(config):
   """(transformers model, our model) holding the same random weights for `config`
   (a transformers Kosmos2Config), ours loaded through its safetensors snapshot."""
-  import kosmos_jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
+
+  import kosmos_jax  # pylint: disable=g-import-not-at-top
+
   torch.manual_seed(0)
   hf = transformers.Kosmos2ForConditionalGeneration(config)
   with tempfile.TemporaryDirectory() as d:

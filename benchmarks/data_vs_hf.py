@@ -19,6 +19,7 @@ for all. Ours also does work theirs does not: reading the records from the
 TFDS files (theirs get them from a Python list), byte checks and packing.
 Run: `.venv/bin/python -m benchmarks.data_vs_hf`.
 """
+
 import argparse
 import io
 import json
@@ -60,9 +61,14 @@ def main():
   n = len(records)
 
   start = time.perf_counter()
-  ds = seqio.get_mixture_or_task("shapes_grit").get_dataset(
-      {"targets": 512, "images": 6}, split="train", shuffle=False).take(n)
-  packed = feature_converter.MultimodalFeatureConverter(pack=True)(ds, {"targets": 512, "images": 6})
+  ds = (
+    seqio.get_mixture_or_task("shapes_grit")
+    .get_dataset({"targets": 512, "images": 6}, split="train", shuffle=False)
+    .take(n)
+  )
+  packed = feature_converter.MultimodalFeatureConverter(pack=True)(
+    ds, {"targets": 512, "images": 6}
+  )
   rows = packed.as_numpy_iterator()
   first_row = next(rows)
   first_s = time.perf_counter() - start
@@ -74,7 +80,10 @@ def main():
 
   directory = tempfile.mkdtemp()
   try:
-    shutil.copy(shapes.shapes_vocabulary().sentencepiece_model_file, os.path.join(directory, "sentencepiece.bpe.model"))
+    shutil.copy(
+      shapes.shapes_vocabulary().sentencepiece_model_file,
+      os.path.join(directory, "sentencepiece.bpe.model"),
+    )
     processor = hf_processor(directory)
     start = time.perf_counter()
     for record in records:
@@ -85,12 +94,24 @@ def main():
   finally:
     shutil.rmtree(directory)
 
-  print(json.dumps({"benchmark": "data_vs_hf", "records": n, "packed_rows": num_rows,
-                    "ours_examples_per_s": round(n / ours_s, 1), "hf_examples_per_s": round(n / hf_s, 1),
-                    "speedup": round(hf_s / ours_s, 2), "ours_s": round(ours_s, 2),
-                    "hf_s": round(hf_s, 2), "ours_startup_s": round(first_s, 2),
-                    "ours_steady_examples_per_s": round(steady, 1),
-                    "steady_speedup": round(steady * hf_s / n, 2), "cores": os.cpu_count()}))
+  print(
+    json.dumps(
+      {
+        "benchmark": "data_vs_hf",
+        "records": n,
+        "packed_rows": num_rows,
+        "ours_examples_per_s": round(n / ours_s, 1),
+        "hf_examples_per_s": round(n / hf_s, 1),
+        "speedup": round(hf_s / ours_s, 2),
+        "ours_s": round(ours_s, 2),
+        "hf_s": round(hf_s, 2),
+        "ours_startup_s": round(first_s, 2),
+        "ours_steady_examples_per_s": round(steady, 1),
+        "steady_speedup": round(steady * hf_s / n, 2),
+        "cores": os.cpu_count(),
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 Prints one JSON line. Run: `.venv/bin/python -m benchmarks.forward_vs_hf`.
 """
+
 import argparse
 import json
 import os
@@ -10,6 +11,7 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from kosmos_jax import heap  # pylint: disable=g-import-not-at-top
+
 # Both sides alike: glibc keeps freed memory (kosmos_jax/heap.py says why).
 heap.keep_freed_memory()
 
@@ -51,20 +53,33 @@ def main():
       return hf(**torch_batch).logits
 
   hf_forward()  # warm-up
-  ours_s, hf_s = timed_pair(lambda: forward(state, jax_batch).block_until_ready(),
-                            hf_forward, args.repeats)
+  ours_s, hf_s = timed_pair(
+    lambda: forward(state, jax_batch).block_until_ready(), hf_forward, args.repeats
+  )
 
   mask = batch["attention_mask"].astype(bool)
   err = float(np.abs(np.asarray(forward(state, jax_batch)) - hf_forward().numpy())[mask].max())
-  print(json.dumps({
-      "benchmark": "forward_vs_hf", "batch": args.batch,
-      "sequence": int(batch["input_ids"].shape[1]), "text_tokens": args.text_tokens,
-      "ours_s": round(ours_s, 4), "hf_s": round(hf_s, 4),
-      "speedup": round(hf_s / ours_s, 2), "ours_compile_s": round(compile_s, 2),
-      "max_abs_logit_diff": err, "torch_threads": torch.get_num_threads(),
-      "attn_implementation": hf.config._attn_implementation,
-      "jax": jax.__version__, "torch": torch.__version__,
-      "transformers": transformers.__version__, "device": jax.devices()[0].device_kind}))
+  print(
+    json.dumps(
+      {
+        "benchmark": "forward_vs_hf",
+        "batch": args.batch,
+        "sequence": int(batch["input_ids"].shape[1]),
+        "text_tokens": args.text_tokens,
+        "ours_s": round(ours_s, 4),
+        "hf_s": round(hf_s, 4),
+        "speedup": round(hf_s / ours_s, 2),
+        "ours_compile_s": round(compile_s, 2),
+        "max_abs_logit_diff": err,
+        "torch_threads": torch.get_num_threads(),
+        "attn_implementation": hf.config._attn_implementation,
+        "jax": jax.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": jax.devices()[0].device_kind,
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Prints one JSON line; our first call (tracing + compilation) is reported
 separately from the steady-state time. Run:
 `.venv/bin/python -m benchmarks.generate_vs_hf`.
 """
+
 import argparse
 import json
 import os
@@ -13,6 +14,7 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from kosmos_jax import heap  # pylint: disable=g-import-not-at-top
+
 # Both sides alike: glibc keeps freed memory (kosmos_jax/heap.py says why).
 heap.keep_freed_memory()
 
@@ -39,8 +41,9 @@ def main():
   batch = grounded_batch(hf.config, [args.text_tokens] * args.batch)
   torch_batch = {k: torch.from_numpy(v) for k, v in batch.items()}
   # EOS disabled on both sides so that every row generates the full budget.
-  options = dict(max_new_tokens=args.new_tokens, eos_token_id=-1,
-                 no_repeat_ngram_size=args.no_repeat_ngram_size)
+  options = dict(
+    max_new_tokens=args.new_tokens, eos_token_id=-1, no_repeat_ngram_size=args.no_repeat_ngram_size
+  )
 
   def ours_generate():
     return ours.generate(**batch, **options)
@@ -57,20 +60,32 @@ def main():
 
   got, want = ours_generate(), hf_generate()
   prompt = batch["input_ids"].shape[1]
-  same = (got.shape == want.shape and
-          float((got[:, prompt:] == want[:, prompt:]).mean()))
-  print(json.dumps({
-      "benchmark": "generate_vs_hf", "batch": args.batch, "prompt": prompt,
-      "new_tokens": args.new_tokens, "no_repeat_ngram_size": args.no_repeat_ngram_size,
-      "ours_s": round(ours_s, 3), "hf_s": round(hf_s, 3), "speedup": round(hf_s / ours_s, 2),
-      "ours_first_call_s": round(first_s, 2),
-      "ours_compile_s": round(first_s - ours_s, 2),
-      "ours_tokens_per_s": round(args.batch * args.new_tokens / ours_s, 1),
-      "hf_tokens_per_s": round(args.batch * args.new_tokens / hf_s, 1),
-      "fraction_new_tokens_equal": same, "torch_threads": torch.get_num_threads(),
-      "cpu_load_1min": round(os.getloadavg()[0], 2),
-      "jax": jax.__version__, "torch": torch.__version__,
-      "transformers": transformers.__version__, "device": jax.devices()[0].device_kind}))
+  same = got.shape == want.shape and float((got[:, prompt:] == want[:, prompt:]).mean())
+  print(
+    json.dumps(
+      {
+        "benchmark": "generate_vs_hf",
+        "batch": args.batch,
+        "prompt": prompt,
+        "new_tokens": args.new_tokens,
+        "no_repeat_ngram_size": args.no_repeat_ngram_size,
+        "ours_s": round(ours_s, 3),
+        "hf_s": round(hf_s, 3),
+        "speedup": round(hf_s / ours_s, 2),
+        "ours_first_call_s": round(first_s, 2),
+        "ours_compile_s": round(first_s - ours_s, 2),
+        "ours_tokens_per_s": round(args.batch * args.new_tokens / ours_s, 1),
+        "hf_tokens_per_s": round(args.batch * args.new_tokens / hf_s, 1),
+        "fraction_new_tokens_equal": same,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_load_1min": round(os.getloadavg()[0], 2),
+        "jax": jax.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": jax.devices()[0].device_kind,
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

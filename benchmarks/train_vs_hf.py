@@ -4,6 +4,7 @@ Prints one JSON line: tokens/s of both, and our MFU. Dropout is off on both
 sides (so the work is the same); both use float32.
 Run: `.venv/bin/python -m benchmarks.train_vs_hf`.
 """
+
 import argparse
 import json
 import os
@@ -11,6 +12,7 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from kosmos_jax import heap  # pylint: disable=g-import-not-at-top
+
 # Both sides alike: glibc keeps freed memory (kosmos_jax/heap.py says why).
 heap.keep_freed_memory()
 
@@ -21,21 +23,29 @@ import transformers
 from flax import nnx
 
 from benchmarks.common import MID_HF_CONFIG, same_weights, timed_pair
-from tests.helpers.hf_reference import grounded_batch
 from kosmos_jax.config import experiment_config
 from kosmos_jax.train import mfu, optim
 from kosmos_jax.train import step as step_lib
+from tests.helpers.hf_reference import grounded_batch
 
 
 def _our_batch(batch: dict) -> dict:
   """The HF-style batch in the feature converter's layout (shifted, weighted)."""
-  ids, mask, slots = batch["input_ids"], batch["attention_mask"], batch["image_embeds_position_mask"]
+  ids, mask, slots = (
+    batch["input_ids"],
+    batch["attention_mask"],
+    batch["image_embeds_position_mask"],
+  )
   targets = np.concatenate([ids[:, 1:], np.ones_like(ids[:, :1])], axis=1)
   weights = np.concatenate([mask[:, 1:] * (1 - slots[:, 1:]), np.zeros_like(ids[:, :1])], axis=1)
-  return dict(input_ids=ids.astype(np.int32), targets=targets.astype(np.int32),
-              loss_weights=weights.astype(np.float32), segment_ids=mask.astype(np.int32),
-              image_embeds_position_mask=slots.astype(np.int32),
-              pixel_values=batch["pixel_values"][:, None])
+  return dict(
+    input_ids=ids.astype(np.int32),
+    targets=targets.astype(np.int32),
+    loss_weights=weights.astype(np.float32),
+    segment_ids=mask.astype(np.int32),
+    image_embeds_position_mask=slots.astype(np.int32),
+    pixel_values=batch["pixel_values"][:, None],
+  )
 
 
 def main():
@@ -53,8 +63,11 @@ def main():
   tokens = int(batch["attention_mask"].sum())
 
   # transformers: labels are the ids with prompt-free loss everywhere but pads and slots.
-  labels = np.where((batch["attention_mask"] == 1) & (batch["image_embeds_position_mask"] == 0),
-                    batch["input_ids"], -100)
+  labels = np.where(
+    (batch["attention_mask"] == 1) & (batch["image_embeds_position_mask"] == 0),
+    batch["input_ids"],
+    -100,
+  )
   torch_batch = {k: torch.from_numpy(v) for k, v in batch.items()}
   torch_labels = torch.from_numpy(labels)
   opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
@@ -88,13 +101,26 @@ def main():
   cfg.batch_size, cfg.seq_len, cfg.images_per_row = args.batch, batch["input_ids"].shape[1], 1
   flops = mfu.model_flops_per_step(cfg)
   peak = mfu.peak_flops()
-  print(json.dumps({
-      "benchmark": "train_vs_hf", "batch": args.batch, "sequence": cfg.seq_len,
-      "ours_tokens_per_s": round(tokens / ours_s, 1), "hf_tokens_per_s": round(tokens / hf_s, 1),
-      "speedup": round(hf_s / ours_s, 2), "ours_step_s": round(ours_s, 3),
-      "hf_step_s": round(hf_s, 3), "ours_mfu": round(flops / (ours_s * peak), 4),
-      "peak_flops_measured": round(peak / 1e9, 1), "torch_threads": torch.get_num_threads(),
-      "jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__}))
+  print(
+    json.dumps(
+      {
+        "benchmark": "train_vs_hf",
+        "batch": args.batch,
+        "sequence": cfg.seq_len,
+        "ours_tokens_per_s": round(tokens / ours_s, 1),
+        "hf_tokens_per_s": round(tokens / hf_s, 1),
+        "speedup": round(hf_s / ours_s, 2),
+        "ours_step_s": round(ours_s, 3),
+        "hf_step_s": round(hf_s, 3),
+        "ours_mfu": round(flops / (ours_s * peak), 4),
+        "peak_flops_measured": round(peak / 1e9, 1),
+        "torch_threads": torch.get_num_threads(),
+        "jax": jax.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

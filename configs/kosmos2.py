@@ -12,6 +12,7 @@ and 16 images per chip, bfloat16 compute with float32 master weights, full
 rematerialisation. `kosmos-jax aot --config configs/kosmos2.py --topology
 v5e:4x4` checks it fits (numbers in README.md).
 """
+
 from kosmos_jax.config import experiment_config
 from kosmos_jax.models.config import model_config
 

@@ -6,6 +6,7 @@ rows per fsdp group), bfloat16 compute, full rematerialisation:
 
   kosmos-jax aot --config configs/kosmos2_v5p.py --topology v5p:4x4x4
 """
+
 from configs import kosmos2
 
 

@@ -34,28 +34,48 @@ Aim: REC accuracy (IoU >= 0.5, greedy output) on 500 held-out pictures within
            itself gave 0.819 (seed 0) and 0.830 (seed 1), and 0.812 (seed 0)
            since the loss's one-hot target select changed its rounding.
 """
+
 from kosmos_jax.config import experiment_config
 from kosmos_jax.models.config import model_config
 
 
 def get_config():
-  config = experiment_config(model_config(**{
-      "vision.image_size": 64, "vision.patch_size": 8, "vision.width": 96,
-      "vision.depth": 3, "vision.heads": 4, "vision.mlp_dim": 192,
-      "text.vocab_size": 387, "text.width": 128, "text.depth": 3,
-      "text.heads": 4, "text.ffn_dim": 512, "text.max_positions": 256,
-      "text.dropout": 0.0, "text.attention_dropout": 0.0,
-      "latent_query_num": 16,
-      "vision.position_init": "sincos2d", "connector_init": "scaled",
-      "text.num_patches_per_side": 16, "text.location_init": "sincos2d",
-  }))
+  config = experiment_config(
+    model_config(
+      **{
+        "vision.image_size": 64,
+        "vision.patch_size": 8,
+        "vision.width": 96,
+        "vision.depth": 3,
+        "vision.heads": 4,
+        "vision.mlp_dim": 192,
+        "text.vocab_size": 387,
+        "text.width": 128,
+        "text.depth": 3,
+        "text.heads": 4,
+        "text.ffn_dim": 512,
+        "text.max_positions": 256,
+        "text.dropout": 0.0,
+        "text.attention_dropout": 0.0,
+        "latent_query_num": 16,
+        "vision.position_init": "sincos2d",
+        "connector_init": "scaled",
+        "text.num_patches_per_side": 16,
+        "text.location_init": "sincos2d",
+      }
+    )
+  )
   # 1000 held-out pictures for the REC score. Interleaved documents (three
   # pictures, a whole 128-token row each) stay rare: at rate 0.5 they took
   # ~10% of the tokens and picture slots of the run.
   config.data.shapes_tasks = dict(
-      prefix="shapes_demo", image_size=64, num_image_tokens=16, num_patches_per_side=16,
-      config=dict(name="64_demo", image_size=64, num_train=20000, num_test=1000),
-      rates=dict(rec=10, grit=3, caption=0.5, text=0.5, interleaved=0.1))
+    prefix="shapes_demo",
+    image_size=64,
+    num_image_tokens=16,
+    num_patches_per_side=16,
+    config=dict(name="64_demo", image_size=64, num_train=20000, num_test=1000),
+    rates=dict(rec=10, grit=3, caption=0.5, text=0.5, interleaved=0.1),
+  )
   config.data.mixture = "shapes_demo_mix"
   config.rec.task = "shapes_demo_rec"
   config.rec.num_images = 500

@@ -1,16 +1,29 @@
 """A Kosmos-2 small enough for fast CPU tests: the same architecture, tiny sizes."""
+
 from kosmos_jax.config import experiment_config
 from kosmos_jax.models.config import model_config
 
 
 def get_config():
-  config = experiment_config(model_config(**{
-      "vision.image_size": 32, "vision.patch_size": 8, "vision.width": 32,
-      "vision.depth": 2, "vision.heads": 4, "vision.mlp_dim": 64,
-      "text.vocab_size": 1200, "text.width": 64, "text.depth": 2,
-      "text.heads": 4, "text.ffn_dim": 128, "text.max_positions": 256,
-      "latent_query_num": 8,
-  }))
+  config = experiment_config(
+    model_config(
+      **{
+        "vision.image_size": 32,
+        "vision.patch_size": 8,
+        "vision.width": 32,
+        "vision.depth": 2,
+        "vision.heads": 4,
+        "vision.mlp_dim": 64,
+        "text.vocab_size": 1200,
+        "text.width": 64,
+        "text.depth": 2,
+        "text.heads": 4,
+        "text.ffn_dim": 128,
+        "text.max_positions": 256,
+        "latent_query_num": 8,
+      }
+    )
+  )
   config.data.mixture = "shapes32_mix"  # 32 px pictures, 8 image slots
   config.rec.task = "shapes32_rec"
   config.batch_size = 8

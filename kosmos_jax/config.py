@@ -4,6 +4,7 @@ Config files (`configs/*.py`, ml_collections) call `experiment_config(model)`
 and override what they need; the command line overrides any key with
 `--config.key=value`.
 """
+
 import ast
 import importlib
 import importlib.util
@@ -41,12 +42,20 @@ def experiment_config(model: ml_collections.ConfigDict) -> ml_collections.Config
   config.max_bad_steps = 5  # non-finite steps in a row before the job stops
   config.init_from = ""  # a HF snapshot or kosmos-jax checkpoint to fine-tune
   # `kosmos2_*` mixtures read the user's files: set spm_model_file and data_dir.
-  config.data = dict(mixture="shapes_mix", train_split="train", eval_split="validation",
-                     shuffle=True, eval_batches=4, spm_model_file="", data_dir="")
+  config.data = dict(
+    mixture="shapes_mix",
+    train_split="train",
+    eval_split="validation",
+    shuffle=True,
+    eval_batches=4,
+    spm_model_file="",
+    data_dir="",
+  )
   # Referring-expression comprehension: the seqio task whose source gives
   # (image, expressions, boxes) records, and how much of its split to score.
-  config.rec = dict(task="shapes_rec", split="validation", num_images=100, batch_size=64,
-                    max_new_tokens=8)
+  config.rec = dict(
+    task="shapes_rec", split="validation", num_images=100, batch_size=64, max_new_tokens=8
+  )
   config.optim = optim.optim_config()
   config.mesh = sharding.mesh_config()
   config.sharding_rules = [list(rule) for rule in sharding.TRAIN_RULES]
@@ -90,7 +99,8 @@ def _import_file(path: str):
     for key in [k for k in sys.modules if k == package or k.startswith(package + ".")]:
       del sys.modules[key]
     spec = importlib.util.spec_from_file_location(
-        package, os.path.join(directory, "__init__.py"), submodule_search_locations=[directory])
+      package, os.path.join(directory, "__init__.py"), submodule_search_locations=[directory]
+    )
     loaded = importlib.util.module_from_spec(spec)
     sys.modules[package] = loaded
     spec.loader.exec_module(loaded)

@@ -11,6 +11,7 @@ the run directory is cleared first), REC evaluation on the held-out pictures
   caption_NN.png  the same picture with the boxes of its grounded caption
   summary.json    steps, wall times, loss curve, rec_accuracy, captions
 """
+
 import json
 import os
 import shutil
@@ -39,11 +40,19 @@ def _curves(metrics_path: str) -> tuple[list, list]:
 def _captions(model, processor, images: list, max_new_tokens: int) -> list[tuple[str, list]]:
   """Greedy grounded captions: (clean text, entities) per image."""
   inputs = processor(text=[CAPTION_PROMPT] * len(images), images=images)
-  out = model.generate(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
-                       inputs["image_embeds_position_mask"], max_new_tokens=max_new_tokens,
-                       num_beams=1, do_sample=False)
-  return [processor.post_process_generation(processor.decode(ids, skip_special_tokens=True))
-          for ids in out]
+  out = model.generate(
+    inputs["input_ids"],
+    inputs["pixel_values"],
+    inputs["attention_mask"],
+    inputs["image_embeds_position_mask"],
+    max_new_tokens=max_new_tokens,
+    num_beams=1,
+    do_sample=False,
+  )
+  return [
+    processor.post_process_generation(processor.decode(ids, skip_special_tokens=True))
+    for ids in out
+  ]
 
 
 def _draw(out: str, predictions: list[rec.Prediction], pictures: int, captions_of) -> list[dict]:
@@ -56,18 +65,35 @@ def _draw(out: str, predictions: list[rec.Prediction], pictures: int, captions_o
   drawn = []
   for i, (key, (text, entities)) in enumerate(zip(keys, captions)):
     image = by_key[key][0].example.image
-    answers = [(f"{p.example.expression}: IoU {p.iou:.2f}", (0, 0), [p.box])
-               for p in by_key[key] if p.box is not None]
+    answers = [
+      (f"{p.example.expression}: IoU {p.iou:.2f}", (0, 0), [p.box])
+      for p in by_key[key]
+      if p.box is not None
+    ]
     visualize.draw_entities(image, answers).save(os.path.join(out, f"rec_{i:02d}.png"))
     visualize.draw_entities(image, entities).save(os.path.join(out, f"caption_{i:02d}.png"))
-    drawn.append(dict(key=key, caption=text, entities=[[e[0], [list(b) for b in e[2]]] for e in entities],
-                      rec=[dict(expression=p.example.expression, output=p.text, iou=round(p.iou, 4))
-                           for p in by_key[key]]))
+    drawn.append(
+      dict(
+        key=key,
+        caption=text,
+        entities=[[e[0], [list(b) for b in e[2]]] for e in entities],
+        rec=[
+          dict(expression=p.example.expression, output=p.text, iou=round(p.iou, 4))
+          for p in by_key[key]
+        ],
+      )
+    )
   return drawn
 
 
-def run(config: ml_collections.ConfigDict, out: str, *, pictures: int = 8,
-        caption_tokens: int = 48, devices=None) -> dict:
+def run(
+  config: ml_collections.ConfigDict,
+  out: str,
+  *,
+  pictures: int = 8,
+  caption_tokens: int = 48,
+  devices=None,
+) -> dict:
   """Trains, evaluates and draws (see the module doc); returns the summary."""
   start = time.perf_counter()
   os.makedirs(out, exist_ok=True)
@@ -81,22 +107,36 @@ def run(config: ml_collections.ConfigDict, out: str, *, pictures: int = 8,
   train_done = time.perf_counter()
   model = loading.from_pretrained(workdir)
   processor = rec.processor_for(loader.vocabulary(cfg.task), model.config)
-  predictions = rec.predict(model, processor, examples, batch_size=cfg.batch_size,
-                            max_new_tokens=cfg.max_new_tokens)
+  predictions = rec.predict(
+    model, processor, examples, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens
+  )
   scores = rec.metrics(predictions)
   eval_done = time.perf_counter()
-  drawn = _draw(out, predictions, pictures,
-                lambda images: _captions(model, processor, images, caption_tokens))
+  drawn = _draw(
+    out, predictions, pictures, lambda images: _captions(model, processor, images, caption_tokens)
+  )
   end = time.perf_counter()
   losses, evals = _curves(os.path.join(workdir, "metrics.jsonl"))
   summary = dict(
-      mixture=config.data.mixture, rec_task=cfg.task, rec_split=cfg.split,
-      steps=config.total_steps, batch_size=config.batch_size, seq_len=config.seq_len,
-      **scores, rec_images=len({e.key for e in examples}),
-      wall_time_s=round(end - start, 1),
-      wall_time_split_s=dict(data=round(data_done - start, 1), train=round(train_done - data_done, 1),
-                             eval=round(eval_done - train_done, 1), pictures=round(end - eval_done, 1)),
-      loss_curve=losses, evaluations=evals, pictures=drawn)
+    mixture=config.data.mixture,
+    rec_task=cfg.task,
+    rec_split=cfg.split,
+    steps=config.total_steps,
+    batch_size=config.batch_size,
+    seq_len=config.seq_len,
+    **scores,
+    rec_images=len({e.key for e in examples}),
+    wall_time_s=round(end - start, 1),
+    wall_time_split_s=dict(
+      data=round(data_done - start, 1),
+      train=round(train_done - data_done, 1),
+      eval=round(eval_done - train_done, 1),
+      pictures=round(end - eval_done, 1),
+    ),
+    loss_curve=losses,
+    evaluations=evals,
+    pictures=drawn,
+  )
   with open(os.path.join(out, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
   return summary
@@ -107,10 +147,12 @@ def describe(summary: dict, out: str) -> str:
   split = summary["wall_time_split_s"]
   first, last = summary["loss_curve"][0], summary["loss_curve"][-1]
   lines = [
-      f"REC accuracy (IoU >= 0.5) {summary['rec_accuracy']:.3f} on {summary['rec_count']} expressions "
-      f"of {summary['rec_images']} held-out pictures (mean IoU {summary['rec_mean_iou']:.3f})",
-      f"{summary['steps']} steps, loss {first[1]:.3f} (step {first[0]}) -> {last[1]:.3f}",
-      f"wall time {summary['wall_time_s']:.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in split.items()),
+    f"REC accuracy (IoU >= 0.5) {summary['rec_accuracy']:.3f} "
+    f"on {summary['rec_count']} expressions "
+    f"of {summary['rec_images']} held-out pictures (mean IoU {summary['rec_mean_iou']:.3f})",
+    f"{summary['steps']} steps, loss {first[1]:.3f} (step {first[0]}) -> {last[1]:.3f}",
+    f"wall time {summary['wall_time_s']:.0f} s: "
+    + ", ".join(f"{k} {v:.0f} s" for k, v in split.items()),
   ]
   lines += [f"  {p['key']}: {p['caption']}" for p in summary["pictures"][:3]]
   lines.append(f"pictures and summary.json in {out}")

@@ -15,6 +15,7 @@ pipeline's many threads would queue on one arena's lock. Setting any
 MALLOC_* variable, or GLIBC_TUNABLES, leaves glibc as you set it: e.g.
 `MALLOC_ARENA_MAX=8 kosmos-jax train ...` keeps the defaults.
 """
+
 import ctypes
 import glob
 import os
@@ -22,9 +23,11 @@ import sys
 
 # mallopt parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-_SETTINGS = ((_M_ARENA_MAX, 1),  # one arena: a block freed by one thread serves the next
-             (_M_MMAP_MAX, 0),  # large blocks come from the heap, not their own mapping
-             (_M_TRIM_THRESHOLD, -1))  # never hand the heap's free top back (mallopt(3))
+_SETTINGS = (
+  (_M_ARENA_MAX, 1),  # one arena: a block freed by one thread serves the next
+  (_M_MMAP_MAX, 0),  # large blocks come from the heap, not their own mapping
+  (_M_TRIM_THRESHOLD, -1),
+)  # never hand the heap's free top back (mallopt(3))
 
 
 def keep_freed_memory() -> bool:
@@ -35,8 +38,11 @@ def keep_freed_memory() -> bool:
   returns False, off glibc, for a run on an accelerator or where the user
   configured malloc themselves.
   """
-  if (not sys.platform.startswith("linux") or _user_configured(os.environ)
-      or not _runs_on_cpu(os.environ, _has_accelerator())):
+  if (
+    not sys.platform.startswith("linux")
+    or _user_configured(os.environ)
+    or not _runs_on_cpu(os.environ, _has_accelerator())
+  ):
     return False
   try:
     libc = ctypes.CDLL("libc.so.6")
@@ -57,5 +63,6 @@ def _runs_on_cpu(environ, has_accelerator: bool) -> bool:
 
 def _has_accelerator() -> bool:
   # TPU v4 chips appear as /dev/accel*, v5e/v5p/v6e as VFIO groups; NVIDIA GPUs as /dev/nvidiaN.
-  return any(glob.glob(pattern) for pattern in ("/dev/accel*", "/dev/vfio/[0-9]*",
-                                                "/dev/nvidia[0-9]*"))
+  return any(
+    glob.glob(pattern) for pattern in ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*")
+  )

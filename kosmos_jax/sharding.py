@@ -7,8 +7,10 @@ mesh axes (`data`, `fsdp`, `tensor`); two tables are written out here:
 A dimension that its mesh axes do not divide is replicated instead
 (`logical_to_spec`), so every config compiles on every mesh.
 """
+
 import contextlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -24,36 +26,36 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # activations (act_*) with the batch over data and fsdp, heads/mlp/vocab over
 # tensor; sequence and layer axes unsharded.
 TRAIN_RULES = (
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("mlp", "tensor"),
-    ("vocab", "tensor"),
-    ("layers", None),
-    ("act_batch", ("data", "fsdp")),
-    ("act_length", None),
-    ("act_embed", None),
-    ("act_heads", "tensor"),
-    ("act_kv", None),
-    ("act_mlp", "tensor"),
-    ("act_vocab", "tensor"),
+  ("embed", "fsdp"),
+  ("heads", "tensor"),
+  ("mlp", "tensor"),
+  ("vocab", "tensor"),
+  ("layers", None),
+  ("act_batch", ("data", "fsdp")),
+  ("act_length", None),
+  ("act_embed", None),
+  ("act_heads", "tensor"),
+  ("act_kv", None),
+  ("act_mlp", "tensor"),
+  ("act_vocab", "tensor"),
 )
 
 # Inference keeps no optimizer state, so an fsdp split of `embed` would only
 # add gathers: `embed` is replicated and the weights are split Megatron-style
 # (heads, mlp, vocab over `tensor`), the batch over `data`.
 SERVE_RULES = (
-    ("embed", None),
-    ("heads", "tensor"),
-    ("mlp", "tensor"),
-    ("vocab", "tensor"),
-    ("layers", None),
-    ("act_batch", ("data", "fsdp")),
-    ("act_length", None),
-    ("act_embed", None),
-    ("act_heads", "tensor"),
-    ("act_kv", None),
-    ("act_mlp", "tensor"),
-    ("act_vocab", "tensor"),
+  ("embed", None),
+  ("heads", "tensor"),
+  ("mlp", "tensor"),
+  ("vocab", "tensor"),
+  ("layers", None),
+  ("act_batch", ("data", "fsdp")),
+  ("act_length", None),
+  ("act_embed", None),
+  ("act_heads", "tensor"),
+  ("act_kv", None),
+  ("act_mlp", "tensor"),
+  ("act_vocab", "tensor"),
 )
 
 
@@ -75,8 +77,9 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
       raise ValueError(f"mesh: {num_devices} devices do not divide by {fixed}")
     sizes[sizes.index(-1)] = num_devices // fixed
   if int(np.prod(sizes)) != num_devices:
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} "
-                     f"devices, have {num_devices}")
+    raise ValueError(
+      f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, have {num_devices}"
+    )
   return tuple(sizes)
 
 
@@ -96,15 +99,17 @@ def serving_mesh(data: int = 1, tensor: int = -1, devices: Sequence[Any] | None 
 
 def rules_of(config) -> tuple:
   """The experiment config's `sharding_rules` (lists, from JSON) as a rules table."""
-  return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
-               for name, axes in config.sharding_rules)
+  return tuple(
+    (name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in config.sharding_rules
+  )
 
 
 # ------------------------------------------------------------- logical names
 
 
-def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh,
-                    rules=None) -> jax.sharding.PartitionSpec:
+def logical_to_spec(
+  names: Sequence[str | None], shape: Sequence[int], mesh, rules=None
+) -> jax.sharding.PartitionSpec:
   """PartitionSpec of an array from logical axis names and the axis rules
   (default: the rules active through `flax.core.spmd.logical_axis_rules`).
 
@@ -150,9 +155,11 @@ def use_mesh(mesh: Mesh, rules: tuple = SERVE_RULES):
 
 def state_shardings(abstract_state: nnx.State, mesh: Mesh, rules: tuple):
   """NamedShardings for an nnx state of Variables carrying `out_sharding` names."""
+
   def one(var):
     names = var.get_metadata().get("out_sharding") or (None,) * var.get_value().ndim
     return NamedSharding(mesh, logical_to_spec(names, var.get_value().shape, mesh, rules))
+
   return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
@@ -167,7 +174,7 @@ def train_state_shardings(state, mesh: Mesh, rules: tuple):
   their logical names, everything else (step, rng, counters) replicated."""
   replicated = NamedSharding(mesh, P())
   is_var = lambda x: isinstance(x, nnx.Variable)
-  by_name = lambda x: (state_shardings(x, mesh, rules) if is_var(x) else replicated)
+  by_name = lambda x: state_shardings(x, mesh, rules) if is_var(x) else replicated
   return jax.tree.map(by_name, state, is_leaf=is_var)
 
 

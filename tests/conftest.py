@@ -1,4 +1,5 @@
 """Test-wide setup: CPU only, 8 host devices so sharding tests can build a mesh."""
+
 import os
 
 import pytest
@@ -17,6 +18,7 @@ def tiny_snapshot(tmp_path_factory):
   """A directory with a tiny random Hugging Face snapshot `snap` and pictures
   `snowman.jpg` (320 x 240) and `tall.png` (40 x 90)."""
   from tests.helpers import spm  # pylint: disable=g-import-not-at-top
+
   path = tmp_path_factory.mktemp("tiny_snapshot")
   spm.make_tiny_snapshot(path / "snap")
   spm.write_snowman(path / "snowman.jpg")

@@ -3,14 +3,16 @@
 The scripts are run by hand (`python -m benchmarks.NAME`); this runs them in
 one subprocess (they set the process's malloc options and import torch).
 """
+
 import os
 import pathlib
 import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SCRIPTS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py")
-                 if p.stem not in ("__init__", "common"))
+SCRIPTS = sorted(
+  p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem not in ("__init__", "common")
+)
 
 CHECK = """
 import contextlib, importlib, io, sys
@@ -31,16 +33,25 @@ for name in sys.argv[1:]:
 
 
 def test_every_benchmark_imports_and_has_help():
-  assert {"attention", "data_vs_hf", "forward_vs_hf", "generate_vs_hf", "train_vs_hf"} <= set(SCRIPTS)
+  assert {"attention", "data_vs_hf", "forward_vs_hf", "generate_vs_hf", "train_vs_hf"} <= set(
+    SCRIPTS
+  )
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", CHECK, *SCRIPTS], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, "-c", CHECK, *SCRIPTS],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   assert proc.stdout.split() == [w for s in SCRIPTS for w in ("ok", s)]
 
 
 def test_timed_reports_the_median():
   from benchmarks import common  # pylint: disable=g-import-not-at-top
+
   calls = []
   median, times = common.timed(lambda: calls.append(1), 5)
   assert len(calls) == len(times) == 5 and min(times) <= median <= max(times)

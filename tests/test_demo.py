@@ -1,4 +1,5 @@
 """`kosmos-jax demo` end to end on the tiny config: train, score, draw, summarise."""
+
 import json
 import os
 import subprocess
@@ -9,11 +10,31 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_demo_writes_summary_and_pictures(tmp_path):
   out = tmp_path / "demo_out"
-  overrides = ["total_steps=4", "log_every=1", "batch_size=4", "seq_len=64", "images_per_row=2",
-               "rec.num_images=3", "rec.batch_size=4", "eval_every=4", "data.eval_batches=1",
-               "evaluators=['rec']"]
-  cmd = [sys.executable, "-m", "kosmos_jax.commands", "demo", "--config", "configs/tiny.py",
-         "--out", str(out), "--pictures", "2", *[f"--config.{o}" for o in overrides]]
+  overrides = [
+    "total_steps=4",
+    "log_every=1",
+    "batch_size=4",
+    "seq_len=64",
+    "images_per_row=2",
+    "rec.num_images=3",
+    "rec.batch_size=4",
+    "eval_every=4",
+    "data.eval_batches=1",
+    "evaluators=['rec']",
+  ]
+  cmd = [
+    sys.executable,
+    "-m",
+    "kosmos_jax.commands",
+    "demo",
+    "--config",
+    "configs/tiny.py",
+    "--out",
+    str(out),
+    "--pictures",
+    "2",
+    *[f"--config.{o}" for o in overrides],
+  ]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

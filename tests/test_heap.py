@@ -1,4 +1,5 @@
 """kosmos_jax.heap: freed memory stays in the process, unless the user set malloc up."""
+
 import subprocess
 import sys
 
@@ -27,8 +28,9 @@ print(faults)
 
 
 def _run_child(**env):
-  out = subprocess.run([sys.executable, "-c", _CHILD], env=env, check=True,
-                       capture_output=True, text=True).stdout.split()
+  out = subprocess.run(
+    [sys.executable, "-c", _CHILD], env=env, check=True, capture_output=True, text=True
+  ).stdout.split()
   return out[0] == "True", int(out[1])
 
 

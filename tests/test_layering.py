@@ -3,6 +3,7 @@
 Read from the source (ast), function-local imports included: a lazy import
 dodges the import-time cost, not the dependency.
 """
+
 import ast
 import pathlib
 
@@ -16,13 +17,13 @@ PACKAGE = ROOT / "kosmos_jax"
 # config has) gathers the defaults of train and sharding, so it sits above
 # train, beside the demo; the commands use them all.
 LAYERS = (
-    ("heap", "kernels", "sharding", "search", "processing"),
-    ("models",),
-    ("checkpoints", "data"),
-    ("eval",),
-    ("train",),
-    ("config", "demo"),
-    ("commands",),
+  ("heap", "kernels", "sharding", "search", "processing"),
+  ("models",),
+  ("checkpoints", "data"),
+  ("eval",),
+  ("train",),
+  ("config", "demo"),
+  ("commands",),
 )
 LEVEL = {unit: level for level, units in enumerate(LAYERS) for unit in units}
 
@@ -47,13 +48,16 @@ def imports(path: pathlib.Path):
       names = [a.name for a in node.names]
     elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
       # `from kosmos_jax import sharding` imports the module kosmos_jax.sharding.
-      names = ([f"{node.module}.{a.name}" for a in node.names] if node.module == "kosmos_jax"
-               else [node.module])
+      names = (
+        [f"{node.module}.{a.name}" for a in node.names]
+        if node.module == "kosmos_jax"
+        else [node.module]
+      )
     else:
       continue
     for name in names:
       if name == "kosmos_jax" or name.startswith("kosmos_jax."):
-        yield node.lineno, name, node.col_offset > 0, lines[max(0, node.lineno - 4):node.lineno]
+        yield node.lineno, name, node.col_offset > 0, lines[max(0, node.lineno - 4) : node.lineno]
 
 
 def edges():
@@ -82,9 +86,13 @@ def test_lazy_imports_say_why():
   """Function-local imports of our modules are for start-up cost only: in the
   commands (whose `--help` must not load JAX), the package root, or with a
   `Lazy:` comment just above."""
-  silent = [f"{module}:{line} imports {name}" for module, line, name, local, before in edges()
-            if local and _unit(module) not in (None, "commands")
-            and not any("Lazy" in text for text in before)]
+  silent = [
+    f"{module}:{line} imports {name}"
+    for module, line, name, local, before in edges()
+    if local
+    and _unit(module) not in (None, "commands")
+    and not any("Lazy" in text for text in before)
+  ]
   assert not silent, "\n".join(silent)
 
 

@@ -3,15 +3,14 @@
 The examples name `kosmos-2-patch14-224`, the directory a user gets from the hub;
 here it is a random-weight transformers model plus a processor trained in the test.
 """
+
 import os
 import re
 import shlex
-import sys
 
 import pytest
 
 from kosmos_jax import commands
-
 from tests.helpers.spm import make_tiny_snapshot, write_snowman
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,14 +38,20 @@ def test_python_examples_run(workdir, monkeypatch):
     exec(compile(block, "README.md", "exec"), namespace)  # pylint: disable=exec-used
   assert namespace["out"].logits.shape[0] == 1
   assert namespace["text"] == "An image of a snowman."
-  assert namespace["entities"] == [("a snowman", (12, 21), [(0.390625, 0.046875, 0.984375, 0.828125)])]
+  assert namespace["entities"] == [
+    ("a snowman", (12, 21), [(0.390625, 0.046875, 0.984375, 0.828125)])
+  ]
 
 
 def test_cli_examples_run(workdir, monkeypatch):
   # In-process: one interpreter's imports and compile caches serve every command.
   monkeypatch.chdir(workdir)
-  lines = [line for block in _blocks("bash") for line in block.splitlines()
-           if line.startswith("kosmos-jax ")]
+  lines = [
+    line
+    for block in _blocks("bash")
+    for line in block.splitlines()
+    if line.startswith("kosmos-jax ")
+  ]
   assert len(lines) >= 5
   for line in lines:
     argv = shlex.split(line)[1:]

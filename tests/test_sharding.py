@@ -1,5 +1,6 @@
 """Mesh sizing, logical-name -> PartitionSpec rules, and sharded inference on 8 host
 devices (data=2 x tensor=4 gives the unsharded tokens)."""
+
 import jax
 import numpy as np
 import pytest
@@ -26,10 +27,13 @@ def test_undividable_or_repeated_axes_are_replicated():
   rules = sharding.TRAIN_RULES
   # 65037 (the vocabulary) is odd: the tensor axis cannot split it.
   assert sharding.logical_to_spec(("vocab", "embed"), (65037, 2048), mesh, rules) == P(None, "fsdp")
-  assert sharding.logical_to_spec(("vocab", "embed"), (65036, 2048), mesh, rules) == P("tensor", "fsdp")
+  assert sharding.logical_to_spec(("vocab", "embed"), (65036, 2048), mesh, rules) == P(
+    "tensor", "fsdp"
+  )
   assert sharding.logical_to_spec(("embed", "embed"), (4, 4), mesh, rules) == P("fsdp", None)
-  assert (sharding.logical_to_spec(("act_batch", None), (8, 3), mesh, rules)
-          == P(("data", "fsdp"), None))
+  assert sharding.logical_to_spec(("act_batch", None), (8, 3), mesh, rules) == P(
+    ("data", "fsdp"), None
+  )
   assert len(jax.devices()) == 8
 
 
@@ -39,8 +43,12 @@ def models(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("hf_sharded"))
   hf.save_pretrained(path)
   mesh = sharding.serving_mesh(data=2, tensor=4)
-  return (hf.config, kosmos_jax.from_pretrained(path),
-          sharding.shard_model(kosmos_jax.from_pretrained(path), mesh), mesh)
+  return (
+    hf.config,
+    kosmos_jax.from_pretrained(path),
+    sharding.shard_model(kosmos_jax.from_pretrained(path), mesh),
+    mesh,
+  )
 
 
 def test_parameters_are_split_over_tensor(models):

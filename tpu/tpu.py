@@ -5,6 +5,7 @@ Runs on your workstation with the Google Cloud CLI and any Python >= 3.8; it imp
 nothing from kosmos_jax. Every subcommand takes --dry-run (or DRY_RUN=1): it prints the
 commands it would run, one per line, and runs nothing. Usage: tpu/README.md.
 """
+
 import argparse
 import os
 import shlex
@@ -16,8 +17,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Default runtime (VM image) per TPU generation, from the Cloud TPU "software versions" page.
-RUNTIMES = (("v6e", "v2-alpha-tpuv6e"), ("v5p", "v2-alpha-tpuv5"),
-            ("v5litepod", "v2-alpha-tpuv5-lite"))
+RUNTIMES = (
+  ("v6e", "v2-alpha-tpuv6e"),
+  ("v5p", "v2-alpha-tpuv5"),
+  ("v5litepod", "v2-alpha-tpuv5-lite"),
+)
 OLDER_RUNTIME = "tpu-ubuntu2204-base"  # v4 and older
 
 HEALTHY = ("READY", "ACTIVE")  # a TPU VM node / a queued resource that can run work
@@ -32,18 +36,24 @@ EXCLUDES = (".git", ".venv", "__pycache__", "*.egg-info", ".pytest_cache", "demo
 PRELUDE = 'K="$HOME/kosmos-jax"'
 # True while the train_worker.sh started by `launch` lives. A pid file can outlive a reboot,
 # so the process's command line must name the script too.
-RUNNING = ('[ -f "$K/logs/train.pid" ] && '
-           'grep -qa train_worker "/proc/$(cat "$K/logs/train.pid")/cmdline" 2>/dev/null')
-REFUSE_IF_RUNNING = (f'if {RUNNING}; then echo "$(hostname): training is running; '
-                     f'stop it first" >&2; exit 1; fi')
+RUNNING = (
+  '[ -f "$K/logs/train.pid" ] && '
+  'grep -qa train_worker "/proc/$(cat "$K/logs/train.pid")/cmdline" 2>/dev/null'
+)
+REFUSE_IF_RUNNING = (
+  f'if {RUNNING}; then echo "$(hostname): training is running; stop it first" >&2; exit 1; fi'
+)
 # One line per worker: "train-state HOST STATE", STATE one of running, interrupted (the
 # trainer got SIGTERM: a preemption notice or `stop`), none (never launched on this VM), or
 # the trainer's exit status.
-PROBE = "; ".join([
+PROBE = "; ".join(
+  [
     PRELUDE,
     f'if {RUNNING}; then s=running; elif [ -f "$K/logs/interrupted" ]; then s=interrupted; '
     f'elif [ -f "$K/logs/exit_status" ]; then s=$(cat "$K/logs/exit_status"); else s=none; fi',
-    'echo "train-state $(hostname) $s"'])
+    'echo "train-state $(hostname) $s"',
+  ]
+)
 
 
 class Runner:
@@ -69,6 +79,7 @@ def log(message):
 
 # --- gcloud commands -------------------------------------------------------------------
 
+
 def _where(a):
   return [f"--zone={a.zone}"] + ([f"--project={a.project}"] if a.project else [])
 
@@ -92,18 +103,23 @@ def _ssh(a, script, worker="all"):
 def runtime_version(a):
   if a.runtime_version:
     return a.runtime_version
-  return next((v for prefix, v in RUNTIMES if a.accelerator_type.startswith(prefix)),
-              OLDER_RUNTIME)
+  return next((v for prefix, v in RUNTIMES if a.accelerator_type.startswith(prefix)), OLDER_RUNTIME)
 
 
 def create(a, run):
   if a.queued:
     # The node gets the queued resource's name, so every other command addresses it the same.
-    cmd = _queued(a, "create", f"--node-id={a.name}", f"--accelerator-type={a.accelerator_type}",
-                  f"--runtime-version={runtime_version(a)}")
+    cmd = _queued(
+      a,
+      "create",
+      f"--node-id={a.name}",
+      f"--accelerator-type={a.accelerator_type}",
+      f"--runtime-version={runtime_version(a)}",
+    )
   else:
-    cmd = _tpu_vm(a, "create", f"--accelerator-type={a.accelerator_type}",
-                  f"--version={runtime_version(a)}")
+    cmd = _tpu_vm(
+      a, "create", f"--accelerator-type={a.accelerator_type}", f"--version={runtime_version(a)}"
+    )
   run(cmd + ([a.capacity] if a.capacity else []) + a.create_flag)
 
 
@@ -132,8 +148,11 @@ def train_state(a, run):
   result = run(_ssh(a, PROBE), poll=True)
   if result is None:
     return None, ""
-  workers = [line.split()[1:] for line in result.stdout.splitlines()
-             if line.startswith("train-state ") and len(line.split()) == 3]
+  workers = [
+    line.split()[1:]
+    for line in result.stdout.splitlines()
+    if line.startswith("train-state ") and len(line.split()) == 3
+  ]
   detail = ", ".join(f"{host}: {state}" for host, state in workers)
   states = {state for _, state in workers}
   if result.returncode != 0 or not states:  # ssh not up yet, or a worker did not answer
@@ -149,6 +168,7 @@ def train_state(a, run):
 
 
 # --- setup and launch: the scripts each worker runs ----------------------------------------
+
 
 def tarball_path(a):
   return os.path.join(tempfile.gettempdir(), f"kosmos-jax-{a.name}.tar.gz")
@@ -167,36 +187,63 @@ def install_script(a):
     if a.git_ref:
       fetch += f' && git -C "$K/src" checkout -q {shlex.quote(a.git_ref)}'
   else:
-    fetch = ('mkdir "$K/src" && tar -xzf "$HOME/kosmos-jax-src.tar.gz" -C "$K/src" && '
-             'rm "$HOME/kosmos-jax-src.tar.gz"')
-  return "; ".join([
-      "set -e", PRELUDE, REFUSE_IF_RUNNING,
+    fetch = (
+      'mkdir "$K/src" && tar -xzf "$HOME/kosmos-jax-src.tar.gz" -C "$K/src" && '
+      'rm "$HOME/kosmos-jax-src.tar.gz"'
+    )
+  return "; ".join(
+    [
+      "set -e",
+      PRELUDE,
+      REFUSE_IF_RUNNING,
       # TPU VM images ship an older Python; right after boot unattended-upgrades holds apt's lock.
       f"command -v {py} >/dev/null || {{ sudo apt-get -o DPkg::Lock::Timeout=600 update -q && "
       f"sudo apt-get -o DPkg::Lock::Timeout=600 install -y -q {py} {py}-venv; }}",
-      'mkdir -p "$K/logs" && rm -rf "$K/src"', fetch,
+      'mkdir -p "$K/logs" && rm -rf "$K/src"',
+      fetch,
       f'[ -x "$K/venv/bin/python" ] || {py} -m venv "$K/venv"',  # kept across setups
       '"$K/venv/bin/pip" install -q --upgrade pip==25.3',
-      '"$K/venv/bin/pip" install -q -e "$K/src[tpu]"'])
+      '"$K/venv/bin/pip" install -q -e "$K/src[tpu]"',
+    ]
+  )
 
 
 def install(a, run):
   if not a.git_url:
-    run(["gcloud", "compute", "tpus", "tpu-vm", "scp", tarball_path(a),
-         f"{a.name}:kosmos-jax-src.tar.gz", *_where(a), "--worker=all", _NO_HOST_KEY_PROMPT])
+    run(
+      [
+        "gcloud",
+        "compute",
+        "tpus",
+        "tpu-vm",
+        "scp",
+        tarball_path(a),
+        f"{a.name}:kosmos-jax-src.tar.gz",
+        *_where(a),
+        "--worker=all",
+        _NO_HOST_KEY_PROMPT,
+      ]
+    )
   run(_ssh(a, install_script(a)))
 
 
 def launch_script(a):
-  worker = shlex.join(["bash", "tpu/train_worker.sh", "--config", a.config,
-                       "--workdir", a.workdir, *a.overrides])
+  worker = shlex.join(
+    ["bash", "tpu/train_worker.sh", "--config", a.config, "--workdir", a.workdir, *a.overrides]
+  )
   env = shlex.join(["env", *a.env]) + " " if a.env else ""
-  return "; ".join([
-      "set -e", PRELUDE, 'cd "$K/src"', REFUSE_IF_RUNNING,
+  return "; ".join(
+    [
+      "set -e",
+      PRELUDE,
+      'cd "$K/src"',
+      REFUSE_IF_RUNNING,
       'rm -f "$K/logs/exit_status" "$K/logs/interrupted"',
       # Every stream redirected, so that ssh returns at once and the run survives the hangup.
       f'{env}nohup {worker} >> "$K/logs/train.log" 2>&1 < /dev/null & '
-      'echo $! > "$K/logs/train.pid"'])
+      'echo $! > "$K/logs/train.pid"',
+    ]
+  )
 
 
 def launch(a, run):
@@ -204,6 +251,7 @@ def launch(a, run):
 
 
 # --- subcommands ---------------------------------------------------------------------------
+
 
 def cmd_setup(a, run):
   pack(a, run)
@@ -218,10 +266,18 @@ def cmd_logs(a, run):
 def cmd_stop(a, run):
   # SIGTERM to the trainer (it saves a checkpoint and exits) and to train_worker.sh (which
   # marks the run interrupted, so that `watch` relaunches it rather than calling it done).
-  run(_ssh(a, "; ".join([
-      PRELUDE,
-      f'if {RUNNING}; then p=$(cat "$K/logs/train.pid"); kill -TERM "$p"; pkill -TERM -P "$p"; '
-      'echo "$(hostname): SIGTERM sent"; else echo "$(hostname): not running"; fi'])))
+  run(
+    _ssh(
+      a,
+      "; ".join(
+        [
+          PRELUDE,
+          f'if {RUNNING}; then p=$(cat "$K/logs/train.pid"); kill -TERM "$p"; pkill -TERM -P "$p"; '
+          'echo "$(hostname): SIGTERM sent"; else echo "$(hostname): not running"; fi',
+        ]
+      ),
+    )
+  )
 
 
 def cmd_watch(a, run):
@@ -252,8 +308,10 @@ def cmd_watch(a, run):
           delete(a, run)
         return 0
       elif train == "failed":
-        log(f"training failed on {a.name}; the TPU is kept: see `tpu.py logs {a.name} "
-            f"--zone={a.zone}`")
+        log(
+          f"training failed on {a.name}; the TPU is kept: see `tpu.py logs {a.name} "
+          f"--zone={a.zone}`"
+        )
         return 1
       elif train == "none":  # a new VM, or one never set up
         install(a, run)
@@ -265,8 +323,15 @@ def cmd_watch(a, run):
     time.sleep(a.interval)
 
 
-COMMANDS = dict(create=create, setup=cmd_setup, launch=launch, watch=cmd_watch,
-                logs=cmd_logs, stop=cmd_stop, delete=delete)
+COMMANDS = dict(
+  create=create,
+  setup=cmd_setup,
+  launch=launch,
+  watch=cmd_watch,
+  logs=cmd_logs,
+  stop=cmd_stop,
+  delete=delete,
+)
 
 
 def build_parser():
@@ -274,40 +339,62 @@ def build_parser():
   common.add_argument("name", help="TPU name (with --queued also the queued resource's)")
   common.add_argument("--zone", required=True, help="e.g. us-west4-a, us-east5-a")
   common.add_argument("--project", help="default: gcloud's configured project")
-  common.add_argument("--queued", action="store_true",
-                      help="the TPU comes from a queued resource of the same name")
-  common.add_argument("--dry-run", action="store_true",
-                      help="print the commands, run nothing (also DRY_RUN=1)")
+  common.add_argument(
+    "--queued", action="store_true", help="the TPU comes from a queued resource of the same name"
+  )
+  common.add_argument(
+    "--dry-run", action="store_true", help="print the commands, run nothing (also DRY_RUN=1)"
+  )
 
   create = argparse.ArgumentParser(add_help=False)
   create.add_argument("--accelerator-type", required=True, help="e.g. v5litepod-16, v5p-128, v4-32")
-  create.add_argument("--runtime-version", help="default by generation: " + ", ".join(
-      f"{p}: {v}" for p, v in RUNTIMES) + f", older: {OLDER_RUNTIME}")
+  create.add_argument(
+    "--runtime-version",
+    help="default by generation: "
+    + ", ".join(f"{p}: {v}" for p, v in RUNTIMES)
+    + f", older: {OLDER_RUNTIME}",
+  )
   capacity = create.add_mutually_exclusive_group()
-  for flag, text in (("--spot", "spot capacity: cheaper, preempted at any time"),
-                     ("--preemptible", "the older preemptible TPU VMs (not queued resources)"),
-                     ("--reserved", "your reservation")):
+  for flag, text in (
+    ("--spot", "spot capacity: cheaper, preempted at any time"),
+    ("--preemptible", "the older preemptible TPU VMs (not queued resources)"),
+    ("--reserved", "your reservation"),
+  ):
     capacity.add_argument(flag, dest="capacity", action="store_const", const=flag, help=text)
-  create.add_argument("--create-flag", action="append", default=[],
-                      help="extra gcloud create flag, e.g. --create-flag=--network=NET (repeat)")
+  create.add_argument(
+    "--create-flag",
+    action="append",
+    default=[],
+    help="extra gcloud create flag, e.g. --create-flag=--network=NET (repeat)",
+  )
 
   setup = argparse.ArgumentParser(add_help=False)
-  setup.add_argument("--git-url", help="clone this repository on the workers "
-                     "(default: copy this checkout)")
+  setup.add_argument(
+    "--git-url", help="clone this repository on the workers (default: copy this checkout)"
+  )
   setup.add_argument("--git-ref", help="commit, tag or branch to check out after cloning")
   setup.add_argument("--python", default="python3.11", help="interpreter for the workers' venv")
 
   launch = argparse.ArgumentParser(add_help=False)
   launch.add_argument("--config", required=True, help="configs/NAME.py (in the repository)")
-  launch.add_argument("--workdir", required=True,
-                      help="gs://BUCKET/DIR, shared by all workers: checkpoints, metrics")
-  launch.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                      help="environment variable for the trainer (repeat)")
+  launch.add_argument(
+    "--workdir", required=True, help="gs://BUCKET/DIR, shared by all workers: checkpoints, metrics"
+  )
+  launch.add_argument(
+    "--env",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE",
+    help="environment variable for the trainer (repeat)",
+  )
 
   watch = argparse.ArgumentParser(add_help=False)
   watch.add_argument("--interval", type=float, default=120, help="seconds between checks")
-  watch.add_argument("--delete-when-done", action="store_true",
-                     help="delete the TPU once every worker's trainer exited 0")
+  watch.add_argument(
+    "--delete-when-done",
+    action="store_true",
+    help="delete the TPU once every worker's trainer exited 0",
+  )
 
   logs = argparse.ArgumentParser(add_help=False)
   logs.add_argument("--worker", default="all", help="worker index, or all")
@@ -315,18 +402,24 @@ def build_parser():
   logs.add_argument("--follow", action="store_true", help="keep printing (tail -f)")
 
   parser = argparse.ArgumentParser(
-      prog="tpu.py", description=__doc__.splitlines()[0],
-      epilog="launch and watch pass --config.KEY=VALUE overrides on to the trainer.")
+    prog="tpu.py",
+    description=__doc__.splitlines()[0],
+    epilog="launch and watch pass --config.KEY=VALUE overrides on to the trainer.",
+  )
   sub = parser.add_subparsers(dest="command", required=True)
   for name, parents, text in (
-      ("create", [create], "create the TPU VM (or queued resource)"),
-      ("setup", [setup], "install the package on all workers"),
-      ("launch", [launch], "start training on all workers"),
-      ("watch", [create, setup, launch, watch],
-       "create if missing, recreate after preemption, install, relaunch; until training ends"),
-      ("logs", [logs], "print the end of each worker's training log"),
-      ("stop", [], "SIGTERM the trainer on all workers (it saves a checkpoint first)"),
-      ("delete", [], "delete the TPU VM (or queued resource)")):
+    ("create", [create], "create the TPU VM (or queued resource)"),
+    ("setup", [setup], "install the package on all workers"),
+    ("launch", [launch], "start training on all workers"),
+    (
+      "watch",
+      [create, setup, launch, watch],
+      "create if missing, recreate after preemption, install, relaunch; until training ends",
+    ),
+    ("logs", [logs], "print the end of each worker's training log"),
+    ("stop", [], "SIGTERM the trainer on all workers (it saves a checkpoint first)"),
+    ("delete", [], "delete the TPU VM (or queued resource)"),
+  ):
     sub.add_parser(name, parents=[common, *parents], help=text, description=text)
   return parser
 

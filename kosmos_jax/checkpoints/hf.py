@@ -7,10 +7,12 @@ Reads `config.json` plus `model.safetensors` or a sharded
 Nothing is dropped or initialised silently: any key or shape mismatch raises
 with the offending keys listed.
 """
+
 import json
 import os
 import re
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import ml_collections
 import ml_dtypes
@@ -23,8 +25,8 @@ from kosmos_jax.models.config import model_config
 
 # Buffers some checkpoints carry; they are derived, never learned.
 _IGNORED = (
-    re.compile(r"vision_model\.model\.embeddings\.position_ids"),
-    re.compile(r"text_model\.model\.embed_positions\.weights?"),
+  re.compile(r"vision_model\.model\.embeddings\.position_ids"),
+  re.compile(r"text_model\.model\.embed_positions\.weights?"),
 )
 _TIED_HEAD = "text_model.lm_head.weight"
 _EMBED = "text_model.model.embed_tokens.weight"
@@ -40,14 +42,16 @@ class ConversionError(ValueError):
 def config_from_hf(hf: dict[str, Any]) -> ml_collections.ConfigDict:
   """Model config from a Hugging Face Kosmos-2 `config.json` dict."""
   if hf.get("model_type") not in ("kosmos-2", None):
-    raise ConversionError(f"config.json has model_type {hf.get('model_type')!r}, "
-                          "expected 'kosmos-2'")
+    raise ConversionError(
+      f"config.json has model_type {hf.get('model_type')!r}, expected 'kosmos-2'"
+    )
   t, v = hf.get("text_config", {}), hf.get("vision_config", {})
   if t.get("add_cross_attention"):
     raise ConversionError("text_config.add_cross_attention=True is not Kosmos-2")
   base = model_config()
   pick = lambda d, key, default: d.get(key, default)
-  return model_config(**{
+  return model_config(
+    **{
       "text.vocab_size": pick(t, "vocab_size", base.text.vocab_size),
       "text.max_positions": pick(t, "max_position_embeddings", base.text.max_positions),
       "text.width": pick(t, "embed_dim", base.text.width),
@@ -75,36 +79,51 @@ def config_from_hf(hf: dict[str, Any]) -> ml_collections.ConfigDict:
       "vision.attention_dropout": pick(v, "attention_dropout", base.vision.attention_dropout),
       "latent_query_num": hf.get("latent_query_num", base.latent_query_num),
       "magneto_init": False,
-  })
+    }
+  )
 
 
 def config_to_hf(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   """A `config.json` dict that transformers' Kosmos2Config reads back exactly."""
   t, v = cfg.text, cfg.vision
   return {
-      "architectures": ["Kosmos2ForConditionalGeneration"],
-      "model_type": "kosmos-2",
-      "latent_query_num": cfg.latent_query_num,
-      "tie_word_embeddings": True,
-      "text_config": {
-          "model_type": "kosmos_2_text_model", "vocab_size": t.vocab_size,
-          "max_position_embeddings": t.max_positions, "embed_dim": t.width,
-          "layers": t.depth, "ffn_dim": t.ffn_dim, "attention_heads": t.heads,
-          "activation_function": t.activation, "dropout": t.dropout,
-          "attention_dropout": t.attention_dropout,
-          "activation_dropout": t.activation_dropout, "layerdrop": 0.0,
-          "layer_norm_eps": t.layer_norm_eps, "scale_embedding": t.scale_embedding,
-          "use_cache": True, "pad_token_id": t.pad_id, "bos_token_id": t.bos_id,
-          "eos_token_id": t.eos_id,
-      },
-      "vision_config": {
-          "model_type": "kosmos_2_vision_model", "hidden_size": v.width,
-          "intermediate_size": v.mlp_dim, "num_hidden_layers": v.depth,
-          "num_attention_heads": v.heads, "num_channels": v.num_channels,
-          "image_size": v.image_size, "patch_size": v.patch_size,
-          "hidden_act": v.activation, "layer_norm_eps": v.layer_norm_eps,
-          "attention_dropout": v.attention_dropout,
-      },
+    "architectures": ["Kosmos2ForConditionalGeneration"],
+    "model_type": "kosmos-2",
+    "latent_query_num": cfg.latent_query_num,
+    "tie_word_embeddings": True,
+    "text_config": {
+      "model_type": "kosmos_2_text_model",
+      "vocab_size": t.vocab_size,
+      "max_position_embeddings": t.max_positions,
+      "embed_dim": t.width,
+      "layers": t.depth,
+      "ffn_dim": t.ffn_dim,
+      "attention_heads": t.heads,
+      "activation_function": t.activation,
+      "dropout": t.dropout,
+      "attention_dropout": t.attention_dropout,
+      "activation_dropout": t.activation_dropout,
+      "layerdrop": 0.0,
+      "layer_norm_eps": t.layer_norm_eps,
+      "scale_embedding": t.scale_embedding,
+      "use_cache": True,
+      "pad_token_id": t.pad_id,
+      "bos_token_id": t.bos_id,
+      "eos_token_id": t.eos_id,
+    },
+    "vision_config": {
+      "model_type": "kosmos_2_vision_model",
+      "hidden_size": v.width,
+      "intermediate_size": v.mlp_dim,
+      "num_hidden_layers": v.depth,
+      "num_attention_heads": v.heads,
+      "num_channels": v.num_channels,
+      "image_size": v.image_size,
+      "patch_size": v.patch_size,
+      "hidden_act": v.activation,
+      "layer_norm_eps": v.layer_norm_eps,
+      "attention_dropout": v.attention_dropout,
+    },
   }
 
 
@@ -123,55 +142,67 @@ def _norm(hf, ours):
 
 
 def _attention(hf, ours):
-  return [e for p in ("q_proj", "k_proj", "v_proj", "out_proj")
-          for e in _linear(f"{hf}.{p}", (*ours, p))]
+  return [
+    e for p in ("q_proj", "k_proj", "v_proj", "out_proj") for e in _linear(f"{hf}.{p}", (*ours, p))
+  ]
 
 
 def key_map(cfg: ml_collections.ConfigDict) -> list[tuple[str, tuple[str, ...], int | None, str]]:
   """Every HF tensor of a Kosmos-2 with this config and where it lives in ours."""
   entries = []
   vm, vo = "vision_model.model", ("vision_model",)
-  entries += [(f"{vm}.embeddings.class_embedding", (*vo, "class_embedding"), None, "same"),
-              (f"{vm}.embeddings.patch_embedding.weight", (*vo, "patch_embedding"), None, "conv"),
-              (f"{vm}.embeddings.position_embedding.weight", (*vo, "position_embedding"), None, "same")]
+  entries += [
+    (f"{vm}.embeddings.class_embedding", (*vo, "class_embedding"), None, "same"),
+    (f"{vm}.embeddings.patch_embedding.weight", (*vo, "patch_embedding"), None, "conv"),
+    (f"{vm}.embeddings.position_embedding.weight", (*vo, "position_embedding"), None, "same"),
+  ]
   entries += [(k, p, None, l) for k, p, l in _norm(f"{vm}.pre_layrnorm", (*vo, "pre_layrnorm"))]
   entries += [(k, p, None, l) for k, p, l in _norm(f"{vm}.post_layernorm", (*vo, "post_layernorm"))]
   for i in range(cfg.vision.depth):
     hf, ours = f"{vm}.encoder.layers.{i}", (*vo, "layers")
-    layer = (_attention(f"{hf}.self_attn", (*ours, "self_attn"))
-             + _norm(f"{hf}.layer_norm1", (*ours, "layer_norm1"))
-             + _norm(f"{hf}.layer_norm2", (*ours, "layer_norm2"))
-             + _linear(f"{hf}.mlp.fc1", (*ours, "fc1")) + _linear(f"{hf}.mlp.fc2", (*ours, "fc2")))
+    layer = (
+      _attention(f"{hf}.self_attn", (*ours, "self_attn"))
+      + _norm(f"{hf}.layer_norm1", (*ours, "layer_norm1"))
+      + _norm(f"{hf}.layer_norm2", (*ours, "layer_norm2"))
+      + _linear(f"{hf}.mlp.fc1", (*ours, "fc1"))
+      + _linear(f"{hf}.mlp.fc2", (*ours, "fc2"))
+    )
     entries += [(k, p, i, l) for k, p, l in layer]
   po = ("image_to_text_projection",)
-  proj = (_linear("image_to_text_projection.dense", (*po, "dense"))
-          + [("image_to_text_projection.latent_query", (*po, "latent_query"), "same")]
-          + _attention("image_to_text_projection.x_attn", (*po, "x_attn")))
+  proj = (
+    _linear("image_to_text_projection.dense", (*po, "dense"))
+    + [("image_to_text_projection.latent_query", (*po, "latent_query"), "same")]
+    + _attention("image_to_text_projection.x_attn", (*po, "x_attn"))
+  )
   entries += [(k, p, None, l) for k, p, l in proj]
   tm, to = "text_model.model", ("text_model",)
   entries += [(_EMBED, (*to, "embed_tokens"), None, "same")]
   entries += [(k, p, None, l) for k, p, l in _norm(f"{tm}.layer_norm", (*to, "layer_norm"))]
   for i in range(cfg.text.depth):
     hf, ours = f"{tm}.layers.{i}", (*to, "layers")
-    layer = (_attention(f"{hf}.self_attn", (*ours, "self_attn"))
-             + _norm(f"{hf}.self_attn.inner_attn_ln", (*ours, "self_attn", "inner_attn_ln"))
-             + _norm(f"{hf}.self_attn_layer_norm", (*ours, "self_attn_layer_norm"))
-             + _norm(f"{hf}.final_layer_norm", (*ours, "final_layer_norm"))
-             + _linear(f"{hf}.ffn.fc1", (*ours, "fc1"))
-             + _norm(f"{hf}.ffn.ffn_layernorm", (*ours, "ffn_layernorm"))
-             + _linear(f"{hf}.ffn.fc2", (*ours, "fc2")))
+    layer = (
+      _attention(f"{hf}.self_attn", (*ours, "self_attn"))
+      + _norm(f"{hf}.self_attn.inner_attn_ln", (*ours, "self_attn", "inner_attn_ln"))
+      + _norm(f"{hf}.self_attn_layer_norm", (*ours, "self_attn_layer_norm"))
+      + _norm(f"{hf}.final_layer_norm", (*ours, "final_layer_norm"))
+      + _linear(f"{hf}.ffn.fc1", (*ours, "fc1"))
+      + _norm(f"{hf}.ffn.ffn_layernorm", (*ours, "ffn_layernorm"))
+      + _linear(f"{hf}.ffn.fc2", (*ours, "fc2"))
+    )
     entries += [(k, p, i, l) for k, p, l in layer]
   return entries
 
 
 def _to_ours(x: np.ndarray, layout: str) -> np.ndarray:
-  return {"linear": lambda a: a.T, "conv": lambda a: a.transpose(2, 3, 1, 0),
-          "same": lambda a: a}[layout](x)
+  return {"linear": lambda a: a.T, "conv": lambda a: a.transpose(2, 3, 1, 0), "same": lambda a: a}[
+    layout
+  ](x)
 
 
 def _to_hf(x: np.ndarray, layout: str) -> np.ndarray:
-  return {"linear": lambda a: a.T, "conv": lambda a: a.transpose(3, 2, 0, 1),
-          "same": lambda a: a}[layout](x)
+  return {"linear": lambda a: a.T, "conv": lambda a: a.transpose(3, 2, 0, 1), "same": lambda a: a}[
+    layout
+  ](x)
 
 
 def _nested_set(tree: dict, path: tuple[str, ...], value) -> None:
@@ -194,8 +225,12 @@ def _leaf_shapes(tree: dict, prefix=()) -> Iterator[tuple[tuple[str, ...], tuple
       yield (*prefix, k), tuple(v.shape)
 
 
-def hf_to_params(tensors: dict[str, np.ndarray], cfg: ml_collections.ConfigDict,
-                 expected_shapes: dict | None = None, progress: bool = False) -> dict:
+def hf_to_params(
+  tensors: dict[str, np.ndarray],
+  cfg: ml_collections.ConfigDict,
+  expected_shapes: dict | None = None,
+  progress: bool = False,
+) -> dict:
   """HF state dict -> nested dict of numpy arrays in our layout (layers stacked).
 
   `expected_shapes` (a nested dict of arrays or ShapeDtypeStructs, e.g. from
@@ -203,21 +238,26 @@ def hf_to_params(tensors: dict[str, np.ndarray], cfg: ml_collections.ConfigDict,
   """
   entries = key_map(cfg)
   known = {k for k, _, _, _ in entries}
-  unexpected = sorted(k for k in tensors if k not in known and k != _TIED_HEAD
-                      and not any(p.fullmatch(k) for p in _IGNORED))
+  unexpected = sorted(
+    k
+    for k in tensors
+    if k not in known and k != _TIED_HEAD and not any(p.fullmatch(k) for p in _IGNORED)
+  )
   missing = sorted(k for k in known if k not in tensors)
   if unexpected or missing:
     raise ConversionError(
-        "checkpoint keys do not match a Kosmos-2 with this config:\n"
-        f"  missing ({len(missing)}): {missing[:20]}\n"
-        f"  unexpected ({len(unexpected)}): {unexpected[:20]}")
+      "checkpoint keys do not match a Kosmos-2 with this config:\n"
+      f"  missing ({len(missing)}): {missing[:20]}\n"
+      f"  unexpected ({len(unexpected)}): {unexpected[:20]}"
+    )
   if _TIED_HEAD in tensors and not np.array_equal(tensors[_TIED_HEAD], tensors[_EMBED]):
     raise ConversionError(f"{_TIED_HEAD} differs from {_EMBED}; Kosmos-2 ties them")
 
   stacks: dict[tuple[str, ...], list] = {}
   params: dict = {}
-  for hf_key, path, layer, layout in tqdm.tqdm(entries, desc="converting", unit="tensor",
-                                               disable=not progress):
+  for hf_key, path, layer, layout in tqdm.tqdm(
+    entries, desc="converting", unit="tensor", disable=not progress
+  ):
     value = _to_ours(np.asarray(tensors[hf_key]), layout)
     if layer is None:
       _nested_set(params, path, value)
@@ -249,13 +289,15 @@ def params_to_hf(params: dict, cfg: ml_collections.ConfigDict) -> dict[str, np.n
 # --------------------------------------------------------------------------- files
 
 
-def read_hf_dir(path: str, *, allow_pickle: bool = False, progress: bool = False
-                ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def read_hf_dir(
+  path: str, *, allow_pickle: bool = False, progress: bool = False
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """(config.json dict, state dict of numpy arrays) of a HF snapshot directory."""
   config_path = os.path.join(path, "config.json")
   if not os.path.isfile(config_path):
-    raise FileNotFoundError(f"{config_path}: not found; is {path!r} a Hugging Face "
-                            "Kosmos-2 snapshot directory?")
+    raise FileNotFoundError(
+      f"{config_path}: not found; is {path!r} a Hugging Face Kosmos-2 snapshot directory?"
+    )
   with open(config_path) as f:
     hf_config = json.load(f)
   single = os.path.join(path, "model.safetensors")
@@ -270,17 +312,20 @@ def read_hf_dir(path: str, *, allow_pickle: bool = False, progress: bool = False
   elif os.path.isfile(pickle_file):
     if not allow_pickle:
       raise ConversionError(
-          f"{pickle_file}: pickle checkpoints can run code when loaded and are "
-          "refused; convert to safetensors or pass --allow-pickle")
+        f"{pickle_file}: pickle checkpoints can run code when loaded and are "
+        "refused; convert to safetensors or pass --allow-pickle"
+      )
     return hf_config, _read_pickle(pickle_file)
   else:
-    raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json "
-                            "or pytorch_model.bin")
+    raise FileNotFoundError(
+      f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin"
+    )
   tensors = {}
   for file in files:
     with safetensors.safe_open(file, framework="numpy") as f:
-      for key in tqdm.tqdm(list(f.keys()), desc=os.path.basename(file), unit="tensor",
-                           disable=not progress):
+      for key in tqdm.tqdm(
+        list(f.keys()), desc=os.path.basename(file), unit="tensor", disable=not progress
+      ):
         tensors[key] = f.get_tensor(key)
   return hf_config, tensors
 
@@ -292,8 +337,10 @@ def _read_pickle(path: str) -> dict[str, np.ndarray]:
     raise ConversionError(f"{path}: reading a pickle checkpoint needs torch") from e
   state = torch.load(path, map_location="cpu", weights_only=True)
   # numpy has no bfloat16 of its own: go through float32 to ml_dtypes' one.
-  return {k: (v.float().numpy().astype(ml_dtypes.bfloat16) if v.dtype == torch.bfloat16
-              else v.numpy()) for k, v in state.items()}
+  return {
+    k: (v.float().numpy().astype(ml_dtypes.bfloat16) if v.dtype == torch.bfloat16 else v.numpy())
+    for k, v in state.items()
+  }
 
 
 def write_hf_dir(path: str, cfg: ml_collections.ConfigDict, params: dict) -> None:
@@ -301,6 +348,6 @@ def write_hf_dir(path: str, cfg: ml_collections.ConfigDict, params: dict) -> Non
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(config_to_hf(cfg), f, indent=2)
-  safetensors.numpy.save_file(params_to_hf(params, cfg),
-                              os.path.join(path, "model.safetensors"),
-                              metadata={"format": "pt"})
+  safetensors.numpy.save_file(
+    params_to_hf(params, cfg), os.path.join(path, "model.safetensors"), metadata={"format": "pt"}
+  )

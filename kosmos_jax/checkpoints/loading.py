@@ -3,6 +3,7 @@ checkpoint or a trainer workdir, and the sidecar files that travel with it.
 
 What a directory is gets decided here, once (`checkpoint_kind`).
 """
+
 import json
 import os
 import shutil
@@ -18,8 +19,11 @@ from kosmos_jax.processing import files as processor_files
 # Files of a Hugging Face snapshot besides the weights that a converted
 # checkpoint keeps, so that tokenizer, image processor and generation defaults
 # travel with it both ways.
-SIDECAR_FILES = tuple(dict.fromkeys((*processor_files.FILES, "tokenizer.json",
-                                     "special_tokens_map.json", "generation_config.json")))
+SIDECAR_FILES = tuple(
+  dict.fromkeys(
+    (*processor_files.FILES, "tokenizer.json", "special_tokens_map.json", "generation_config.json")
+  )
+)
 
 
 def copy_sidecars(src: str, dst: str) -> list[str]:
@@ -41,23 +45,27 @@ def split_step(path: str) -> tuple[str, int | None]:
 
 
 def checkpoint_kind(path: str) -> str:
-  """"workdir" (a trainer's), "orbax" (converted) or "hf" (a snapshot);
+  """ "workdir" (a trainer's), "orbax" (converted) or "hf" (a snapshot);
   anything else is an error naming the path."""
   path, step = split_step(path)
   if orbax_ckpt.is_workdir(path):
     return "workdir"
   if step is not None:
-    raise FileNotFoundError(f"{path}: `@{step}` names a step, but this is not a trainer "
-                            "workdir (config.json + checkpoints/)")
+    raise FileNotFoundError(
+      f"{path}: `@{step}` names a step, but this is not a trainer "
+      "workdir (config.json + checkpoints/)"
+    )
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path}: not a directory")
   if orbax_ckpt.is_checkpoint(path):
     return "orbax"
   if os.path.isfile(os.path.join(path, "config.json")):
     return "hf"
-  raise FileNotFoundError(f"{path}: neither a Hugging Face snapshot (config.json), a kosmos-jax "
-                          "checkpoint (kosmos_config.json) nor a trainer workdir "
-                          "(config.json + checkpoints/)")
+  raise FileNotFoundError(
+    f"{path}: neither a Hugging Face snapshot (config.json), a kosmos-jax "
+    "checkpoint (kosmos_config.json) nor a trainer workdir "
+    "(config.json + checkpoints/)"
+  )
 
 
 def model_config(path: str) -> ml_collections.ConfigDict:
@@ -84,11 +92,13 @@ def read_generation_config(path: str) -> ml_collections.FrozenConfigDict:
   with open(file, encoding="utf-8") as f:
     values = json.load(f)
   return ml_collections.FrozenConfigDict(
-      {k: v for k, v in values.items() if not k.startswith("_") and k != "transformers_version"})
+    {k: v for k, v in values.items() if not k.startswith("_") and k != "transformers_version"}
+  )
 
 
-def from_pretrained(path: str, *, allow_pickle: bool = False, progress: bool = False,
-                    **config_overrides) -> Kosmos2:
+def from_pretrained(
+  path: str, *, allow_pickle: bool = False, progress: bool = False, **config_overrides
+) -> Kosmos2:
   """Loads a Kosmos-2 model from any of our three kinds of directory.
 
   Args:
@@ -114,8 +124,9 @@ def from_pretrained(path: str, *, allow_pickle: bool = False, progress: bool = F
     params = orbax_ckpt.load_params(path, build.abstract_params(config))
   else:
     _, tensors = hf.read_hf_dir(path, allow_pickle=allow_pickle, progress=progress)
-    params = hf.hf_to_params(tensors, config, expected_shapes=build.abstract_params(config),
-                             progress=progress)
+    params = hf.hf_to_params(
+      tensors, config, expected_shapes=build.abstract_params(config), progress=progress
+    )
   model = build.model_from_params(config, params)
   model.generation_config = read_generation_config(path)
   return model

@@ -9,6 +9,7 @@ A trainer workdir holds `config.json` (the experiment ConfigDict) and
 state and every host's data iterator). `kosmos_jax.from_pretrained` reads
 both (checkpoints/loading.py).
 """
+
 import json
 import os
 
@@ -77,13 +78,18 @@ def as_path(workdir) -> epath.Path:
   return path if "://" in os.fspath(workdir) else epath.Path(os.path.abspath(workdir))
 
 
-def checkpoint_manager(workdir, *, keep: int | None = None, every: int | None = None,
-                       read_only: bool = False) -> ocp.CheckpointManager:
+def checkpoint_manager(
+  workdir, *, keep: int | None = None, every: int | None = None, read_only: bool = False
+) -> ocp.CheckpointManager:
   """The manager of `workdir/checkpoints`: asynchronous saves every `every`
   steps, the last `keep` kept."""
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, save_interval_steps=every or 1, read_only=read_only,
-      enable_async_checkpointing=not read_only, create=not read_only)
+    max_to_keep=keep,
+    save_interval_steps=every or 1,
+    read_only=read_only,
+    enable_async_checkpointing=not read_only,
+    create=not read_only,
+  )
   return ocp.CheckpointManager(as_path(workdir) / WORKDIR_CHECKPOINTS, options=options)
 
 
@@ -96,8 +102,9 @@ def load_workdir_config(path) -> ml_collections.ConfigDict:
   """The experiment config a training run saved in its workdir."""
   file = as_path(path) / WORKDIR_CONFIG_FILE
   if not file.exists():
-    raise FileNotFoundError(f"{file}: not found; {os.fspath(path)!r} is not a kosmos-jax "
-                            "trainer workdir")
+    raise FileNotFoundError(
+      f"{file}: not found; {os.fspath(path)!r} is not a kosmos-jax trainer workdir"
+    )
   return ml_collections.ConfigDict(json.loads(file.read_text()))
 
 
@@ -111,16 +118,22 @@ def load_workdir_params(path, abstract_params, step: int | None = None) -> tuple
       raise FileNotFoundError(f"{as_path(path) / WORKDIR_CHECKPOINTS}: no checkpoint")
     step = steps[-1] if step is None else step
     if step not in steps:
-      raise FileNotFoundError(f"{os.fspath(path)}: no checkpoint of step {step} "
-                              f"(steps: {', '.join(map(str, steps))})")
+      raise FileNotFoundError(
+        f"{os.fspath(path)}: no checkpoint of step {step} (steps: {', '.join(map(str, steps))})"
+      )
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     # The trainer saves nnx Variables: each parameter is stored as {"value": array}.
-    target = {"params": jax.tree.map(
+    target = {
+      "params": jax.tree.map(
         lambda x: {"value": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device)},
-        abstract_params)}
+        abstract_params,
+      )
+    }
     restore = ocp.args.PyTreeRestore(
-        item=target, partial_restore=True,
-        restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target))
+      item=target,
+      partial_restore=True,
+      restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target),
+    )
     restored = manager.restore(step, args=ocp.args.Composite(state=restore))
   is_variable = lambda x: isinstance(x, dict) and set(x) == {"value"}
   return step, jax.tree.map(lambda v: v["value"], restored.state["params"], is_leaf=is_variable)

@@ -6,6 +6,7 @@ A subcommand's module imports only argparse-level code at the top: JAX,
 TensorFlow and the model load inside `run`, so `--help` and argument errors
 answer at once.
 """
+
 import argparse
 import sys
 
@@ -13,8 +14,15 @@ from kosmos_jax import heap
 from kosmos_jax.commands import aot, convert, data, demo, generate, summary, train
 
 # In the order `kosmos-jax --help` lists them.
-COMMANDS = {"convert": convert, "summary": summary, "aot": aot, "train": train, "demo": demo,
-            "data": data, "generate": generate}
+COMMANDS = {
+  "convert": convert,
+  "summary": summary,
+  "aot": aot,
+  "train": train,
+  "demo": demo,
+  "data": data,
+  "generate": generate,
+}
 
 
 def _split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -23,7 +31,7 @@ def _split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
   it = iter(argv)
   for arg in it:
     if arg.startswith("--config."):
-      key, sep, value = arg[len("--config."):].partition("=")
+      key, sep, value = arg[len("--config.") :].partition("=")
       if not sep:
         value = next(it, None)
         if value is None:
@@ -36,7 +44,8 @@ def _split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog="kosmos-jax", description="KOSMOS-2 in JAX: convert, inspect, train, generate.")
+    prog="kosmos-jax", description="KOSMOS-2 in JAX: convert, inspect, train, generate."
+  )
   sub = parser.add_subparsers(dest="command", required=True)
   for module in COMMANDS.values():
     module.add_parser(sub)

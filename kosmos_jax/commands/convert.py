@@ -1,4 +1,5 @@
 """`kosmos-jax convert`: Hugging Face snapshot <-> kosmos-jax (Orbax) checkpoint."""
+
 import json
 
 
@@ -6,10 +7,13 @@ def add_parser(sub) -> None:
   convert = sub.add_parser("convert", help="Hugging Face <-> kosmos-jax (Orbax) checkpoints")
   csub = convert.add_subparsers(dest="direction", required=True)
   to_orbax = csub.add_parser("hf-to-orbax", help="HF snapshot dir -> Orbax checkpoint")
-  to_orbax.add_argument("--hf-dir", required=True, help="config.json + model.safetensors[.index.json]")
+  to_orbax.add_argument(
+    "--hf-dir", required=True, help="config.json + model.safetensors[.index.json]"
+  )
   to_orbax.add_argument("--out", required=True, help="checkpoint directory to write")
-  to_orbax.add_argument("--allow-pickle", action="store_true",
-                        help="accept pytorch_model.bin (unpickled weights-only)")
+  to_orbax.add_argument(
+    "--allow-pickle", action="store_true", help="accept pytorch_model.bin (unpickled weights-only)"
+  )
   to_hf = csub.add_parser("orbax-to-hf", help="Orbax checkpoint -> HF snapshot dir")
   to_hf.add_argument("--ckpt", required=True, help="checkpoint directory")
   to_hf.add_argument("--out", required=True, help="directory for config.json + model.safetensors")
@@ -20,17 +24,21 @@ def run(args, overrides) -> None:
   from kosmos_jax.checkpoints import hf, loading  # pylint: disable=g-import-not-at-top
   from kosmos_jax.checkpoints import orbax as orbax_ckpt  # pylint: disable=g-import-not-at-top
   from kosmos_jax.models import build  # pylint: disable=g-import-not-at-top
+
   if args.direction == "hf-to-orbax":
-    hf_config, tensors = hf.read_hf_dir(args.hf_dir, allow_pickle=args.allow_pickle,
-                                        progress=True)
+    hf_config, tensors = hf.read_hf_dir(args.hf_dir, allow_pickle=args.allow_pickle, progress=True)
     config = hf.config_from_hf(hf_config)
-    params = hf.hf_to_params(tensors, config, progress=True,
-                             expected_shapes=build.abstract_params(config))
+    params = hf.hf_to_params(
+      tensors, config, progress=True, expected_shapes=build.abstract_params(config)
+    )
     orbax_ckpt.save_params(args.out, config, params)
     sidecars = loading.copy_sidecars(args.hf_dir, args.out)
     count = sum(v.size for v in tensors.values() if v is not None)
-    print(json.dumps({"out": args.out, "tensors": len(tensors), "values": int(count),
-                      "copied": sidecars}))
+    print(
+      json.dumps(
+        {"out": args.out, "tensors": len(tensors), "values": int(count), "copied": sidecars}
+      )
+    )
   else:
     config = orbax_ckpt.load_config(args.ckpt)
     params = orbax_ckpt.load_params(args.ckpt, build.abstract_params(config))

@@ -7,16 +7,21 @@ def add_parser(sub) -> None:
   data_cmd = sub.add_parser("data", help="seqio tasks and mixtures")
   dsub = data_cmd.add_subparsers(dest="data_command", required=True)
   inspect_cmd = dsub.add_parser(
-      "inspect", help="print examples of a task or mixture decoded: text with tags, the part "
-      "with loss, phrases with boxes; --out draws the boxes; accepts --config.key=value overrides")
-  inspect_cmd.add_argument("name", metavar="NAME",
-                           help="a registered seqio task or mixture, e.g. shapes_rec, shapes_mix")
+    "inspect",
+    help="print examples of a task or mixture decoded: text with tags, the part "
+    "with loss, phrases with boxes; --out draws the boxes; accepts --config.key=value overrides",
+  )
+  inspect_cmd.add_argument(
+    "name", metavar="NAME", help="a registered seqio task or mixture, e.g. shapes_rec, shapes_mix"
+  )
   inspect_cmd.add_argument("--split", default="train", help="e.g. train, validation")
   inspect_cmd.add_argument("--num", type=int, default=3, help="examples to print")
   inspect_cmd.add_argument("--out", help="directory for the pictures with their boxes drawn (PNG)")
   inspect_cmd.add_argument(
-      "--config", help="configs/NAME.py: registers the tasks on your files (data.spm_model_file, "
-      "data.data_dir) and trims to its seq_len and images_per_row")
+    "--config",
+    help="configs/NAME.py: registers the tasks on your files (data.spm_model_file, "
+    "data.data_dir) and trims to its seq_len and images_per_row",
+  )
   inspect_cmd.set_defaults(error=inspect_cmd.error)
 
 
@@ -29,6 +34,7 @@ def run(args, overrides) -> None:
   from kosmos_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from kosmos_jax.data import inspect as data_inspect  # pylint: disable=g-import-not-at-top
   from kosmos_jax.data import loader  # pylint: disable=g-import-not-at-top
+
   lengths = None
   if args.config:
     config = config_lib.load(args.config, overrides)
@@ -37,12 +43,20 @@ def run(args, overrides) -> None:
   try:
     splits = data_inspect.splits(args.name)
   except ValueError as e:
-    hint = "" if args.config else (" (tasks on your own files: --config FILE "
-                                   "--config.data.spm_model_file=.. --config.data.data_dir=..)")
+    hint = (
+      ""
+      if args.config
+      else (
+        " (tasks on your own files: --config FILE "
+        "--config.data.spm_model_file=.. --config.data.data_dir=..)"
+      )
+    )
     args.error(f"argument NAME: {e}{hint}")
   if args.split not in splits:
-    args.error(f"argument --split: {args.split!r} is not a split of {args.name} "
-               f"(splits: {', '.join(splits)})")
+    args.error(
+      f"argument --split: {args.split!r} is not a split of {args.name} "
+      f"(splits: {', '.join(splits)})"
+    )
   found = data_inspect.examples(args.name, args.split, args.num, lengths=lengths, out=args.out)
   for index, example in enumerate(found):
     print(data_inspect.describe(example, index))

@@ -5,9 +5,12 @@ KEEPS_FREED_MEMORY = True
 
 
 def add_parser(sub) -> None:
-  demo_cmd = sub.add_parser("demo", help="train configs/shapes.py from scratch on CPU, score "
-                            "referring expressions on held-out pictures, draw boxes; accepts "
-                            "--config.key=value overrides")
+  demo_cmd = sub.add_parser(
+    "demo",
+    help="train configs/shapes.py from scratch on CPU, score "
+    "referring expressions on held-out pictures, draw boxes; accepts "
+    "--config.key=value overrides",
+  )
   demo_cmd.add_argument("--config", default="configs/shapes.py", help="configs/NAME.py")
   demo_cmd.add_argument("--out", default="demo_out", help="pictures, summary.json, train/")
   demo_cmd.add_argument("--pictures", type=int, default=8, help="held-out pictures to draw")
@@ -16,5 +19,6 @@ def add_parser(sub) -> None:
 def run(args, overrides) -> None:
   from kosmos_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from kosmos_jax import demo  # pylint: disable=g-import-not-at-top
+
   summary = demo.run(config_lib.load(args.config, overrides), args.out, pictures=args.pictures)
   print(demo.describe(summary, args.out))

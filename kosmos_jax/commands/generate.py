@@ -4,6 +4,7 @@ Every image gets the same prompt, in one batch. Inputs are checked before the
 weights are read (a real checkpoint takes a while to load), and each bad
 input is an error that names it.
 """
+
 import argparse
 import json
 import os
@@ -23,8 +24,9 @@ def _box(text: str) -> tuple[float, float, float, float]:
     box = ()
   if len(box) != 4 or not all(0 <= v <= 1 for v in box) or box[2] <= box[0] or box[3] <= box[1]:
     raise argparse.ArgumentTypeError(
-        f"{text!r} is not x1,y1,x2,y2 with coordinates in [0, 1] (fractions of the "
-        "image width and height), x2 > x1 and y2 > y1")
+      f"{text!r} is not x1,y1,x2,y2 with coordinates in [0, 1] (fractions of the "
+      "image width and height), x2 > x1 and y2 > y1"
+    )
   return box
 
 
@@ -37,56 +39,82 @@ def _positive(text: str) -> int:
 def add_parser(sub) -> None:
   """Registers `generate` on the subparsers of the `kosmos-jax` parser."""
   p = sub.add_parser(
-      "generate", help="grounded captions / referring expressions for images: text, "
-      "entities with boxes, annotated pictures")
-  p.add_argument("--checkpoint", required=True,
-                 help="Hugging Face snapshot directory or kosmos-jax checkpoint, with the "
-                 "processor files (sentencepiece.bpe.model, preprocessor_config.json)")
-  p.add_argument("--image", required=True, action="append",
-                 help="image file; repeat for several (one batch)")
-  p.add_argument("--prompt", help=f"default {DEFAULT_PROMPT!r}; with --box the referring "
-                 "prompt '<phrase> It</phrase><object>..</object> is', or a prompt whose one "
-                 "<phrase>..</phrase> the box is attached to")
+    "generate",
+    help="grounded captions / referring expressions for images: text, "
+    "entities with boxes, annotated pictures",
+  )
+  p.add_argument(
+    "--checkpoint",
+    required=True,
+    help="Hugging Face snapshot directory or kosmos-jax checkpoint, with the "
+    "processor files (sentencepiece.bpe.model, preprocessor_config.json)",
+  )
+  p.add_argument(
+    "--image", required=True, action="append", help="image file; repeat for several (one batch)"
+  )
+  p.add_argument(
+    "--prompt",
+    help=f"default {DEFAULT_PROMPT!r}; with --box the referring "
+    "prompt '<phrase> It</phrase><object>..</object> is', or a prompt whose one "
+    "<phrase>..</phrase> the box is attached to",
+  )
   p.add_argument("--box", type=_box, help="x1,y1,x2,y2 in [0, 1]: describe this region (REG)")
-  p.add_argument("--max-new-tokens", type=_positive,
-                 help=f"default: the checkpoint's generation config, else {DEFAULT_MAX_NEW_TOKENS}")
+  p.add_argument(
+    "--max-new-tokens",
+    type=_positive,
+    help=f"default: the checkpoint's generation config, else {DEFAULT_MAX_NEW_TOKENS}",
+  )
   p.add_argument("--num-beams", type=_positive, help="default: the checkpoint's generation config")
-  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                 help="compute dtype (parameters stay as stored)")
-  p.add_argument("--json", action="store_true",
-                 help="one JSON object per image: image, text, entities, token_ids")
+  p.add_argument(
+    "--dtype",
+    choices=("float32", "bfloat16"),
+    default="float32",
+    help="compute dtype (parameters stay as stored)",
+  )
+  p.add_argument(
+    "--json",
+    action="store_true",
+    help="one JSON object per image: image, text, entities, token_ids",
+  )
   p.add_argument("--out", help="directory for the images with their boxes drawn (PNG)")
 
 
 def check_processor_files(path: str) -> None:
   from kosmos_jax.processing import files  # pylint: disable=g-import-not-at-top
+
   if not os.path.isdir(path):
     raise SystemExit(f"--checkpoint {path}: not a directory")
   for names in files.REQUIRED:
     if not any(os.path.isfile(os.path.join(path, n)) for n in names):
       raise SystemExit(
-          f"--checkpoint {path}: missing processor file {' or '.join(names)}; a Hugging Face "
-          "snapshot has it, and `kosmos-jax convert` copies it into our checkpoints")
+        f"--checkpoint {path}: missing processor file {' or '.join(names)}; a Hugging Face "
+        "snapshot has it, and `kosmos-jax convert` copies it into our checkpoints"
+      )
 
 
 def read_image(path: str, index: int):
   """An image file as an (H, W, 3) uint8 array."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   from kosmos_jax.processing import images  # pylint: disable=g-import-not-at-top
+
   try:
     picture = Image.open(path)
     picture.load()
   except (OSError, ValueError) as e:
     raise SystemExit(f"--image #{index} {path}: cannot read it as an image: {e}") from e
   if picture.mode not in IMAGE_MODES:
-    raise SystemExit(f"--image #{index} {path}: unsupported mode {picture.mode!r}; "
-                     f"convert it to 8-bit RGB (readable modes: {', '.join(IMAGE_MODES)})")
+    raise SystemExit(
+      f"--image #{index} {path}: unsupported mode {picture.mode!r}; "
+      f"convert it to 8-bit RGB (readable modes: {', '.join(IMAGE_MODES)})"
+    )
   return images.to_rgb(picture, index)
 
 
 def build_inputs(processor, pictures, prompt: str | None, box, max_positions: int) -> dict:
   """Processor inputs for every picture; `box` makes the referring (REG) prompt."""
   from kosmos_jax.processing import grounding  # pylint: disable=g-import-not-at-top
+
   bboxes = None
   if box is not None and prompt is None:
     prompt = grounding.reg_prompt(box, processor.vocab.num_patches_per_side)
@@ -99,9 +127,11 @@ def build_inputs(processor, pictures, prompt: str | None, box, max_positions: in
     raise SystemExit(f"--prompt {prompt!r}{'' if box is None else ' with --box'}: {e}") from e
   length = inputs["input_ids"].shape[1]
   if length > max_positions:
-    raise SystemExit(f"--prompt: the input is {length} tokens ({processor.num_image_tokens} of "
-                     f"them image slots); the model takes at most {max_positions} "
-                     "(text.max_positions)")
+    raise SystemExit(
+      f"--prompt: the input is {length} tokens ({processor.num_image_tokens} of "
+      f"them image slots); the model takes at most {max_positions} "
+      "(text.max_positions)"
+    )
   return inputs
 
 
@@ -112,21 +142,30 @@ def describe(processor, ids, prompt_length: int) -> list[dict]:
   results = []
   for row in ids.tolist():
     new = row[prompt_length:]
-    row = row[:prompt_length + new.index(eos) + 1] if eos in new else row
-    text, entities = processor.post_process_generation(processor.decode(row, skip_special_tokens=True))
-    results.append(dict(
+    row = row[: prompt_length + new.index(eos) + 1] if eos in new else row
+    text, entities = processor.post_process_generation(
+      processor.decode(row, skip_special_tokens=True)
+    )
+    results.append(
+      dict(
         text=text,
-        entities=[dict(phrase=phrase, span=list(span), boxes=[list(b) for b in boxes])
-                  for phrase, span, boxes in entities],
-        token_ids=row))
+        entities=[
+          dict(phrase=phrase, span=list(span), boxes=[list(b) for b in boxes])
+          for phrase, span, boxes in entities
+        ],
+        token_ids=row,
+      )
+    )
   return results
 
 
 def _picture_paths(images: list[str], out: str) -> list[str]:
   """`out/<name>.png` per image, numbered where names repeat."""
   names = [os.path.splitext(os.path.basename(p))[0] for p in images]
-  return [os.path.join(out, f"{n}.png" if names.count(n) == 1 else f"{n}-{i}.png")
-          for i, n in enumerate(names)]
+  return [
+    os.path.join(out, f"{n}.png" if names.count(n) == 1 else f"{n}-{i}.png")
+    for i, n in enumerate(names)
+  ]
 
 
 def _print_text(result: dict) -> None:
@@ -142,9 +181,11 @@ def run(args, overrides) -> None:
   """`kosmos-jax generate`."""
   del overrides
   from kosmos_jax.checkpoints import loading  # pylint: disable=g-import-not-at-top
+
   check_processor_files(loading.split_step(args.checkpoint)[0])
   from kosmos_jax.processing import processor as processor_lib  # pylint: disable=g-import-not-at-top
   from kosmos_jax.processing import visualize  # pylint: disable=g-import-not-at-top
+
   processor = processor_lib.Processor.from_pretrained(args.checkpoint)
   pictures = [read_image(path, i) for i, path in enumerate(args.image)]
   try:
@@ -153,8 +194,9 @@ def run(args, overrides) -> None:
     raise SystemExit(f"--checkpoint {e}") from e
   inputs = build_inputs(processor, pictures, args.prompt, args.box, config.text.max_positions)
   model = loading.from_pretrained(args.checkpoint, dtype=args.dtype)
-  max_new = (args.max_new_tokens or model.generation_config.get("max_new_tokens")
-             or DEFAULT_MAX_NEW_TOKENS)
+  max_new = (
+    args.max_new_tokens or model.generation_config.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS
+  )
   ids = model.generate(**inputs, max_new_tokens=max_new, num_beams=args.num_beams)
   results = describe(processor, ids, inputs["input_ids"].shape[1])
   if args.out:

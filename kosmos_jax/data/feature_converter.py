@@ -19,7 +19,8 @@ tokens and images fit, else the row is emitted and a new one starts. The model
 keeps packed sequences apart through `segment_ids` (attention) and
 `position_ids`; images never cross rows.
 """
-from typing import Mapping
+
+from collections.abc import Mapping
 
 import seqio
 import tensorflow as tf
@@ -33,22 +34,34 @@ _TOKEN_FEATURES = ("input_ids", "targets", "loss_weights", "image_embeds_positio
 class MultimodalFeatureConverter(seqio.FeatureConverter):
   """See the module doc. `pack=False` gives one sequence per row (segment id 1)."""
 
-  TASK_FEATURES = {"targets": _Spec(tf.int32), "loss_weights": _Spec(tf.int32),
-                   "image_mask": _Spec(tf.int32), "images": _Spec(tf.float32, rank=4)}
-  MODEL_FEATURES = {"input_ids": _Spec(tf.int32), "targets": _Spec(tf.int32),
-                    "loss_weights": _Spec(tf.float32), "image_embeds_position_mask": _Spec(tf.int32),
-                    "pixel_values": _Spec(tf.float32, rank=4)}
+  TASK_FEATURES = {
+    "targets": _Spec(tf.int32),
+    "loss_weights": _Spec(tf.int32),
+    "image_mask": _Spec(tf.int32),
+    "images": _Spec(tf.float32, rank=4),
+  }
+  MODEL_FEATURES = {
+    "input_ids": _Spec(tf.int32),
+    "targets": _Spec(tf.int32),
+    "loss_weights": _Spec(tf.float32),
+    "image_embeds_position_mask": _Spec(tf.int32),
+    "pixel_values": _Spec(tf.float32, rank=4),
+  }
   PACKING_FEATURE_DTYPES = {"segment_ids": tf.int32, "position_ids": tf.int32}
 
   def __init__(self, pack: bool = True, pad_id: int = vocab_lib.PAD_ID):
     super().__init__(pack=pack, apply_length_check=False)
     self._pad_id = pad_id
 
-  def __call__(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+  def __call__(
+    self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]
+  ) -> tf.data.Dataset:
     # seqio's checks assume rank-1 packable features; images are rank 4.
     if set(task_feature_lengths) != {"targets", "images"}:
-      raise ValueError(f"task_feature_lengths needs 'targets' (tokens per row) and 'images' (images "
-                       f"per row), got {dict(task_feature_lengths)}")
+      raise ValueError(
+        f"task_feature_lengths needs 'targets' (tokens per row) and 'images' (images "
+        f"per row), got {dict(task_feature_lengths)}"
+      )
     missing = set(self.TASK_FEATURES) - set(ds.element_spec)
     if missing:
       raise ValueError(f"dataset lacks task features {sorted(missing)}")
@@ -59,7 +72,9 @@ class MultimodalFeatureConverter(seqio.FeatureConverter):
     lengths = {k: length for k in (*_TOKEN_FEATURES, "segment_ids", "position_ids")}
     return dict(lengths, pixel_values=task_feature_lengths["images"])
 
-  def _convert_features(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+  def _convert_features(
+    self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]
+  ) -> tf.data.Dataset:
     length, max_images = task_feature_lengths["targets"], task_feature_lengths["images"]
     image_shape = ds.element_spec["images"].shape[1:]
     if not image_shape.is_fully_defined():
@@ -71,24 +86,35 @@ class MultimodalFeatureConverter(seqio.FeatureConverter):
       tokens = x["targets"]
       n, k = tf.size(tokens) - 1, tf.shape(x["images"])[0]
       check = tf.debugging.Assert(
-          (n <= length) & (k <= max_images),
-          ["sequence longer than the row (run preprocessors.trim):", n, k])
+        (n <= length) & (k <= max_images),
+        ["sequence longer than the row (run preprocessors.trim):", n, k],
+      )
       with tf.control_dependencies([check]):
-        return dict(input_ids=tokens[:-1], targets=tokens[1:],
-                    loss_weights=tf.cast(x["loss_weights"][1:], tf.float32),
-                    image_embeds_position_mask=x["image_mask"][:-1], images=x["images"],
-                    flush=tf.constant(False))
+        return dict(
+          input_ids=tokens[:-1],
+          targets=tokens[1:],
+          loss_weights=tf.cast(x["loss_weights"][1:], tf.float32),
+          image_embeds_position_mask=x["image_mask"][:-1],
+          images=x["images"],
+          flush=tf.constant(False),
+        )
 
     ds = ds.map(shift, num_parallel_calls=tf.data.AUTOTUNE)
     # The open row grows by concatenation, and its images are a list of
     # references: appending costs the sequence's own tokens, and each image is
     # copied once, into the finished row (images are the bulk of a row).
     image_list_shape = tf.constant([-1, *image_shape], tf.int32)
-    empty_row = dict({k: tf.zeros([0], tf.float32 if k == "loss_weights" else tf.int32)
-                      for k in (*_TOKEN_FEATURES, "segment_ids", "position_ids")},
-                     images=tf.raw_ops.EmptyTensorList(element_shape=image_list_shape, max_num_elements=-1,
-                                                       element_dtype=tf.float32),
-                     num_images=tf.constant(0), num_segments=tf.constant(0))
+    empty_row = dict(
+      {
+        k: tf.zeros([0], tf.float32 if k == "loss_weights" else tf.int32)
+        for k in (*_TOKEN_FEATURES, "segment_ids", "position_ids")
+      },
+      images=tf.raw_ops.EmptyTensorList(
+        element_shape=image_list_shape, max_num_elements=-1, element_dtype=tf.float32
+      ),
+      num_images=tf.constant(0),
+      num_segments=tf.constant(0),
+    )
 
     @tf.autograph.experimental.do_not_convert
     def step(row, x):
@@ -105,7 +131,9 @@ class MultimodalFeatureConverter(seqio.FeatureConverter):
       segment = tf.where(fits, row["num_segments"], 0) + 1
       out = {key: tf.concat([row[key][:keep_tokens], x[key]], 0) for key in _TOKEN_FEATURES}
       out["segment_ids"] = tf.concat([row["segment_ids"][:keep_tokens], tf.fill([n], segment)], 0)
-      out["position_ids"] = tf.concat([row["position_ids"][:keep_tokens], tf.range(n) + self._pad_id + 1], 0)
+      out["position_ids"] = tf.concat(
+        [row["position_ids"][:keep_tokens], tf.range(n) + self._pad_id + 1], 0
+      )
       kept_images = tf.where(fits, tf.raw_ops.TensorListLength(input_handle=row["images"]), 0)
       images = tf.raw_ops.TensorListResize(input_handle=row["images"], size=kept_images)
       out["images"] = tf.raw_ops.TensorListPushBack(input_handle=images, tensor=x["images"])
@@ -114,12 +142,18 @@ class MultimodalFeatureConverter(seqio.FeatureConverter):
       return out, (emit, row)
 
     # A last empty sequence flushes the row that is still open.
-    flush = dict(input_ids=tf.zeros([0], tf.int32), targets=tf.zeros([0], tf.int32),
-                 loss_weights=tf.zeros([0], tf.float32),
-                 image_embeds_position_mask=tf.zeros([0], tf.int32),
-                 images=tf.zeros([0, *image_shape]), flush=tf.constant(True))
+    flush = dict(
+      input_ids=tf.zeros([0], tf.int32),
+      targets=tf.zeros([0], tf.int32),
+      loss_weights=tf.zeros([0], tf.float32),
+      image_embeds_position_mask=tf.zeros([0], tf.int32),
+      images=tf.zeros([0, *image_shape]),
+      flush=tf.constant(True),
+    )
     ds = ds.concatenate(tf.data.Dataset.from_tensors(flush))
-    ds = ds.scan(empty_row, step).filter(tf.autograph.experimental.do_not_convert(lambda emit, row: emit))
+    ds = ds.scan(empty_row, step).filter(
+      tf.autograph.experimental.do_not_convert(lambda emit, row: emit)
+    )
 
     zero_images = tf.zeros([max_images, *image_shape])
 
@@ -128,14 +162,19 @@ class MultimodalFeatureConverter(seqio.FeatureConverter):
       del emit
       fill = tf.size(row["input_ids"])
       pad = lambda key, value: tf.ensure_shape(
-          tf.pad(row[key], [[0, length - fill]], constant_values=value), [length])
+        tf.pad(row[key], [[0, length - fill]], constant_values=value), [length]
+      )
       out = {k: pad(k, 0) for k in ("loss_weights", "image_embeds_position_mask", "segment_ids")}
       out.update({k: pad(k, self._pad_id) for k in ("input_ids", "targets", "position_ids")})
-      images = tf.raw_ops.TensorListPushBack(input_handle=row["images"],
-                                             tensor=zero_images[:max_images - row["num_images"]])
+      images = tf.raw_ops.TensorListPushBack(
+        input_handle=row["images"], tensor=zero_images[: max_images - row["num_images"]]
+      )
       pixels, _ = tf.raw_ops.TensorListConcatV2(
-          input_handle=images, element_shape=image_list_shape, leading_dims=tf.zeros([0], tf.int64),
-          element_dtype=tf.float32)
+        input_handle=images,
+        element_shape=image_list_shape,
+        leading_dims=tf.zeros([0], tf.int64),
+        element_dtype=tf.float32,
+      )
       out["pixel_values"] = tf.ensure_shape(pixels, [max_images, *image_shape])
       return out
 

@@ -7,6 +7,7 @@ pictures with those boxes drawn. Examples are those a task yields before
 packing, from the start of its source (unshuffled); a mixture samples its
 tasks by their rates.
 """
+
 import dataclasses
 import os
 
@@ -14,9 +15,9 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from kosmos_jax.processing import grounding, images as images_lib, visualize
 # Registers the built-in tasks and mixtures.
-from kosmos_jax.data import tasks  # pylint: disable=unused-import
+from kosmos_jax.processing import grounding, visualize
+from kosmos_jax.processing import images as images_lib
 
 # KOSMOS-2's training length; enough that `trim` leaves examples whole.
 DEFAULT_LENGTHS = {"targets": 2048, "images": 16}
@@ -25,6 +26,7 @@ DEFAULT_LENGTHS = {"targets": 2048, "images": 16}
 @dataclasses.dataclass
 class Example:
   """One preprocessed example, decoded."""
+
   task: str
   key: str
   num_tokens: int
@@ -62,9 +64,12 @@ def _runs(values: np.ndarray) -> list[tuple[int, int]]:
 def _render(vocab, ids: np.ndarray, image_mask: np.ndarray) -> str:
   # Slot ids are placeholders for image embeddings; as text they would read as
   # arbitrary sentencepiece pieces.
-  return "".join(f"[{end - start} slots]" if image_mask[start]
-                 else vocab.detokenize(ids[start:end], skip_special_tokens=False)
-                 for start, end in _runs(image_mask))
+  return "".join(
+    f"[{end - start} slots]"
+    if image_mask[start]
+    else vocab.detokenize(ids[start:end], skip_special_tokens=False)
+    for start, end in _runs(image_mask)
+  )
 
 
 def _to_uint8(pixels: np.ndarray) -> np.ndarray:
@@ -78,12 +83,16 @@ def _decode(x: dict, vocab) -> Example:
   text = _render(vocab, ids, mask)
   loss_runs = [(s, e) for s, e in _runs(weights > 0) if weights[s] > 0]
   return Example(
-      task=x["task"].decode(), key=x.get("key", b"").decode("utf-8", "replace"),
-      num_tokens=len(ids), text=text,
-      loss_text=" ... ".join(_render(vocab, ids[s:e], mask[s:e]) for s, e in loss_runs),
-      num_loss_tokens=int(np.sum(weights > 0)),
-      entities=grounding.clean_text_and_extract_entities(text, vocab.num_patches_per_side)[1],
-      images=[_to_uint8(p) for p in x["images"]], pictures=[])
+    task=x["task"].decode(),
+    key=x.get("key", b"").decode("utf-8", "replace"),
+    num_tokens=len(ids),
+    text=text,
+    loss_text=" ... ".join(_render(vocab, ids[s:e], mask[s:e]) for s, e in loss_runs),
+    num_loss_tokens=int(np.sum(weights > 0)),
+    entities=grounding.clean_text_and_extract_entities(text, vocab.num_patches_per_side)[1],
+    images=[_to_uint8(p) for p in x["images"]],
+    pictures=[],
+  )
 
 
 def _dataset(name: str, split: str, lengths: dict[str, int], seed: int) -> tf.data.Dataset:
@@ -91,8 +100,12 @@ def _dataset(name: str, split: str, lengths: dict[str, int], seed: int) -> tf.da
   rather than by seqio, which would drop every feature but the declared ones
   (the key) and not say which task an example comes from."""
   chosen = [(t, r) for t, r in _tasks(name) if split in t.splits]
-  datasets = [task.get_dataset(lengths, split=split, shuffle=False, seed=seed, num_epochs=1)
-              .map(lambda x, task=task.name: dict(x, task=task)) for task, _ in chosen]
+  datasets = [
+    task.get_dataset(lengths, split=split, shuffle=False, seed=seed, num_epochs=1).map(
+      lambda x, task=task.name: dict(x, task=task)
+    )
+    for task, _ in chosen
+  ]
   if len(datasets) == 1:
     return datasets[0]
   return tf.data.Dataset.sample_from_datasets(datasets, [float(r) for _, r in chosen], seed=seed)
@@ -105,9 +118,15 @@ def _draw(example: Example, index: int, out: str) -> None:
     example.pictures.append(path)
 
 
-def examples(name: str, split: str = "train", num: int = 3, *,
-             lengths: dict[str, int] | None = None, seed: int = 0,
-             out: str | None = None) -> list[Example]:
+def examples(
+  name: str,
+  split: str = "train",
+  num: int = 3,
+  *,
+  lengths: dict[str, int] | None = None,
+  seed: int = 0,
+  out: str | None = None,
+) -> list[Example]:
   """The first `num` examples of task or mixture `name` (fewer if the split
   is shorter), trimmed to `lengths` (default `DEFAULT_LENGTHS`). With `out`,
   each picture is written there as PNG with every entity's boxes drawn."""
@@ -128,10 +147,12 @@ def examples(name: str, split: str = "train", num: int = 3, *,
 
 def describe(example: Example, index: int) -> str:
   """`example` as the lines `kosmos-jax data inspect` prints."""
-  lines = [f"[{index}] {example.task} key={example.key or '-'}: {example.num_tokens} tokens, "
-           f"{example.num_loss_tokens} with loss, {len(example.images)} image(s)",
-           f"  text: {example.text}",
-           f"  loss: {example.loss_text}"]
+  lines = [
+    f"[{index}] {example.task} key={example.key or '-'}: {example.num_tokens} tokens, "
+    f"{example.num_loss_tokens} with loss, {len(example.images)} image(s)",
+    f"  text: {example.text}",
+    f"  loss: {example.loss_text}",
+  ]
   for phrase, _, boxes in example.entities:
     coords = " ".join("(" + ", ".join(f"{v:.3f}" for v in box) + ")" for box in boxes)
     lines.append(f"  entity {phrase!r}: {coords}")

@@ -4,9 +4,11 @@ The trainer sees numpy dicts in the feature converter's layout; the tf.data
 iterator behind them is saved in every checkpoint (DataIteratorHandler), so a
 resumed job reads exactly the batches it would have read.
 """
+
 import dataclasses
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -28,15 +30,30 @@ def register_user_tasks(data_config) -> None:
     tasks.register_kosmos2_tasks(data_config.spm_model_file, data_config.data_dir)
 
 
-def dataset(mixture: str, split: str, *, seq_len: int, images_per_row: int,
-            batch_size: int, seed: int, shuffle: bool = True, repeat: bool = True,
-            shard_index: int = 0, num_shards: int = 1) -> tf.data.Dataset:
+def dataset(
+  mixture: str,
+  split: str,
+  *,
+  seq_len: int,
+  images_per_row: int,
+  batch_size: int,
+  seed: int,
+  shuffle: bool = True,
+  repeat: bool = True,
+  shard_index: int = 0,
+  num_shards: int = 1,
+) -> tf.data.Dataset:
   """Packed, batched rows of `mixture` for one host (`batch_size` rows per host)."""
   ds = seqio.get_dataset(
-      mixture, {"targets": seq_len, "images": images_per_row},
-      feature_converter.MultimodalFeatureConverter(pack=True), dataset_split=split,
-      shuffle=shuffle, num_epochs=None if repeat else 1, seed=seed,
-      shard_info=seqio.ShardInfo(index=shard_index, num_shards=num_shards))
+    mixture,
+    {"targets": seq_len, "images": images_per_row},
+    feature_converter.MultimodalFeatureConverter(pack=True),
+    dataset_split=split,
+    shuffle=shuffle,
+    num_epochs=None if repeat else 1,
+    seed=seed,
+    shard_info=seqio.ShardInfo(index=shard_index, num_shards=num_shards),
+  )
   options = tf.data.Options()
   # The bad-record counters (quality.DataStats) are tf.Variables updated in the
   # pipeline; the iterator's checkpoint leaves them out rather than refusing.
@@ -96,7 +113,9 @@ class DataIteratorRestore(ocp.args.CheckpointArgs):
 # ----------------------------------------------------------------- raw records
 
 
-def source_records(task_name: str, split: str, limit: int | None = None) -> Iterator[dict[str, Any]]:
+def source_records(
+  task_name: str, split: str, limit: int | None = None
+) -> Iterator[dict[str, Any]]:
   """The first `limit` records of a task's source, before any preprocessing,
   as numpy values (bytes for strings and encoded images), in order."""
   ds = seqio.get_mixture_or_task(task_name).source.get_dataset(split=split, shuffle=False)

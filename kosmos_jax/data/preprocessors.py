@@ -17,12 +17,13 @@ Every family produces the same features, so tasks mix:
 plus `_issues`/`_drop` for `quality.filter_and_count`. The tasks in tasks.py
 chain: family preprocessor -> `trim` -> `quality.filter_and_count`.
 """
+
 import functools
 
 import seqio
 import tensorflow as tf
 
-from kosmos_jax.data import tf_image, quality, tf_text
+from kosmos_jax.data import quality, tf_image, tf_text
 from kosmos_jax.processing import vocab as vocab_lib
 
 _EMPTY_SPANS = tf.zeros([0, 7], tf.float32)
@@ -39,8 +40,11 @@ def _decode_checked(data: tf.Tensor, ok: tf.Tensor, size: int, transform: str):
   """`tf_image.decode_resized` only when `ok` (bad bytes would make the decoder
   raise); else zero pixels and, for "crop", a geometry that crops every box out."""
   geometry = tf.zeros([2, 4]) if transform == "crop" else None
-  return tf.cond(ok, lambda: tf_image.decode_resized(data, size, transform),
-                 lambda: (tf.zeros([size, size, 3], tf.uint8), geometry))
+  return tf.cond(
+    ok,
+    lambda: tf_image.decode_resized(data, size, transform),
+    lambda: (tf.zeros([size, size, 3], tf.uint8), geometry),
+  )
 
 
 def _errors_tolerated(dataset: tf.data.Dataset, strict: bool) -> tf.data.Dataset:
@@ -50,8 +54,9 @@ def _errors_tolerated(dataset: tf.data.Dataset, strict: bool) -> tf.data.Dataset
 
 
 @tf.autograph.experimental.do_not_convert
-def image_text_record(x: dict, seed, image_size: int, transform: str, phrase_mode: str,
-                      stats: quality.DataStats) -> dict:
+def image_text_record(
+  x: dict, seed, image_size: int, transform: str, phrase_mode: str, stats: quality.DataStats
+) -> dict:
   """The per-record part of `image_text`: what needs one record at a time
   (counting it in, image checks and decoding, the seeded grounding draw)."""
   # Counted before anything that can fail: a record whose decoding fails still counts.
@@ -61,9 +66,20 @@ def image_text_record(x: dict, seed, image_size: int, transform: str, phrase_mod
   empty = tf_text.is_blank(x["caption"])
   drop = empty | tf.reduce_any(image_issues > 0)
   pixels, geometry = _decode_checked(x["image"], ~drop, image_size, transform)
-  rows = tf.reshape(x.get("ref_exps" if phrase_mode == "expression" else "noun_chunks", _EMPTY_SPANS), [-1, 7])
-  out = dict(key=x["key"], caption=x["caption"], pixels=pixels, image_issues=image_issues, empty=empty,
-             drop=drop, draw=tf.random.stateless_uniform([], seed), rows=rows, num_rows=tf.shape(rows)[0])
+  rows = tf.reshape(
+    x.get("ref_exps" if phrase_mode == "expression" else "noun_chunks", _EMPTY_SPANS), [-1, 7]
+  )
+  out = dict(
+    key=x["key"],
+    caption=x["caption"],
+    pixels=pixels,
+    image_issues=image_issues,
+    empty=empty,
+    drop=drop,
+    draw=tf.random.stateless_uniform([], seed),
+    rows=rows,
+    num_rows=tf.shape(rows)[0],
+  )
   if geometry is not None:
     out["geometry"] = geometry
   return out
@@ -72,13 +88,20 @@ def image_text_record(x: dict, seed, image_size: int, transform: str, phrase_mod
 # Called with autograph off, so that tf.data does not convert seqio's wrapper
 # functions around ours either (converting them costs start-up time).
 _image_text_record_map = tf.autograph.experimental.do_not_convert(
-    seqio.map_over_dataset(image_text_record, num_seeds=1))
+  seqio.map_over_dataset(image_text_record, num_seeds=1)
+)
 
 
 @tf.autograph.experimental.do_not_convert
-def image_text_batch(x: dict, vocab: vocab_lib.KosmosVocabulary, use_box_prob: float,
-                     score_threshold: float, grounding_prefix: bool, quantizer: str,
-                     num_image_tokens: int) -> dict:
+def image_text_batch(
+  x: dict,
+  vocab: vocab_lib.KosmosVocabulary,
+  use_box_prob: float,
+  score_threshold: float,
+  grounding_prefix: bool,
+  quantizer: str,
+  num_image_tokens: int,
+) -> dict:
   """The text work of `image_text` on a padded batch of `image_text_record`
   outputs, vectorised over the records; features ragged [b, None]."""
   caption, issues = tf_text.repair_utf8(x["caption"])
@@ -87,37 +110,62 @@ def image_text_batch(x: dict, vocab: vocab_lib.KosmosVocabulary, use_box_prob: f
   b = tf.size(drop)
   # The span rows, padded to [b, n, 7], as flat rows with their records.
   valid = tf.sequence_mask(x["num_rows"], tf.shape(x["rows"])[1])
-  raw, rows = tf_text.select(tf.reshape(valid, [-1]), tf.reshape(x["rows"], [-1, 7]), tf.reshape(
-      tf.broadcast_to(tf.range(b)[:, None], tf.shape(valid)), [-1]))
+  raw, rows = tf_text.select(
+    tf.reshape(valid, [-1]),
+    tf.reshape(x["rows"], [-1, 7]),
+    tf.reshape(tf.broadcast_to(tf.range(b)[:, None], tf.shape(valid)), [-1]),
+  )
   spans, boxes, rows, span_issues = tf_text.clean_spans(
-      raw, rows, tf.strings.length(caption, unit="UTF8_CHAR"), score_threshold)
+    raw, rows, tf.strings.length(caption, unit="UTF8_CHAR"), score_threshold
+  )
   keep = ~tf.gather(drop, rows)
   if "geometry" in x:
     boxes, in_crop = tf_image.crop_boxes(boxes, tf.gather(x["geometry"], rows))
-    issues += quality.issue("box_cropped_out", tf.math.unsorted_segment_sum(
-        tf.cast(~in_crop & keep, tf.int32), rows, b))
+    issues += quality.issue(
+      "box_cropped_out", tf.math.unsorted_segment_sum(tf.cast(~in_crop & keep, tf.int32), rows, b)
+    )
     keep &= in_crop
   issues += span_issues
   phrases, phrase_rows, boxes, box_phrase, overlap = tf_text.select_spans(
-      *tf_text.select(keep, spans, boxes, rows), b)
-  has_box = tf.math.unsorted_segment_max(tf.ones_like(box_phrase), tf.gather(phrase_rows, box_phrase), b) > 0
+    *tf_text.select(keep, spans, boxes, rows), b
+  )
+  has_box = (
+    tf.math.unsorted_segment_max(tf.ones_like(box_phrase), tf.gather(phrase_rows, box_phrase), b)
+    > 0
+  )
   grounded = (x["draw"] < use_box_prob) & has_box
   prefix = [vocab.tag_id("<grounding>")] if grounding_prefix else []
-  ids = tf_text.grounded_caption_ids(vocab, caption, grounded, phrases, phrase_rows, boxes, box_phrase,
-                                      prefix, quantizer)
-  out = tf_text.join_rows([tf_text.token_part(vocab.bos_id, weight=0),
-                            tf_text.image_part(vocab, num_image_tokens)],
-                           ids, [tf_text.token_part(vocab.eos_id)])
-  out.update(key=x["key"], images=tf_image.normalize(x["pixels"][:, None]), _issues=issues + overlap,
-             _drop=drop)
+  ids = tf_text.grounded_caption_ids(
+    vocab, caption, grounded, phrases, phrase_rows, boxes, box_phrase, prefix, quantizer
+  )
+  out = tf_text.join_rows(
+    [tf_text.token_part(vocab.bos_id, weight=0), tf_text.image_part(vocab, num_image_tokens)],
+    ids,
+    [tf_text.token_part(vocab.eos_id)],
+  )
+  out.update(
+    key=x["key"],
+    images=tf_image.normalize(x["pixels"][:, None]),
+    _issues=issues + overlap,
+    _drop=drop,
+  )
   return out
 
 
-def image_text(dataset: tf.data.Dataset, vocab: vocab_lib.KosmosVocabulary, image_size: int = 224,
-               transform: str = "crop", use_box_prob: float = 0.5, phrase_mode: str = "expression",
-               score_threshold: float = 0.65, grounding_prefix: bool = True, quantizer: str = "hf",
-               num_image_tokens: int = vocab_lib.NUM_IMAGE_TOKENS, strict: bool = False,
-               stats: quality.DataStats | None = None) -> tf.data.Dataset:
+def image_text(
+  dataset: tf.data.Dataset,
+  vocab: vocab_lib.KosmosVocabulary,
+  image_size: int = 224,
+  transform: str = "crop",
+  use_box_prob: float = 0.5,
+  phrase_mode: str = "expression",
+  score_threshold: float = 0.65,
+  grounding_prefix: bool = True,
+  quantizer: str = "hf",
+  num_image_tokens: int = vocab_lib.NUM_IMAGE_TOKENS,
+  strict: bool = False,
+  stats: quality.DataStats | None = None,
+) -> tf.data.Dataset:
   """Caption pairs and GrIT records.
 
   `<s> <image> slots </image> [<grounding>] caption </s>`, where with
@@ -128,24 +176,40 @@ def image_text(dataset: tf.data.Dataset, vocab: vocab_lib.KosmosVocabulary, imag
   Defaults follow KOSMOS-2's train.sh (reference 3.1); `transform` is "crop"
   (training) or "square" (inference).
   """
-  dataset = _image_text_record_map(dataset, image_size=image_size, transform=transform,
-                                   phrase_mode=phrase_mode, stats=stats or quality.default_stats())
+  dataset = _image_text_record_map(
+    dataset,
+    image_size=image_size,
+    transform=transform,
+    phrase_mode=phrase_mode,
+    stats=stats or quality.default_stats(),
+  )
   # A record whose decoding fails vanishes alone, before records are batched.
   dataset = _errors_tolerated(dataset, strict)
   # The text work costs about as much per call as per record: batched over
   # records, it is paid once per batch.
   batch = functools.partial(
-      image_text_batch, vocab=vocab, use_box_prob=use_box_prob, score_threshold=score_threshold,
-      grounding_prefix=grounding_prefix, quantizer=quantizer, num_image_tokens=num_image_tokens)
+    image_text_batch,
+    vocab=vocab,
+    use_box_prob=use_box_prob,
+    score_threshold=score_threshold,
+    grounding_prefix=grounding_prefix,
+    quantizer=quantizer,
+    num_image_tokens=num_image_tokens,
+  )
   # padded_batch: ragged_batch would add a per-record conversion stage.
   dataset = dataset.padded_batch(_BATCH).map(batch, num_parallel_calls=tf.data.AUTOTUNE)
   return dataset.unbatch()
 
 
-def referring(dataset: tf.data.Dataset, vocab: vocab_lib.KosmosVocabulary, image_size: int = 224,
-              quantizer: str = "hf",
-              num_image_tokens: int = vocab_lib.NUM_IMAGE_TOKENS, strict: bool = False,
-              stats: quality.DataStats | None = None) -> tf.data.Dataset:
+def referring(
+  dataset: tf.data.Dataset,
+  vocab: vocab_lib.KosmosVocabulary,
+  image_size: int = 224,
+  quantizer: str = "hf",
+  num_image_tokens: int = vocab_lib.NUM_IMAGE_TOKENS,
+  strict: bool = False,
+  stats: quality.DataStats | None = None,
+) -> tf.data.Dataset:
   """Referring-expression comprehension, one example per (expression, box).
 
   Input: key, image, expressions [n], boxes float32 [n, 4]. Output:
@@ -154,6 +218,7 @@ def referring(dataset: tf.data.Dataset, vocab: vocab_lib.KosmosVocabulary, image
   as the target: the REC prompt of the official evaluation (reference 2.7).
   Images get the square transform: a crop could cut the referent.
   """
+
   @tf.autograph.experimental.do_not_convert
   def per_expression(x):
     image_issues = tf_image.check_image_bytes(x["image"])
@@ -161,10 +226,16 @@ def referring(dataset: tf.data.Dataset, vocab: vocab_lib.KosmosVocabulary, image
     boxes = tf.reshape(tf.cast(x["boxes"], tf.float32), [-1, 4])
     pixels = tf_image.normalize(_decode_checked(x["image"], ~drop, image_size, "square")[0])
     n = tf.shape(boxes)[0]
-    return tf.data.Dataset.from_tensor_slices(dict(
-        key=tf.fill([n], x["key"]), expression=x["expressions"], box=boxes,
-        images=tf.tile(pixels[None, None], [n, 1, 1, 1, 1]), _issues=tf.tile(image_issues[None], [n, 1]),
-        _drop=tf.fill([n], drop)))
+    return tf.data.Dataset.from_tensor_slices(
+      dict(
+        key=tf.fill([n], x["key"]),
+        expression=x["expressions"],
+        box=boxes,
+        images=tf.tile(pixels[None, None], [n, 1, 1, 1, 1]),
+        _issues=tf.tile(image_issues[None], [n, 1]),
+        _drop=tf.fill([n], drop),
+      )
+    )
 
   @tf.autograph.experimental.do_not_convert
   def example(x):
@@ -172,22 +243,44 @@ def referring(dataset: tf.data.Dataset, vocab: vocab_lib.KosmosVocabulary, image
     # The box as a one-character GrIT span, so that it gets the same checks.
     rows = tf.concat([tf.constant([[0.0, 1.0]]), x["box"][None], tf.constant([[1.0]])], 1)
     spans, boxes, _, box_issues = tf_text.clean_spans(rows, [0], [1], 0.0)
-    pairs = tf.concat([[vocab.tag_id("<object>")], tf.reshape(tf_text.quantize_boxes(
-        boxes, vocab.num_patches_per_side, quantizer) + vocab.patch_index_id(0), [-1]),
-                       [vocab.tag_id("</object>")]], 0)
-    prompt = tf.concat([[vocab.tag_id("<grounding>"), vocab.tag_id("<phrase>")],
-                        vocab.encode_plain_tf(expression[None])[0],
-                        [vocab.tag_id("</phrase>")]], 0)
+    pairs = tf.concat(
+      [
+        [vocab.tag_id("<object>")],
+        tf.reshape(
+          tf_text.quantize_boxes(boxes, vocab.num_patches_per_side, quantizer)
+          + vocab.patch_index_id(0),
+          [-1],
+        ),
+        [vocab.tag_id("</object>")],
+      ],
+      0,
+    )
+    prompt = tf.concat(
+      [
+        [vocab.tag_id("<grounding>"), vocab.tag_id("<phrase>")],
+        vocab.encode_plain_tf(expression[None])[0],
+        [vocab.tag_id("</phrase>")],
+      ],
+      0,
+    )
     image_ids, image_weights, image_mask = tf_text.image_part(vocab, num_image_tokens)
-    out = tf_text.join(tf_text.token_part(vocab.bos_id, weight=0),
-                        (image_ids, tf.zeros_like(image_weights), image_mask),
-                        tf_text.text_part(prompt, weight=0),
-                        tf_text.text_part(pairs), tf_text.token_part(vocab.eos_id))
+    out = tf_text.join(
+      tf_text.token_part(vocab.bos_id, weight=0),
+      (image_ids, tf.zeros_like(image_weights), image_mask),
+      tf_text.text_part(prompt, weight=0),
+      tf_text.text_part(pairs),
+      tf_text.token_part(vocab.eos_id),
+    )
     out.update(key=x["key"], images=x["images"])
     bad = tf_text.is_blank(expression) | tf.equal(tf.size(spans), 0)
     return quality.with_issues(
-        out, x["_issues"] + issues + box_issues[0] + quality.issue("text_empty", tf_text.is_blank(expression)),
-        x["_drop"] | bad)
+      out,
+      x["_issues"]
+      + issues
+      + box_issues[0]
+      + quality.issue("text_empty", tf_text.is_blank(expression)),
+      x["_drop"] | bad,
+    )
 
   # Counted per expression: each one is a record of this task.
   dataset = (stats or quality.default_stats()).count_input(dataset.flat_map(per_expression))
@@ -195,9 +288,15 @@ def referring(dataset: tf.data.Dataset, vocab: vocab_lib.KosmosVocabulary, image
   return _errors_tolerated(dataset, strict)
 
 
-def documents(dataset: tf.data.Dataset, vocab: vocab_lib.KosmosVocabulary, image_size: int = 224,
-              transform: str = "crop", num_image_tokens: int = vocab_lib.NUM_IMAGE_TOKENS,
-              strict: bool = False, stats: quality.DataStats | None = None) -> tf.data.Dataset:
+def documents(
+  dataset: tf.data.Dataset,
+  vocab: vocab_lib.KosmosVocabulary,
+  image_size: int = 224,
+  transform: str = "crop",
+  num_image_tokens: int = vocab_lib.NUM_IMAGE_TOKENS,
+  strict: bool = False,
+  stats: quality.DataStats | None = None,
+) -> tf.data.Dataset:
   """Interleaved image-text documents: `<s> item item .. </s>`, each image item
   as `<image> slots </image>`. A bad image is removed from its document
   (`doc_image_dropped` plus its reason); a document with no text is dropped."""
@@ -205,23 +304,33 @@ def documents(dataset: tf.data.Dataset, vocab: vocab_lib.KosmosVocabulary, image
 
   @tf.autograph.experimental.do_not_convert
   def example(x):
-    texts, utf8 = tf.map_fn(tf_text.repair_utf8, x["texts"],
-                            fn_output_signature=(tf.string, tf.TensorSpec([len(quality.REASONS)], tf.int32)))
+    texts, utf8 = tf.map_fn(
+      tf_text.repair_utf8,
+      x["texts"],
+      fn_output_signature=(tf.string, tf.TensorSpec([len(quality.REASONS)], tf.int32)),
+    )
     data = x["images"]
     is_image = tf.strings.length(data) > 0
     checks = tf.map_fn(tf_image.check_image_bytes, data, fn_output_signature=tf.int32)
     bad_image = is_image & tf.reduce_any(checks > 0, axis=1)
     keep = ~bad_image & (is_image | ~tf_text.is_blank(texts))
     texts, is_image, data = (tf.boolean_mask(t, keep) for t in (texts, is_image, data))
-    issues = (tf.reduce_sum(utf8, 0) + tf.reduce_sum(tf.boolean_mask(checks, bad_image), 0)
-              + quality.issue("doc_image_dropped", tf.reduce_sum(tf.cast(bad_image, tf.int32))))
+    issues = (
+      tf.reduce_sum(utf8, 0)
+      + tf.reduce_sum(tf.boolean_mask(checks, bad_image), 0)
+      + quality.issue("doc_image_dropped", tf.reduce_sum(tf.cast(bad_image, tf.int32)))
+    )
     no_text = tf.reduce_all(is_image)
-    pixels = tf.map_fn(lambda d: tf_image.preprocess(d, image_size, transform),
-                       tf.boolean_mask(data, is_image),
-                       fn_output_signature=tf.TensorSpec([3, image_size, image_size], tf.float32))
-    out = tf_text.join(tf_text.token_part(vocab.bos_id, weight=0),
-                        tf_text.interleave(vocab, texts, is_image, num_image_tokens),
-                        tf_text.token_part(vocab.eos_id))
+    pixels = tf.map_fn(
+      lambda d: tf_image.preprocess(d, image_size, transform),
+      tf.boolean_mask(data, is_image),
+      fn_output_signature=tf.TensorSpec([3, image_size, image_size], tf.float32),
+    )
+    out = tf_text.join(
+      tf_text.token_part(vocab.bos_id, weight=0),
+      tf_text.interleave(vocab, texts, is_image, num_image_tokens),
+      tf_text.token_part(vocab.eos_id),
+    )
     out.update(key=x["key"], images=pixels)
     return quality.with_issues(out, issues + quality.issue("text_empty", no_text), no_text)
 
@@ -229,8 +338,12 @@ def documents(dataset: tf.data.Dataset, vocab: vocab_lib.KosmosVocabulary, image
   return _errors_tolerated(dataset, strict)
 
 
-def text_documents(dataset: tf.data.Dataset, vocab: vocab_lib.KosmosVocabulary, image_size: int = 224,
-                   stats: quality.DataStats | None = None) -> tf.data.Dataset:
+def text_documents(
+  dataset: tf.data.Dataset,
+  vocab: vocab_lib.KosmosVocabulary,
+  image_size: int = 224,
+  stats: quality.DataStats | None = None,
+) -> tf.data.Dataset:
   """Text-only documents: `<s> text </s>` (and an empty `images`, so that text
   tasks mix with image tasks)."""
   dataset = (stats or quality.default_stats()).count_input(dataset)
@@ -239,9 +352,11 @@ def text_documents(dataset: tf.data.Dataset, vocab: vocab_lib.KosmosVocabulary, 
   def example(x):
     text, issues = tf_text.repair_utf8(x["text"])
     empty = tf_text.is_blank(text)
-    out = tf_text.join(tf_text.token_part(vocab.bos_id, weight=0),
-                        tf_text.text_part(vocab.encode_plain_tf(text[None])[0]),
-                        tf_text.token_part(vocab.eos_id))
+    out = tf_text.join(
+      tf_text.token_part(vocab.bos_id, weight=0),
+      tf_text.text_part(vocab.encode_plain_tf(text[None])[0]),
+      tf_text.token_part(vocab.eos_id),
+    )
     out.update(key=x["key"], images=_images(image_size))
     return quality.with_issues(out, issues + quality.issue("text_empty", empty), empty)
 
@@ -268,11 +383,19 @@ def trim(dataset: tf.data.Dataset, sequence_length: dict[str, int]) -> tf.data.D
     starts = tf.cast(tf.where(tf.equal(edges, 1))[:, 0], tf.int32)
     ends = tf.cast(tf.where(tf.equal(edges, -1))[:, 0], tf.int32) + 1
     bad = (ends >= max_length) | (tf.range(tf.size(starts)) >= max_images)
-    cut = tf.minimum(tf.minimum(length, max_length), tf.reduce_min(tf.where(bad, starts, max_length)))
+    cut = tf.minimum(
+      tf.minimum(length, max_length), tf.reduce_min(tf.where(bad, starts, max_length))
+    )
     kept_images = tf.reduce_sum(tf.cast(starts < cut, tf.int32))
-    out = dict(x, targets=x["targets"][:cut], loss_weights=x["loss_weights"][:cut],
-               image_mask=mask[:cut], images=x["images"][:kept_images])
-    return quality.with_issues(out, quality.issue("truncated", cut < length) + quality.issue("too_short", cut < 2),
-                               cut < 2)
+    out = dict(
+      x,
+      targets=x["targets"][:cut],
+      loss_weights=x["loss_weights"][:cut],
+      image_mask=mask[:cut],
+      images=x["images"][:kept_images],
+    )
+    return quality.with_issues(
+      out, quality.issue("truncated", cut < length) + quality.issue("too_short", cut < 2), cut < 2
+    )
 
   return dataset.map(example, num_parallel_calls=tf.data.AUTOTUNE)

@@ -14,31 +14,40 @@ strict mode fails instead, naming the record's key.
 Reasons and their rules (kind: "drop" = record dropped, "repair" = fixed and
 kept, "filter" = ordinary filtering that strict mode accepts):
 """
+
 import numpy as np
 import tensorflow as tf
 
 # name -> (kind, rule). The order fixes the index in `_issues`.
 REASONS = {
-    "image_missing": ("drop", "no image bytes (empty field or unreadable file)"),
-    "image_unknown_format": ("drop", "not JPEG, PNG, GIF, WebP or BMP by its magic bytes"),
-    "image_truncated": ("drop", "JPEG without EOI in its last 1 KiB, PNG without IEND, GIF without "
-                        "trailer, WebP shorter than its RIFF size"),
-    "image_zero_size": ("drop", "PNG/GIF header gives zero width or height"),
-    "text_empty": ("drop", "caption or document text is empty after stripping whitespace"),
-    "text_invalid_utf8": ("repair", "invalid UTF-8 bytes replaced by U+FFFD"),
-    "box_nan": ("repair", "span with a NaN/inf start, end, coordinate or score removed"),
-    "box_inverted": ("repair", "x1 > x2 or y1 > y2: coordinates swapped"),
-    "box_outside": ("repair", "coordinates clipped to [0, 1]"),
-    "box_empty": ("repair", "span whose box has no area (after clipping) removed"),
-    "span_out_of_range": ("repair", "span with start < 0, end > caption length, start >= end or "
-                          "fractional offsets removed"),
-    "span_overlap": ("repair", "span overlapping an earlier one (by start) removed"),
-    "doc_image_dropped": ("repair", "bad image inside a document removed with its slots"),
-    "box_low_score": ("filter", "span below the box score threshold removed"),
-    "box_cropped_out": ("filter", "less than 20% of the box survives the centre crop: removed"),
-    "truncated": ("filter", "longer than the sequence length or image budget: cut before the "
-                  "first image that does not fit whole, then at the token limit"),
-    "too_short": ("drop", "fewer than 2 tokens left (nothing to predict)"),
+  "image_missing": ("drop", "no image bytes (empty field or unreadable file)"),
+  "image_unknown_format": ("drop", "not JPEG, PNG, GIF, WebP or BMP by its magic bytes"),
+  "image_truncated": (
+    "drop",
+    "JPEG without EOI in its last 1 KiB, PNG without IEND, GIF without "
+    "trailer, WebP shorter than its RIFF size",
+  ),
+  "image_zero_size": ("drop", "PNG/GIF header gives zero width or height"),
+  "text_empty": ("drop", "caption or document text is empty after stripping whitespace"),
+  "text_invalid_utf8": ("repair", "invalid UTF-8 bytes replaced by U+FFFD"),
+  "box_nan": ("repair", "span with a NaN/inf start, end, coordinate or score removed"),
+  "box_inverted": ("repair", "x1 > x2 or y1 > y2: coordinates swapped"),
+  "box_outside": ("repair", "coordinates clipped to [0, 1]"),
+  "box_empty": ("repair", "span whose box has no area (after clipping) removed"),
+  "span_out_of_range": (
+    "repair",
+    "span with start < 0, end > caption length, start >= end or fractional offsets removed",
+  ),
+  "span_overlap": ("repair", "span overlapping an earlier one (by start) removed"),
+  "doc_image_dropped": ("repair", "bad image inside a document removed with its slots"),
+  "box_low_score": ("filter", "span below the box score threshold removed"),
+  "box_cropped_out": ("filter", "less than 20% of the box survives the centre crop: removed"),
+  "truncated": (
+    "filter",
+    "longer than the sequence length or image budget: cut before the "
+    "first image that does not fit whole, then at the token limit",
+  ),
+  "too_short": ("drop", "fewer than 2 tokens left (nothing to predict)"),
 }
 __doc__ += "".join(f"\n  {n:22s}{k:7s} {r}" for n, (k, r) in REASONS.items())
 REASON_NAMES = tuple(REASONS)
@@ -56,8 +65,9 @@ def no_issues() -> tf.Tensor:
 def issue(name: str, count=1) -> tf.Tensor:
   """An `_issues` vector with `count` at `name`; for counts [b] (one per
   record of a batch), `_issues` vectors [b, len(REASONS)]."""
-  return (tf.expand_dims(tf.cast(count, tf.int32), -1)
-          * tf.one_hot(reason_index(name), len(REASON_NAMES), dtype=tf.int32))
+  return tf.expand_dims(tf.cast(count, tf.int32), -1) * tf.one_hot(
+    reason_index(name), len(REASON_NAMES), dtype=tf.int32
+  )
 
 
 def with_issues(example: dict, issues: tf.Tensor, drop=False) -> dict:
@@ -84,14 +94,17 @@ class DataStats:
 
   def _add(self, index: int, value):
     return self._counts.assign_add(
-        tf.cast(value, tf.int64) * tf.one_hot(index, len(REASON_NAMES) + 3, dtype=tf.int64))
+      tf.cast(value, tf.int64) * tf.one_hot(index, len(REASON_NAMES) + 3, dtype=tf.int64)
+    )
 
   def count_input(self, dataset: tf.data.Dataset) -> tf.data.Dataset:
     """Counts the records entering the pipeline."""
+
     @tf.autograph.experimental.do_not_convert
     def count(example):
       with tf.control_dependencies([self.input_counted()]):
         return tf.nest.map_structure(tf.identity, example)
+
     return dataset.map(count, num_parallel_calls=tf.data.AUTOTUNE)
 
   def input_counted(self):
@@ -101,16 +114,26 @@ class DataStats:
 
   def record(self, issues: tf.Tensor, dropped: tf.Tensor):
     """Adds one record's issues; returns the update op."""
-    update = tf.concat([tf.cast(issues, tf.int64), tf.constant([0], tf.int64),
-                        tf.where(dropped, tf.constant([0, 1], tf.int64), tf.constant([1, 0], tf.int64))], 0)
+    update = tf.concat(
+      [
+        tf.cast(issues, tf.int64),
+        tf.constant([0], tf.int64),
+        tf.where(dropped, tf.constant([0, 1], tf.int64), tf.constant([1, 0], tf.int64)),
+      ],
+      0,
+    )
     return self._counts.assign_add(update)
 
   def as_dict(self) -> dict[str, int]:
     counts = self._counts.numpy().tolist()
     n = len(REASON_NAMES)
     records_in, records_out, dropped = counts[n:]
-    out = dict(records_in=records_in, records_out=records_out, records_dropped=dropped,
-               decode_errors=max(records_in - records_out - dropped, 0))
+    out = dict(
+      records_in=records_in,
+      records_out=records_out,
+      records_dropped=dropped,
+      decode_errors=max(records_in - records_out - dropped, 0),
+    )
     out.update(zip(REASON_NAMES, counts[:n]))
     return out
 
@@ -129,8 +152,9 @@ def default_stats() -> DataStats:
   return _DEFAULT_STATS
 
 
-def filter_and_count(dataset: tf.data.Dataset, stats: DataStats | None = None,
-                     strict: bool = False) -> tf.data.Dataset:
+def filter_and_count(
+  dataset: tf.data.Dataset, stats: DataStats | None = None, strict: bool = False
+) -> tf.data.Dataset:
   """Counts `_issues`, drops records marked `_drop`, removes both features.
 
   With `strict`, a record with any "drop" or "repair" reason fails the
@@ -148,9 +172,12 @@ def filter_and_count(dataset: tf.data.Dataset, stats: DataStats | None = None,
     deps = [stats.record(issues, drop)]
     if strict:
       bad = tf.logical_and(issues > 0, strict_mask)
-      deps.append(tf.debugging.Assert(
+      deps.append(
+        tf.debugging.Assert(
           tf.logical_not(tf.reduce_any(bad)),
-          ["bad record, key:", example.get("key", "?"), "reasons:", tf.boolean_mask(names, bad)]))
+          ["bad record, key:", example.get("key", "?"), "reasons:", tf.boolean_mask(names, bad)],
+        )
+      )
     with tf.control_dependencies(deps):
       return tf.logical_not(drop)
 

@@ -18,21 +18,27 @@ generation draws with numpy and encodes with PIL (thousands per minute per core)
 `shapes_vocabulary()` trains a small sentencepiece model on the dataset's words,
 deterministically, into a cache directory on first use.
 """
+
 import dataclasses
 import io
 import os
 import tempfile
 
-from etils import epath
 import numpy as np
 import sentencepiece as spm
 import tensorflow_datasets as tfds
+from etils import epath
 from PIL import Image
 
 from kosmos_jax.processing import vocab as vocab_lib
 
 SHAPES = ("circle", "square", "triangle")
-COLOURS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (40, 70, 220), "yellow": (235, 195, 20)}
+COLOURS = {
+  "red": (220, 30, 30),
+  "green": (30, 160, 60),
+  "blue": (40, 70, 220),
+  "yellow": (235, 195, 20),
+}
 _SEEDS = {"train": 0, "test": 1}
 
 
@@ -63,8 +69,13 @@ def sample_scene(rng: np.random.Generator, image_size: int) -> list[dict]:
       side = int(rng.uniform(0.2, 0.4) * image_size)
       x0, y0 = rng.integers(0, image_size - side, size=2)
       box = (int(x0), int(y0), int(x0) + side, int(y0) + side)
-      if all(box[0] >= o["box"][2] + margin or o["box"][0] >= box[2] + margin
-             or box[1] >= o["box"][3] + margin or o["box"][1] >= box[3] + margin for o in objects):
+      if all(
+        box[0] >= o["box"][2] + margin
+        or o["box"][0] >= box[2] + margin
+        or box[1] >= o["box"][3] + margin
+        or o["box"][1] >= box[3] + margin
+        for o in objects
+      ):
         colour, shape = pairs[index]
         objects.append(dict(colour=colour, shape=shape, box=box))
         break
@@ -81,7 +92,7 @@ def draw(rng: np.random.Generator, objects: list[dict], image_size: int) -> np.n
   for o in objects:
     x0, y0, x1, y1 = o["box"]
     # Pixel centres inside the box, relative to its top-left corner.
-    yy, xx = np.mgrid[0:y1 - y0, 0:x1 - x0].astype(np.float32) + 0.5
+    yy, xx = np.mgrid[0 : y1 - y0, 0 : x1 - x0].astype(np.float32) + 0.5
     w, h = x1 - x0, y1 - y0
     if o["shape"] == "circle":
       inside = (xx - w / 2) ** 2 + (yy - h / 2) ** 2 <= (w / 2) ** 2
@@ -108,10 +119,13 @@ def describe(objects: list[dict], image_size: int) -> dict:
     boxes.append(box)
   names = [f"the {o['colour']} {o['shape']}" for o in objects]
   relations = [f"{a} is left of {b}." for a, b in zip(names, names[1:])]
-  return dict(caption=caption + ".", noun_chunks=np.array(chunks, np.float32).reshape(-1, 7),
-              ref_exps=np.array(exps, np.float32).reshape(-1, 7),
-              objects=dict(expression=names, bbox=np.array(boxes, np.float32).reshape(-1, 4)),
-              description=" ".join(relations) or f"{names[0]} is alone.")
+  return dict(
+    caption=caption + ".",
+    noun_chunks=np.array(chunks, np.float32).reshape(-1, 7),
+    ref_exps=np.array(exps, np.float32).reshape(-1, 7),
+    objects=dict(expression=names, bbox=np.array(boxes, np.float32).reshape(-1, 4)),
+    description=" ".join(relations) or f"{names[0]} is alone.",
+  )
 
 
 def make_example(split: str, index: int, image_size: int) -> dict:
@@ -120,8 +134,13 @@ def make_example(split: str, index: int, image_size: int) -> dict:
   objects = sample_scene(rng, image_size)
   buffer = io.BytesIO()
   Image.fromarray(draw(rng, objects, image_size)).save(buffer, "JPEG", quality=90)
-  return dict(key=f"{split}-{index:06d}", image=buffer.getvalue(), width=image_size,
-              height=image_size, **describe(objects, image_size))
+  return dict(
+    key=f"{split}-{index:06d}",
+    image=buffer.getvalue(),
+    width=image_size,
+    height=image_size,
+    **describe(objects, image_size),
+  )
 
 
 class KosmosShapes(tfds.core.GeneratorBasedBuilder):
@@ -140,20 +159,36 @@ class KosmosShapes(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     s = self.builder_config.image_size
     spans = tfds.features.Tensor(shape=(None, 7), dtype=np.float32)
-    return tfds.core.DatasetInfo(builder=self, description=__doc__, features=tfds.features.FeaturesDict({
-        "key": tfds.features.Text(), "image": tfds.features.Image(shape=(s, s, 3), encoding_format="jpeg"),
-        "width": np.int32, "height": np.int32, "caption": tfds.features.Text(),
-        "noun_chunks": spans, "ref_exps": spans, "description": tfds.features.Text(),
-        "objects": tfds.features.Sequence({
-            "expression": tfds.features.Text(),
-            "bbox": tfds.features.Tensor(shape=(4,), dtype=np.float32)}),
-    }))
+    return tfds.core.DatasetInfo(
+      builder=self,
+      description=__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          "key": tfds.features.Text(),
+          "image": tfds.features.Image(shape=(s, s, 3), encoding_format="jpeg"),
+          "width": np.int32,
+          "height": np.int32,
+          "caption": tfds.features.Text(),
+          "noun_chunks": spans,
+          "ref_exps": spans,
+          "description": tfds.features.Text(),
+          "objects": tfds.features.Sequence(
+            {
+              "expression": tfds.features.Text(),
+              "bbox": tfds.features.Tensor(shape=(4,), dtype=np.float32),
+            }
+          ),
+        }
+      ),
+    )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
     config = self.builder_config
-    return {"train": self._generate_examples("train", config.num_train),
-            "test": self._generate_examples("test", config.num_test)}
+    return {
+      "train": self._generate_examples("train", config.num_train),
+      "test": self._generate_examples("test", config.num_test),
+    }
 
   def _generate_examples(self, split: str, count: int):
     for index in range(count):
@@ -165,7 +200,9 @@ class KosmosShapes(tfds.core.GeneratorBasedBuilder):
 _BUILT: dict[tuple, tfds.core.DatasetBuilder] = {}
 
 
-def build(data_dir: str | None = None, config: str | ShapesConfig = "224") -> tfds.core.DatasetBuilder:
+def build(
+  data_dir: str | None = None, config: str | ShapesConfig = "224"
+) -> tfds.core.DatasetBuilder:
   """The prepared builder (generated on first use into `data_dir`).
 
   Kept per (directory, config) for the process: seqio asks for the source on
@@ -183,7 +220,9 @@ def build(data_dir: str | None = None, config: str | ShapesConfig = "224") -> tf
 
 def cache_dir() -> str:
   """$KOSMOS_JAX_CACHE, else ~/.cache/kosmos_jax."""
-  return os.environ.get("KOSMOS_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "kosmos_jax"))
+  return os.environ.get(
+    "KOSMOS_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "kosmos_jax")
+  )
 
 
 def spm_corpus() -> list[str]:
@@ -197,8 +236,9 @@ def spm_corpus() -> list[str]:
   return lines + [" ".join(chr(c) for c in range(33, 127))]
 
 
-def shapes_vocabulary(num_patches_per_side: int = 32, directory: str | None = None
-                      ) -> vocab_lib.KosmosVocabulary:
+def shapes_vocabulary(
+  num_patches_per_side: int = 32, directory: str | None = None
+) -> vocab_lib.KosmosVocabulary:
   """KosmosVocabulary on the shapes sentencepiece model, trained on first use.
 
   Training is deterministic (fixed corpus, one thread), so every host trains
@@ -211,8 +251,14 @@ def shapes_vocabulary(num_patches_per_side: int = 32, directory: str | None = No
     os.makedirs(directory, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
       spm.SentencePieceTrainer.train(
-          sentence_iterator=iter(spm_corpus()), model_prefix=os.path.join(tmp, "m"), vocab_size=150,
-          model_type="unigram", character_coverage=1.0, hard_vocab_limit=False, num_threads=1,
-          minloglevel=2)
+        sentence_iterator=iter(spm_corpus()),
+        model_prefix=os.path.join(tmp, "m"),
+        vocab_size=150,
+        model_type="unigram",
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        num_threads=1,
+        minloglevel=2,
+      )
       os.replace(os.path.join(tmp, "m.model"), path)
   return vocab_lib.KosmosVocabulary(path, num_patches_per_side)

@@ -18,6 +18,7 @@ that inspects content (decoding, checks, repairs) is in the tf-op
 preprocessors, so a malformed row is normalized here (a span row that is not 7
 numbers becomes NaNs, a missing image empty bytes) and counted there.
 """
+
 import json
 import os
 import tarfile
@@ -28,11 +29,17 @@ import tensorflow as tf
 
 _IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp")
 IMAGE_TEXT_SIGNATURE = dict(
-    key=tf.TensorSpec([], tf.string), image=tf.TensorSpec([], tf.string),
-    caption=tf.TensorSpec([], tf.string), noun_chunks=tf.TensorSpec([None, 7], tf.float32),
-    ref_exps=tf.TensorSpec([None, 7], tf.float32))
-DOCUMENT_SIGNATURE = dict(key=tf.TensorSpec([], tf.string), texts=tf.TensorSpec([None], tf.string),
-                          images=tf.TensorSpec([None], tf.string))
+  key=tf.TensorSpec([], tf.string),
+  image=tf.TensorSpec([], tf.string),
+  caption=tf.TensorSpec([], tf.string),
+  noun_chunks=tf.TensorSpec([None, 7], tf.float32),
+  ref_exps=tf.TensorSpec([None, 7], tf.float32),
+)
+DOCUMENT_SIGNATURE = dict(
+  key=tf.TensorSpec([], tf.string),
+  texts=tf.TensorSpec([None], tf.string),
+  images=tf.TensorSpec([None], tf.string),
+)
 TEXT_SIGNATURE = dict(key=tf.TensorSpec([], tf.string), text=tf.TensorSpec([], tf.string))
 
 
@@ -56,8 +63,13 @@ def _text(value) -> bytes:
 
 
 def image_text_record(key, image: bytes, meta: dict, caption=None) -> dict:
-  return dict(key=_text(key), image=image or b"", caption=_text(meta.get("caption", caption)),
-              noun_chunks=span_rows(meta.get("noun_chunks")), ref_exps=span_rows(meta.get("ref_exps")))
+  return dict(
+    key=_text(key),
+    image=image or b"",
+    caption=_text(meta.get("caption", caption)),
+    noun_chunks=span_rows(meta.get("noun_chunks")),
+    ref_exps=span_rows(meta.get("ref_exps")),
+  )
 
 
 def _read_file(path: str) -> bytes:
@@ -78,6 +90,7 @@ def _json(raw: bytes) -> dict:
 
 def read_webdataset(path: str):
   """Image-text records of one img2dataset tar shard (members grouped by key)."""
+
   def flush(key, members):
     image = next((members[e] for e in _IMAGE_EXTENSIONS if e in members), b"")
     caption = members.get("txt", b"")
@@ -102,8 +115,9 @@ def read_webdataset(path: str):
 def read_parquet(path: str):
   """Image-text records of an img2dataset parquet file."""
   # pyarrow (a tensorflow-datasets dependency) opens local and gs:// / s3:// paths.
-  from pyarrow import fs
   import pyarrow.parquet as pq
+  from pyarrow import fs
+
   filesystem, location = fs.FileSystem.from_uri(path if "://" in path else os.path.abspath(path))
   with filesystem.open_input_file(location) as f:
     for batch in pq.ParquetFile(f).iter_batches(batch_size=256):
@@ -133,9 +147,11 @@ def read_documents(path: str):
     texts, images = row.get("texts") or [], row.get("images") or []
     items = max(len(texts), len(images))
     texts, images = texts + [None] * (items - len(texts)), images + [None] * (items - len(images))
-    yield dict(key=_text(row.get("key", f"{os.path.basename(path)}:{number}")),
-               texts=np.array([_text(t) for t in texts], object),
-               images=np.array([_read_file(os.path.join(base, i)) if i else b"" for i in images], object))
+    yield dict(
+      key=_text(row.get("key", f"{os.path.basename(path)}:{number}")),
+      texts=np.array([_text(t) for t in texts], object),
+      images=np.array([_read_file(os.path.join(base, i)) if i else b"" for i in images], object),
+    )
 
 
 def read_text(path: str):
@@ -145,7 +161,10 @@ def read_text(path: str):
         yield dict(key=_text(f"{os.path.basename(path)}:{number}"), text=line.rstrip(b"\n"))
     return
   for number, row in _jsonl(path):
-    yield dict(key=_text(row.get("key", f"{os.path.basename(path)}:{number}")), text=_text(row.get("text", "")))
+    yield dict(
+      key=_text(row.get("key", f"{os.path.basename(path)}:{number}")),
+      text=_text(row.get("text", "")),
+    )
 
 
 def _image_text_reader(path: str):
@@ -156,30 +175,47 @@ def _image_text_reader(path: str):
   return read_image_text_jsonl(path)
 
 
-_KINDS = {"image_text": (_image_text_reader, IMAGE_TEXT_SIGNATURE),
-          "documents": (read_documents, DOCUMENT_SIGNATURE), "text": (read_text, TEXT_SIGNATURE)}
+_KINDS = {
+  "image_text": (_image_text_reader, IMAGE_TEXT_SIGNATURE),
+  "documents": (read_documents, DOCUMENT_SIGNATURE),
+  "text": (read_text, TEXT_SIGNATURE),
+}
 
 
-def file_dataset(patterns: dict[str, str], kind: str, split: str, shuffle_files: bool = False,
-                 seed: int | None = None, cycle_length: int = 4) -> tf.data.Dataset:
+def file_dataset(
+  patterns: dict[str, str],
+  kind: str,
+  split: str,
+  shuffle_files: bool = False,
+  seed: int | None = None,
+  cycle_length: int = 4,
+) -> tf.data.Dataset:
   """Records of `kind` ("image_text", "documents", "text") from the files that
   `patterns[split]` (a glob, or several joined by ",") matches, read
   `cycle_length` files at a time, deterministically."""
   reader, signature = _KINDS[kind]
-  files = sorted(f for p in patterns[split].split(",") for f in tf.io.gfile.glob(os.path.expanduser(p)))
+  files = sorted(
+    f for p in patterns[split].split(",") for f in tf.io.gfile.glob(os.path.expanduser(p))
+  )
   if not files:
-    raise FileNotFoundError(f"no files match {patterns[split]!r} (split {split!r}); see data/README.md")
+    raise FileNotFoundError(
+      f"no files match {patterns[split]!r} (split {split!r}); see data/README.md"
+    )
   ds = tf.data.Dataset.from_tensor_slices(files)
   if shuffle_files:
     ds = ds.shuffle(len(files), seed=seed)
   read = lambda f: tf.data.Dataset.from_generator(
-      lambda path: reader(path.decode()), args=(f,), output_signature=signature)
-  return ds.interleave(read, cycle_length=cycle_length, num_parallel_calls=tf.data.AUTOTUNE,
-                       deterministic=True)
+    lambda path: reader(path.decode()), args=(f,), output_signature=signature
+  )
+  return ds.interleave(
+    read, cycle_length=cycle_length, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+  )
 
 
 def function_source(patterns: dict[str, str], kind: str):
   """A seqio.FunctionDataSource over `file_dataset`."""
+
   def dataset_fn(split, shuffle_files, seed=None):
     return file_dataset(patterns, kind, split, shuffle_files, seed)
+
   return seqio.FunctionDataSource(dataset_fn, splits=tuple(patterns))

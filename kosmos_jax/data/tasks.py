@@ -16,6 +16,7 @@ mixture `kosmos2_pretrain`. Other sizes (e.g. the tiny test model) register
 their own twins with `register_shapes_tasks(prefix=..., image_size=...)`; so
 does `make demo`, from its config (`data.shapes_tasks` in configs/shapes.py).
 """
+
 import functools
 import os
 
@@ -34,20 +35,27 @@ SHAPES_RATES = dict(KOSMOS2_RATES, rec=1117)
 def output_features(vocab: vocab_lib.KosmosVocabulary) -> dict[str, seqio.Feature]:
   """Every feature the converter needs (mixtures keep only declared features)."""
   ints = seqio.PassThroughVocabulary(size=0)
-  return {"targets": seqio.Feature(vocab, add_eos=False, dtype=tf.int32),
-          "loss_weights": seqio.Feature(ints, add_eos=False, dtype=tf.int32),
-          "image_mask": seqio.Feature(ints, add_eos=False, dtype=tf.int32),
-          "images": seqio.ContinuousFeature(dtype=tf.float32, rank=4, add_eos=False)}
+  return {
+    "targets": seqio.Feature(vocab, add_eos=False, dtype=tf.int32),
+    "loss_weights": seqio.Feature(ints, add_eos=False, dtype=tf.int32),
+    "image_mask": seqio.Feature(ints, add_eos=False, dtype=tf.int32),
+    "images": seqio.ContinuousFeature(dtype=tf.float32, rank=4, add_eos=False),
+  }
 
 
 def _register(name: str, source, preprocessors_, vocab, strict: bool):
   if name in seqio.TaskRegistry.names():
     seqio.TaskRegistry.remove(name)
   seqio.TaskRegistry.add(
-      name, source=source,
-      preprocessors=[*preprocessors_, preprocessors.trim,
-                     functools.partial(quality.filter_and_count, strict=strict)],
-      output_features=output_features(vocab))
+    name,
+    source=source,
+    preprocessors=[
+      *preprocessors_,
+      preprocessors.trim,
+      functools.partial(quality.filter_and_count, strict=strict),
+    ],
+    output_features=output_features(vocab),
+  )
 
 
 def _register_mixture(name: str, rates: dict[str, int]):
@@ -60,43 +68,74 @@ def _family_preprocessors(vocab, image_size, num_image_tokens, strict, transform
   common = dict(vocab=vocab, image_size=image_size)
   images = dict(common, num_image_tokens=num_image_tokens, strict=strict)
   return {
-      "text": [functools.partial(preprocessors.text_documents, **common)],
-      "caption": [functools.partial(preprocessors.image_text, use_box_prob=0.0, transform=transform,
-                                    **images)],
-      "grit": [functools.partial(preprocessors.image_text, transform=transform, **grit, **images)],
-      "interleaved": [functools.partial(preprocessors.documents, transform=transform, **images)],
-      "rec": [functools.partial(preprocessors.referring, **images)],
+    "text": [functools.partial(preprocessors.text_documents, **common)],
+    "caption": [
+      functools.partial(preprocessors.image_text, use_box_prob=0.0, transform=transform, **images)
+    ],
+    "grit": [functools.partial(preprocessors.image_text, transform=transform, **grit, **images)],
+    "interleaved": [functools.partial(preprocessors.documents, transform=transform, **images)],
+    "rec": [functools.partial(preprocessors.referring, **images)],
   }
 
 
-def register_kosmos2_tasks(spm_model_file: str, data_dir: str, prefix: str = "kosmos2",
-                           image_size: int = 224, num_image_tokens: int = vocab_lib.NUM_IMAGE_TOKENS,
-                           num_patches_per_side: int = 32, use_box_prob: float = 0.5,
-                           phrase_mode: str = "expression", score_threshold: float = 0.65,
-                           strict: bool = False) -> None:
+def register_kosmos2_tasks(
+  spm_model_file: str,
+  data_dir: str,
+  prefix: str = "kosmos2",
+  image_size: int = 224,
+  num_image_tokens: int = vocab_lib.NUM_IMAGE_TOKENS,
+  num_patches_per_side: int = 32,
+  use_box_prob: float = 0.5,
+  phrase_mode: str = "expression",
+  score_threshold: float = 0.65,
+  strict: bool = False,
+) -> None:
   """Tasks over the user's files under `data_dir` (layout in data/README.md):
   grit/, caption/ (*.tar, *.parquet or *.jsonl), interleaved/*.jsonl,
   text/*.jsonl|*.txt; split "train" = everything, "validation" = files under
   the `validation/` subfolder of each."""
   vocab = vocab_lib.KosmosVocabulary(spm_model_file, num_patches_per_side)
-  family = _family_preprocessors(vocab, image_size, num_image_tokens, strict, "crop",
-                                 use_box_prob=use_box_prob, phrase_mode=phrase_mode,
-                                 score_threshold=score_threshold)
-  kinds = {"text": "text", "caption": "image_text", "grit": "image_text", "interleaved": "documents"}
-  extensions = {"text": ("jsonl", "txt"), "image_text": ("tar", "parquet", "jsonl"), "documents": ("jsonl",)}
+  family = _family_preprocessors(
+    vocab,
+    image_size,
+    num_image_tokens,
+    strict,
+    "crop",
+    use_box_prob=use_box_prob,
+    phrase_mode=phrase_mode,
+    score_threshold=score_threshold,
+  )
+  kinds = {
+    "text": "text",
+    "caption": "image_text",
+    "grit": "image_text",
+    "interleaved": "documents",
+  }
+  extensions = {
+    "text": ("jsonl", "txt"),
+    "image_text": ("tar", "parquet", "jsonl"),
+    "documents": ("jsonl",),
+  }
   for name, kind in kinds.items():
     folder = os.path.join(data_dir, name)
-    patterns = {split: ",".join(os.path.join(folder, sub, f"*.{e}") for e in extensions[kind])
-                for split, sub in (("train", ""), ("validation", "validation"))}
-    _register(f"{prefix}_{name}", sources.function_source(patterns, kind), family[name], vocab, strict)
+    patterns = {
+      split: ",".join(os.path.join(folder, sub, f"*.{e}") for e in extensions[kind])
+      for split, sub in (("train", ""), ("validation", "validation"))
+    }
+    _register(
+      f"{prefix}_{name}", sources.function_source(patterns, kind), family[name], vocab, strict
+    )
   _register_mixture(f"{prefix}_pretrain", {f"{prefix}_{k}": v for k, v in KOSMOS2_RATES.items()})
 
 
 def _shapes_dataset(split, shuffle_files, seed=None, *, data_dir, config, view):
   builder = shapes.build(data_dir, config)
-  ds = builder.as_dataset({"train": "train", "validation": "test"}[split], shuffle_files=shuffle_files,
-                          decoders={"image": tfds.decode.SkipDecoding()},
-                          read_config=tfds.ReadConfig(shuffle_seed=seed))
+  ds = builder.as_dataset(
+    {"train": "train", "validation": "test"}[split],
+    shuffle_files=shuffle_files,
+    decoders={"image": tfds.decode.SkipDecoding()},
+    read_config=tfds.ReadConfig(shuffle_seed=seed),
+  )
   return view(ds)
 
 
@@ -114,8 +153,12 @@ def _caption_view(x):
 
 
 def _rec_view(x):
-  return dict(key=x["key"], image=x["image"], expressions=x["objects"]["expression"],
-              boxes=x["objects"]["bbox"])
+  return dict(
+    key=x["key"],
+    image=x["image"],
+    expressions=x["objects"]["expression"],
+    boxes=x["objects"]["bbox"],
+  )
 
 
 def _text_view(x):
@@ -124,23 +167,35 @@ def _text_view(x):
 
 def _documents_view(ds, pictures: int = 3):
   """Consecutive pictures as one document: image, caption, image, caption, ..."""
+
   @tf.autograph.experimental.do_not_convert
   def document(x):
     texts = tf.stack([tf.zeros_like(x["caption"]), x["caption"]], 1)
     images = tf.stack([x["image"], tf.zeros_like(x["image"])], 1)
     return dict(key=x["key"][0], texts=tf.reshape(texts, [-1]), images=tf.reshape(images, [-1]))
+
   return ds.batch(pictures).map(document)
 
 
-_SHAPES_VIEWS = {"text": _mapped(_text_view), "caption": _mapped(_caption_view),
-                 "grit": _mapped(_grit_view), "interleaved": _documents_view, "rec": _mapped(_rec_view)}
+_SHAPES_VIEWS = {
+  "text": _mapped(_text_view),
+  "caption": _mapped(_caption_view),
+  "grit": _mapped(_grit_view),
+  "interleaved": _documents_view,
+  "rec": _mapped(_rec_view),
+}
 
 
-def register_shapes_tasks(prefix: str = "shapes", image_size: int = 224,
-                          num_image_tokens: int = vocab_lib.NUM_IMAGE_TOKENS,
-                          num_patches_per_side: int = 32, data_dir: str | None = None,
-                          config: str | dict | shapes.ShapesConfig | None = None,
-                          strict: bool = False, rates: dict[str, float] | None = None) -> None:
+def register_shapes_tasks(
+  prefix: str = "shapes",
+  image_size: int = 224,
+  num_image_tokens: int = vocab_lib.NUM_IMAGE_TOKENS,
+  num_patches_per_side: int = 32,
+  data_dir: str | None = None,
+  config: str | dict | shapes.ShapesConfig | None = None,
+  strict: bool = False,
+  rates: dict[str, float] | None = None,
+) -> None:
   """`{prefix}_{text,caption,grit,interleaved,rec}` and `{prefix}_mix` on the
   shapes TFDS dataset (config named after `image_size` unless given); splits
   "train" and "validation" (the held-out "test" split). The inference
@@ -149,14 +204,27 @@ def register_shapes_tasks(prefix: str = "shapes", image_size: int = 224,
   if isinstance(config, dict):
     config = shapes.ShapesConfig(**config)
   vocab = shapes.shapes_vocabulary(num_patches_per_side)
-  family = _family_preprocessors(vocab, image_size, num_image_tokens, strict, "square",
-                                 use_box_prob=0.5, phrase_mode="expression", score_threshold=0.65)
+  family = _family_preprocessors(
+    vocab,
+    image_size,
+    num_image_tokens,
+    strict,
+    "square",
+    use_box_prob=0.5,
+    phrase_mode="expression",
+    score_threshold=0.65,
+  )
   for name, view in _SHAPES_VIEWS.items():
     source = seqio.FunctionDataSource(
-        functools.partial(_shapes_dataset, data_dir=data_dir, config=config or str(image_size), view=view),
-        splits=("train", "validation"))
+      functools.partial(
+        _shapes_dataset, data_dir=data_dir, config=config or str(image_size), view=view
+      ),
+      splits=("train", "validation"),
+    )
     _register(f"{prefix}_{name}", source, family[name], vocab, strict)
-  _register_mixture(f"{prefix}_mix", {f"{prefix}_{k}": v for k, v in (rates or SHAPES_RATES).items()})
+  _register_mixture(
+    f"{prefix}_mix", {f"{prefix}_{k}": v for k, v in (rates or SHAPES_RATES).items()}
+  )
 
 
 # The released shape (224 px, 64 slots), a small one and the test model's.

@@ -10,6 +10,7 @@ Resizing uses antialiasing (as PIL does when shrinking) and rounds to whole
 pixel levels (PIL resizes uint8 images). Output is float32 [3, S, S] (NCHW rows,
 as the model takes them), normalized with the CLIP mean and std.
 """
+
 import tensorflow as tf
 
 from kosmos_jax.data import quality
@@ -18,8 +19,14 @@ from kosmos_jax.processing.images import CLIP_MEAN, CLIP_STD
 MIN_BOX_FRACTION = 0.2  # laion2b_obj_loader's drop_crop_thr
 _TAIL = 1024  # how far from the end a JPEG's EOI marker may sit
 _MAGIC = {  # format -> (offset, bytes)
-    "jpeg": (0, b"\xff\xd8\xff"), "png": (0, b"\x89PNG\r\n\x1a\n"), "gif87": (0, b"GIF87a"),
-    "gif89": (0, b"GIF89a"), "riff": (0, b"RIFF"), "webp": (8, b"WEBP"), "bmp": (0, b"BM")}
+  "jpeg": (0, b"\xff\xd8\xff"),
+  "png": (0, b"\x89PNG\r\n\x1a\n"),
+  "gif87": (0, b"GIF87a"),
+  "gif89": (0, b"GIF89a"),
+  "riff": (0, b"RIFF"),
+  "webp": (8, b"WEBP"),
+  "bmp": (0, b"BM"),
+}
 _IMAGE_REASONS = ("image_missing", "image_unknown_format", "image_truncated", "image_zero_size")
 
 
@@ -33,7 +40,7 @@ def _uint(head_bytes: tf.Tensor, start: int, size: int, big_endian: bool) -> tf.
   values: a few ops, each of which costs start-up time)."""
   weights = [256**i for i in range(size)]
   weights = weights[::-1] if big_endian else weights
-  return tf.reduce_sum(tf.cast(head_bytes[start:start + size], tf.int64) * weights)
+  return tf.reduce_sum(tf.cast(head_bytes[start : start + size], tf.int64) * weights)
 
 
 def check_image_bytes(data: tf.Tensor) -> tf.Tensor:
@@ -61,15 +68,30 @@ def check_image_bytes(data: tf.Tensor) -> tf.Tensor:
   # Every check is computed and the format picks one: selects instead of
   # tf.case, whose branch functions cost start-up and per-record time.
   size64 = tf.cast(size, tf.int64)
-  complete = tf.where(is_jpeg, jpeg_end, tf.where(is_png, png_end, tf.where(is_gif, gif_end, tf.where(
-      is_webp, size64 >= riff_size, tf.where(is_bmp, size64 >= bmp_size, True)))))
+  complete = tf.where(
+    is_jpeg,
+    jpeg_end,
+    tf.where(
+      is_png,
+      png_end,
+      tf.where(
+        is_gif,
+        gif_end,
+        tf.where(is_webp, size64 >= riff_size, tf.where(is_bmp, size64 >= bmp_size, True)),
+      ),
+    ),
+  )
   png_area = _uint(head_bytes, 16, 4, True) * _uint(head_bytes, 20, 4, True)
   gif_area = _uint(head_bytes, 6, 2, False) * _uint(head_bytes, 8, 2, False)
   zero = (is_png & tf.equal(png_area, 0)) | (is_gif & tf.equal(gif_area, 0))
   # The first failed check, in this order, is the reason.
   failed = tf.stack([tf.equal(size, 0), ~known, ~complete, zero])
-  reason = tf.gather([quality.reason_index(n) for n in _IMAGE_REASONS], tf.argmax(tf.cast(failed, tf.int32)))
-  return tf.cast(tf.reduce_any(failed), tf.int32) * tf.one_hot(reason, len(quality.REASON_NAMES), dtype=tf.int32)
+  reason = tf.gather(
+    [quality.reason_index(n) for n in _IMAGE_REASONS], tf.argmax(tf.cast(failed, tf.int32))
+  )
+  return tf.cast(tf.reduce_any(failed), tf.int32) * tf.one_hot(
+    reason, len(quality.REASON_NAMES), dtype=tf.int32
+  )
 
 
 def decode_rgb(data: tf.Tensor) -> tf.Tensor:
@@ -87,16 +109,19 @@ def _to_rgb(image: tf.Tensor) -> tf.Tensor:
   image = tf.cast(image, tf.float32)
   channels = tf.shape(image)[-1]
   rgb = tf.cond(channels < 3, lambda: tf.tile(image[..., :1], [1, 1, 3]), lambda: image[..., :3])
-  alpha = tf.cond(tf.equal(channels % 2, 0), lambda: image[..., -1:] / 255.0,
-                  lambda: tf.ones_like(image[..., :1]))
+  alpha = tf.cond(
+    tf.equal(channels % 2, 0), lambda: image[..., -1:] / 255.0, lambda: tf.ones_like(image[..., :1])
+  )
   return tf.cast(tf.round(alpha * rgb + (1.0 - alpha) * 255.0), tf.uint8)
 
 
 def _resize(image: tf.Tensor, height, width) -> tf.Tensor:
   """Bicubic resize to whole pixel levels, in `image`'s dtype."""
+
   def resize():
     resized = tf.image.resize(image, tf.stack([height, width]), method="bicubic", antialias=True)
     return tf.cast(tf.round(tf.clip_by_value(resized, 0.0, 255.0)), image.dtype)
+
   # At the same size the bicubic kernel weighs only the pixel itself (weights
   # 1, 0, 0, 0): resizing would return the image unchanged, as PIL does.
   same = tf.reduce_all(tf.equal(tf.shape(image)[:2], tf.stack([height, width])))
@@ -108,7 +133,9 @@ def normalize(image: tf.Tensor) -> tf.Tensor:
   # Channels first before the cast (the smaller dtype moves fewer bytes), by
   # unstacking and stacking: a third of tf.transpose's time for 3 channels.
   image = tf.cast(tf.stack(tf.unstack(image, 3, axis=-1), axis=-3), tf.float32)
-  return (image / 255.0 - tf.constant(CLIP_MEAN, shape=[3, 1, 1])) / tf.constant(CLIP_STD, shape=[3, 1, 1])
+  return (image / 255.0 - tf.constant(CLIP_MEAN, shape=[3, 1, 1])) / tf.constant(
+    CLIP_STD, shape=[3, 1, 1]
+  )
 
 
 def resize_square(image: tf.Tensor, size: int) -> tf.Tensor:
@@ -134,7 +161,7 @@ def resize_and_center_crop(image: tf.Tensor, size: int):
   new_h = tf.where(h <= w, size, long_side)
   new_w = tf.where(h <= w, long_side, size)
   top, left = (new_h - size) // 2, (new_w - size) // 2
-  image = _resize(image, new_h, new_w)[top:top + size, left:left + size]
+  image = _resize(image, new_h, new_w)[top : top + size, left : left + size]
   scale = tf.cast(tf.stack([new_w, new_h, new_w, new_h]), tf.float32) / size
   shift = tf.cast(tf.stack([left, top, left, top]), tf.float32) / size
   return image, tf.stack([scale, shift])

@@ -12,6 +12,7 @@ Data text is tokenized as text: a literal "<image>" or "</s>" in a web caption
 becomes ordinary pieces, never a tag or special id (the original fairseq
 pipeline also encoded captions with sentencepiece only).
 """
+
 import tensorflow as tf
 
 from kosmos_jax.data import quality
@@ -65,23 +66,34 @@ def clean_spans(raw: tf.Tensor, rows: tf.Tensor, text_length: tf.Tensor, score_t
   start, end, score = raw[:, 0], raw[:, 1], raw[:, 6]
   low = finite & (score < score_threshold)
   length = tf.gather(tf.cast(text_length, tf.float32), rows)
-  in_range = ((start == tf.floor(start)) & (end == tf.floor(end)) & (start >= 0)
-              & (end <= length) & (start < end))
+  in_range = (
+    (start == tf.floor(start))
+    & (end == tf.floor(end))
+    & (start >= 0)
+    & (end <= length)
+    & (start < end)
+  )
   candidate = finite & ~low
   bad_range = candidate & ~in_range
   candidate &= in_range
   x1, y1, x2, y2 = tf.unstack(raw[:, 2:6], axis=1)
   inverted = candidate & ((x1 > x2) | (y1 > y2))
-  boxes = tf.stack([tf.minimum(x1, x2), tf.minimum(y1, y2), tf.maximum(x1, x2), tf.maximum(y1, y2)], 1)
+  boxes = tf.stack(
+    [tf.minimum(x1, x2), tf.minimum(y1, y2), tf.maximum(x1, x2), tf.maximum(y1, y2)], 1
+  )
   outside = candidate & tf.reduce_any((boxes < 0) | (boxes > 1), axis=1)
   boxes = tf.clip_by_value(boxes, 0.0, 1.0)
   empty = candidate & ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]))
   keep = candidate & ~empty
   count = lambda m: tf.math.unsorted_segment_sum(tf.cast(m, tf.int32), rows, tf.size(text_length))
-  issues = (quality.issue("box_nan", count(~finite)) + quality.issue("box_low_score", count(low))
-            + quality.issue("span_out_of_range", count(bad_range))
-            + quality.issue("box_inverted", count(inverted)) + quality.issue("box_outside", count(outside))
-            + quality.issue("box_empty", count(empty)))
+  issues = (
+    quality.issue("box_nan", count(~finite))
+    + quality.issue("box_low_score", count(low))
+    + quality.issue("span_out_of_range", count(bad_range))
+    + quality.issue("box_inverted", count(inverted))
+    + quality.issue("box_outside", count(outside))
+    + quality.issue("box_empty", count(empty))
+  )
   spans, boxes, rows = select(keep, tf.cast(raw[:, :2], tf.int32), boxes, rows)
   return spans, boxes, rows, issues
 
@@ -98,15 +110,21 @@ def select_spans(spans: tf.Tensor, boxes: tf.Tensor, rows: tf.Tensor, num_record
   by_key = tf.argsort(key, stable=True)
   order = tf.gather(by_key, tf.argsort(tf.gather(rows, by_key), stable=True))
   spans, boxes, key, rows = (tf.gather(t, order) for t in (spans, boxes, key, rows))
-  new = tf.concat([tf.ones([tf.minimum(tf.size(key), 1)], tf.bool),
-                   (key[1:] != key[:-1]) | (rows[1:] != rows[:-1])], 0)
+  new = tf.concat(
+    [
+      tf.ones([tf.minimum(tf.size(key), 1)], tf.bool),
+      (key[1:] != key[:-1]) | (rows[1:] != rows[:-1]),
+    ],
+    0,
+  )
   group = tf.cumsum(tf.cast(new, tf.int32)) - 1
   starts, group_rows = select(new, spans, rows)
   # Phrases laid out as [record, position] for one greedy pass over positions;
   # the padding (0, 0) after a record's phrases changes nothing, and the
   # extra column gives tf.scan at least one step.
   position = tf.range(tf.size(group_rows)) - tf.gather(
-      tf.cumsum(_counts(group_rows, num_records), exclusive=True), group_rows)
+    tf.cumsum(_counts(group_rows, num_records), exclusive=True), group_rows
+  )
   at = tf.stack([group_rows, position], 1)
   columns = tf.reduce_max(tf.concat([[0], position], 0)) + 2
   dense = tf.scatter_nd(at, starts, tf.stack([num_records, columns, 2]))
@@ -115,14 +133,22 @@ def select_spans(spans: tf.Tensor, boxes: tf.Tensor, rows: tf.Tensor, num_record
     keep = span[:, 0] >= carry[0]
     return tf.where(keep, span[:, 1], carry[0]), keep
 
-  _, keep = tf.scan(step, tf.transpose(dense, [1, 0, 2]),
-                    initializer=(tf.zeros([num_records], tf.int32), tf.zeros([num_records], tf.bool)))
+  _, keep = tf.scan(
+    step,
+    tf.transpose(dense, [1, 0, 2]),
+    initializer=(tf.zeros([num_records], tf.int32), tf.zeros([num_records], tf.bool)),
+  )
   keep = tf.gather_nd(tf.transpose(keep), at)
   box_keep = tf.gather(keep, group)
   rank = tf.cumsum(tf.cast(keep, tf.int32)) - 1
-  issues = quality.issue("span_overlap", tf.math.unsorted_segment_sum(
-      tf.cast(~box_keep, tf.int32), rows, num_records))
-  return (*select(keep, starts, group_rows), *select(box_keep, boxes, tf.gather(rank, group)), issues)
+  issues = quality.issue(
+    "span_overlap", tf.math.unsorted_segment_sum(tf.cast(~box_keep, tf.int32), rows, num_records)
+  )
+  return (
+    *select(keep, starts, group_rows),
+    *select(box_keep, boxes, tf.gather(rank, group)),
+    issues,
+  )
 
 
 def quantize_boxes(boxes: tf.Tensor, num_patches_per_side: int, quantizer: str = "hf") -> tf.Tensor:
@@ -133,7 +159,10 @@ def quantize_boxes(boxes: tf.Tensor, num_patches_per_side: int, quantizer: str =
     ul, lr = tf.floor(b[:, :2] * p), tf.math.ceil(b[:, 2:] * p - 1)
   elif quantizer == "original":
     cell = tf.constant(1 / p, tf.float64)
-    ul, lr = tf.floor(tf.maximum(b[:, :2], 0) / cell), tf.floor(tf.minimum(b[:, 2:], 0.99999) / cell)
+    ul, lr = (
+      tf.floor(tf.maximum(b[:, :2], 0) / cell),
+      tf.floor(tf.minimum(b[:, 2:], 0.99999) / cell),
+    )
   else:
     raise ValueError(f"quantizer must be 'hf' or 'original', got {quantizer!r}")
   ul, lr = tf.cast(ul, tf.int32), tf.cast(lr, tf.int32)
@@ -149,9 +178,17 @@ def _ranges(starts: tf.Tensor, lengths: tf.Tensor) -> tf.Tensor:
 _SLOTS = 2**40  # order keys per record; the last is the tail's, after any phrase's
 
 
-def grounded_caption_ids(vocab, caption: tf.Tensor, grounded: tf.Tensor, phrases: tf.Tensor,
-                         phrase_rows: tf.Tensor, boxes: tf.Tensor, box_phrase: tf.Tensor,
-                         prefix=(), quantizer: str = "hf") -> tf.RaggedTensor:
+def grounded_caption_ids(
+  vocab,
+  caption: tf.Tensor,
+  grounded: tf.Tensor,
+  phrases: tf.Tensor,
+  phrase_rows: tf.Tensor,
+  boxes: tf.Tensor,
+  box_phrase: tf.Tensor,
+  prefix=(),
+  quantizer: str = "hf",
+) -> tf.RaggedTensor:
   """Ids per record (ragged [b, None]) for captions [b] and their
   `select_spans` output: where `grounded`, `prefix` and the ids of
   `render_grounded_text(caption, ...)`; else the caption's plain ids."""
@@ -161,46 +198,75 @@ def grounded_caption_ids(vocab, caption: tf.Tensor, grounded: tf.Tensor, phrases
   first = tf.concat([[True], phrase_rows[1:] != phrase_rows[:-1]], 0)[:g]
   pos = tf.where(first, 0, tf.concat([[0], ends[:-1]], 0)[:g])
   text = tf.gather(caption, phrase_rows)
-  before = tf.strings.regex_replace(tf.strings.substr(text, pos, starts - pos, unit="UTF8_CHAR"), " +$", "")
+  before = tf.strings.regex_replace(
+    tf.strings.substr(text, pos, starts - pos, unit="UTF8_CHAR"), " +$", ""
+  )
   lead = pos + tf.strings.length(before, unit="UTF8_CHAR")
   phrase = tf.strings.substr(text, lead, ends - lead, unit="UTF8_CHAR")
   last = tf.maximum(tf.math.unsorted_segment_max(ends, phrase_rows, b), 0)
-  tail = tf.strings.substr(caption, last, tf.strings.length(caption, unit="UTF8_CHAR") - last, unit="UTF8_CHAR")
+  tail = tf.strings.substr(
+    caption, last, tf.strings.length(caption, unit="UTF8_CHAR") - last, unit="UTF8_CHAR"
+  )
   tokens = vocab.encode_plain_tf(tf.concat([before, phrase, tail, caption], 0))
   # Each box as `</delimiter_of_multi_objects/> ul lr`; a phrase's first box skips the delimiter.
   pairs = quantize_boxes(boxes, vocab.num_patches_per_side, quantizer) + vocab.patch_index_id(0)
   box_ids = tf.concat([tf.fill([m, 1], vocab.tag_id("</delimiter_of_multi_objects/>")), pairs], 1)
-  tags = [vocab.tag_id(t) for t in ("<phrase>", "</phrase>", "<object>", "</object>")] + list(prefix)
+  tags = [vocab.tag_id(t) for t in ("<phrase>", "</phrase>", "<object>", "</object>")] + list(
+    prefix
+  )
   values = tf.concat([tags, tf.reshape(box_ids, [-1]), tokens.flat_values], 0)
   token_start = len(tags) + 3 * m + tf.cast(tokens.row_starts(), tf.int32)
   token_length = tf.cast(tokens.row_lengths(), tf.int32)
-  tokens_at = lambda at, n: (token_start[at:at + n], token_length[at:at + n])  # before, phrase, tail, caption
+  tokens_at = lambda at, n: (
+    token_start[at : at + n],
+    token_length[at : at + n],
+  )  # before, phrase, tail, caption
   first_box = tf.concat([[True], box_phrase[1:] != box_phrase[:-1]], 0)[:m]
   box_rows = tf.gather(phrase_rows, box_phrase)
-  on = lambda rows: tf.cast(tf.gather(grounded, rows), tf.int32)[:, None]  # phrases count where grounded
+  on = lambda rows: tf.cast(tf.gather(grounded, rows), tf.int32)[
+    :, None
+  ]  # phrases count where grounded
   # The ids are pieces (start, length) of `values`, put in order by a key:
   # (record, slot: 0 its head, 1 + i phrase i, _SLOTS - 1 its tail; piece in the slot).
   key = lambda rows, slot, piece: (tf.cast(rows, tf.int64)[:, None] * _SLOTS + slot) * 8 + piece
   ones = tf.ones([g], tf.int32)
-  # Per phrase: the text before it, <phrase>, the phrase, </phrase>, <object>, (its boxes,) </object>.
+  # Per phrase: the text before it, <phrase>, the phrase, </phrase>, <object>, (its boxes,)
+  # </object>.
   (before_start, before_length), (phrase_start, phrase_length) = tokens_at(0, g), tokens_at(g, g)
   phrase_pieces = (
-      key(phrase_rows, tf.range(1, g + 1, dtype=tf.int64)[:, None], [0, 1, 2, 3, 4, 6]),
-      tf.stack([before_start, 0 * ones, phrase_start, ones, 2 * ones, 3 * ones], 1),
-      tf.stack([before_length, ones, phrase_length, ones, ones, ones], 1) * on(phrase_rows), phrase_rows)
-  box_pieces = (key(box_rows, tf.cast(box_phrase, tf.int64)[:, None] + 1, [5]),
-                (len(tags) + 3 * tf.range(m) + tf.cast(first_box, tf.int32))[:, None],
-                tf.where(first_box, 2, 3)[:, None] * on(box_rows), box_rows)
+    key(phrase_rows, tf.range(1, g + 1, dtype=tf.int64)[:, None], [0, 1, 2, 3, 4, 6]),
+    tf.stack([before_start, 0 * ones, phrase_start, ones, 2 * ones, 3 * ones], 1),
+    tf.stack([before_length, ones, phrase_length, ones, ones, ones], 1) * on(phrase_rows),
+    phrase_rows,
+  )
+  box_pieces = (
+    key(box_rows, tf.cast(box_phrase, tf.int64)[:, None] + 1, [5]),
+    (len(tags) + 3 * tf.range(m) + tf.cast(first_box, tf.int32))[:, None],
+    tf.where(first_box, 2, 3)[:, None] * on(box_rows),
+    box_rows,
+  )
   # Per record: the prefix and the tail where grounded, else the plain caption.
-  (tail_start, tail_length), (caption_start, caption_length) = tokens_at(2 * g, b), tokens_at(2 * g + b, b)
-  record_pieces = (key(tf.range(b), [0, 0, _SLOTS - 1], [0, 1, 0]),
-                   tf.stack([tf.fill([b], 4), caption_start, tail_start], 1),
-                   tf.stack([tf.fill([b], len(prefix)), caption_length, tail_length], 1)
-                   * tf.cast(tf.stack([grounded, ~grounded, grounded], 1), tf.int32), tf.range(b))
+  (tail_start, tail_length), (caption_start, caption_length) = (
+    tokens_at(2 * g, b),
+    tokens_at(2 * g + b, b),
+  )
+  record_pieces = (
+    key(tf.range(b), [0, 0, _SLOTS - 1], [0, 1, 0]),
+    tf.stack([tf.fill([b], 4), caption_start, tail_start], 1),
+    tf.stack([tf.fill([b], len(prefix)), caption_length, tail_length], 1)
+    * tf.cast(tf.stack([grounded, ~grounded, grounded], 1), tf.int32),
+    tf.range(b),
+  )
   flat = lambda t: tf.reshape(t, [-1])
-  key, start, length, record = (tf.concat(t, 0) for t in zip(*(
-      (flat(k), flat(s), flat(n), flat(tf.broadcast_to(r[:, None], tf.shape(n))))
-      for k, s, n, r in (phrase_pieces, box_pieces, record_pieces))))
+  key, start, length, record = (
+    tf.concat(t, 0)
+    for t in zip(
+      *(
+        (flat(k), flat(s), flat(n), flat(tf.broadcast_to(r[:, None], tf.shape(n))))
+        for k, s, n, r in (phrase_pieces, box_pieces, record_pieces)
+      )
+    )
+  )
   row_lengths = tf.math.unsorted_segment_sum(length, record, b)
   order = tf.argsort(key, stable=True)  # a phrase's boxes share a key and keep their order
   start, length = tf.gather(start, order), tf.gather(length, order)
@@ -225,8 +291,11 @@ def image_part(vocab, num_image_tokens: int) -> Parts:
   on `</image>` (reference 1.10), slots marked in the mask."""
   n = num_image_tokens
   ids = [vocab.tag_id("<image>"), *vocab_lib.image_slot_ids(n), vocab.tag_id("</image>")]
-  return (tf.constant(ids, tf.int32), tf.constant([0] * (n + 1) + [1], tf.int32),
-          tf.constant([0] + [1] * n + [0], tf.int32))
+  return (
+    tf.constant(ids, tf.int32),
+    tf.constant([0] * (n + 1) + [1], tf.int32),
+    tf.constant([0] + [1] * n + [0], tf.int32),
+  )
 
 
 def join(*parts: Parts) -> dict:
@@ -246,11 +315,17 @@ def join_rows(before: list[Parts], text: tf.RaggedTensor, after: list[Parts]) ->
   offset = _ranges(tf.zeros_like(lengths), lengths)
   row = rows_of(tf.concat([[0], tf.cumsum(lengths)], 0))
   n, text_start = tf.gather(n, row), tf.gather(tf.cast(text.row_starts(), tf.int32), row)
-  index = tf.where(offset < h, offset, tf.where(offset < h + n, h + t + text_start + offset - h, offset - n))
+  index = tf.where(
+    offset < h, offset, tf.where(offset < h + n, h + t + text_start + offset - h, offset - n)
+  )
   ids = tf.cast(text.flat_values, tf.int32)
   sources = (ids, tf.ones_like(ids), tf.zeros_like(ids))
-  features = (tf.RaggedTensor.from_row_lengths(tf.gather(tf.concat([a, b, c], 0), index), lengths, validate=False)
-              for a, b, c in zip(head, tail, sources))
+  features = (
+    tf.RaggedTensor.from_row_lengths(
+      tf.gather(tf.concat([a, b, c], 0), index), lengths, validate=False
+    )
+    for a, b, c in zip(head, tail, sources)
+  )
   return dict(zip(("targets", "loss_weights", "image_mask"), features))
 
 

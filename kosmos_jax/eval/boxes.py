@@ -1,5 +1,6 @@
 """Box geometry shared by the evaluators. Boxes are `(x1, y1, x2, y2)`, any units."""
-from typing import Sequence
+
+from collections.abc import Sequence
 
 
 def area(box: Sequence[float]) -> float:

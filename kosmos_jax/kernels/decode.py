@@ -7,21 +7,22 @@ reading only the valid part of each row: per-row lengths are prefetched into
 SMEM and the key-tile index map stops at the row's last valid tile, so the
 pipeline issues no DMA for the rest of the cache.
 """
+
 import functools
 
 import jax
+import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-import jax.numpy as jnp
 
-from kosmos_jax.kernels import reference
-from kosmos_jax.kernels import tiling
+from kosmos_jax.kernels import reference, tiling
 
 BLOCK_K = 256  # Cache rows per tile; not yet measured on hardware.
 
 
-def decode_attention(q, k_cache, v_cache, lengths, *, sm_scale=None,
-                     interpret=False, block_k=BLOCK_K, backend=None):
+def decode_attention(
+  q, k_cache, v_cache, lengths, *, sm_scale=None, interpret=False, block_k=BLOCK_K, backend=None
+):
   """Attention of each row's newest query over its first `lengths[b]` keys.
 
   Args:
@@ -43,8 +44,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, sm_scale=None,
   if sm_scale is None:
     sm_scale = q.shape[-1] ** -0.5
   if backend == "gpu":
-    return reference.decode_reference(q, k_cache, v_cache, lengths,
-                                      sm_scale=sm_scale)
+    return reference.decode_reference(q, k_cache, v_cache, lengths, sm_scale=sm_scale)
   batch, max_length, heads, head_dim = k_cache.shape
   block_k = min(block_k, -(-max_length // 8) * 8)
   extra = -max_length % block_k
@@ -64,27 +64,26 @@ def decode_attention(q, k_cache, v_cache, lengths, *, sm_scale=None,
   row = pl.BlockSpec((None, heads, head_dim), row_map)
   kv = pl.BlockSpec((None, block_k, heads, head_dim), kv_map)
   return pl.pallas_call(
-      functools.partial(_decode_kernel, sm_scale=float(sm_scale)),
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1,
-          grid=(batch, k_cache.shape[1] // block_k),
-          in_specs=[row, kv, kv],
-          out_specs=row,
-          scratch_shapes=[
-              pltpu.VMEM((heads, 1), jnp.float32),  # running max
-              pltpu.VMEM((heads, 1), jnp.float32),  # running denominator
-              pltpu.VMEM((heads, head_dim), jnp.float32),  # unnormalized out
-          ]),
-      out_shape=tiling.out_struct(q.shape, q.dtype, q),
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "arbitrary")),
-      interpret=interpret,
-      name="decode_attention",
+    functools.partial(_decode_kernel, sm_scale=float(sm_scale)),
+    grid_spec=pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1,
+      grid=(batch, k_cache.shape[1] // block_k),
+      in_specs=[row, kv, kv],
+      out_specs=row,
+      scratch_shapes=[
+        pltpu.VMEM((heads, 1), jnp.float32),  # running max
+        pltpu.VMEM((heads, 1), jnp.float32),  # running denominator
+        pltpu.VMEM((heads, head_dim), jnp.float32),  # unnormalized out
+      ],
+    ),
+    out_shape=tiling.out_struct(q.shape, q.dtype, q),
+    compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+    interpret=interpret,
+    name="decode_attention",
   )(lengths, q, k_cache, v_cache)
 
 
-def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref,
-                   acc_ref, *, sm_scale):
+def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *, sm_scale):
   b, j = pl.program_id(0), pl.program_id(1)
   block_k = k_ref.shape[0]
   length = lengths_ref[b]
@@ -116,5 +115,6 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref,
   def _finish():
     # Rows with length 0 never ran a step: l = 0, output 0.
     l = l_ref[...]
-    o_ref[...] = jnp.where(l == 0, 0.0, acc_ref[...] / jnp.where(
-        l == 0, 1.0, l)).astype(o_ref.dtype)
+    o_ref[...] = jnp.where(l == 0, 0.0, acc_ref[...] / jnp.where(l == 0, 1.0, l)).astype(
+      o_ref.dtype
+    )

@@ -3,20 +3,29 @@
 The backward pass recomputes attention tile by tile from the saved
 log-sum-exp, so neither pass ever holds a [length, length] matrix.
 """
+
 import functools
 
 import jax
 import jax.numpy as jnp
 
-from kosmos_jax.kernels import flash_gpu
-from kosmos_jax.kernels import flash_tpu
-from kosmos_jax.kernels import tiling
+from kosmos_jax.kernels import flash_gpu, flash_tpu, tiling
 
 _BACKENDS = {"tpu": flash_tpu, "gpu": flash_gpu}
 
 
-def flash_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None,
-                    interpret=False, block_sizes=None, backend=None):
+def flash_attention(
+  q,
+  k,
+  v,
+  *,
+  causal=True,
+  segment_ids=None,
+  sm_scale=None,
+  interpret=False,
+  block_sizes=None,
+  backend=None,
+):
   """Memory-efficient softmax attention with a Pallas forward and backward.
 
   A query at i in row b attends key j iff segment_ids[b, i] ==
@@ -52,25 +61,20 @@ def flash_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None,
   module = _BACKENDS[backend]
   blocks = (block_sizes or module.BLOCK_SIZES).fit(q.shape[1], module.ALIGN)
   length = q.shape[1]
-  q, k, v, segment_ids = tiling.pad_inputs(q, k, v, segment_ids,
-                                           blocks.multiple)
-  out = _flash(q, k, v, segment_ids, causal, float(sm_scale), blocks,
-               backend, interpret)
+  q, k, v, segment_ids = tiling.pad_inputs(q, k, v, segment_ids, blocks.multiple)
+  out = _flash(q, k, v, segment_ids, causal, float(sm_scale), blocks, backend, interpret)
   return out[:, :length]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _flash(q, k, v, segment_ids, causal, sm_scale, blocks, backend,
-           interpret):
-  return _flash_fwd(q, k, v, segment_ids, causal, sm_scale, blocks, backend,
-                    interpret)[0]
+def _flash(q, k, v, segment_ids, causal, sm_scale, blocks, backend, interpret):
+  return _flash_fwd(q, k, v, segment_ids, causal, sm_scale, blocks, backend, interpret)[0]
 
 
-def _flash_fwd(q, k, v, segment_ids, causal, sm_scale, blocks, backend,
-               interpret):
+def _flash_fwd(q, k, v, segment_ids, causal, sm_scale, blocks, backend, interpret):
   out, lse = _BACKENDS[backend].forward(
-      q, k, v, segment_ids, causal=causal, sm_scale=sm_scale,
-      block_sizes=blocks, interpret=interpret)
+    q, k, v, segment_ids, causal=causal, sm_scale=sm_scale, block_sizes=blocks, interpret=interpret
+  )
   return out, (q, k, v, segment_ids, out, lse)
 
 
@@ -78,11 +82,20 @@ def _flash_bwd(causal, sm_scale, blocks, backend, interpret, residuals, dout):
   q, k, v, segment_ids, out, lse = residuals
   # delta_i = sum_d out_id * dout_id, the softmax-backward row term: a cheap
   # elementwise reduction that XLA fuses, so it stays outside the kernels.
-  delta = jnp.einsum("blhd,blhd->bhl", out.astype(jnp.float32),
-                     dout.astype(jnp.float32))
+  delta = jnp.einsum("blhd,blhd->bhl", out.astype(jnp.float32), dout.astype(jnp.float32))
   dq, dk, dv = _BACKENDS[backend].backward(
-      q, k, v, segment_ids, lse, delta, dout, causal=causal,
-      sm_scale=sm_scale, block_sizes=blocks, interpret=interpret)
+    q,
+    k,
+    v,
+    segment_ids,
+    lse,
+    delta,
+    dout,
+    causal=causal,
+    sm_scale=sm_scale,
+    block_sizes=blocks,
+    interpret=interpret,
+  )
   return dq, dk, dv, None
 
 

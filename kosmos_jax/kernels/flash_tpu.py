@@ -10,26 +10,25 @@ Grid: (batch, heads, outer blocks, inner blocks); the inner axis is sequential
 tiles above the diagonal are skipped, and their index maps repeat the last
 useful block so the pipeline issues no DMA for them.
 """
+
 import functools
 
+import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-import jax.numpy as jnp
 
 from kosmos_jax.kernels import tiling
 
 # Not measured on hardware yet: 128-wide tiles are known to be far too small on
 # v5e (jax issue 24633); 512 matches MaxText's splash attention defaults.
-BLOCK_SIZES = tiling.BlockSizes(
-    block_q=512, block_k=512, block_q_bwd=256, block_k_bwd=512)
+BLOCK_SIZES = tiling.BlockSizes(block_q=512, block_k=512, block_q_bwd=256, block_k_bwd=512)
 # Key tiles are lane-major in the segment-id and score tiles.
 ALIGN = 128
 _SEMANTICS = ("parallel", "parallel", "parallel", "arbitrary")
 
 
-def forward(q, k, v, segment_ids, *, causal, sm_scale, block_sizes,
-            interpret):
+def forward(q, k, v, segment_ids, *, causal, sm_scale, block_sizes, interpret):
   """Attention output [b, l, h, d] and log-sum-exp [b, h, l] (float32)."""
   batch, length, heads, head_dim = q.shape
   bq, bk = block_sizes.block_q, block_sizes.block_k
@@ -45,41 +44,41 @@ def forward(q, k, v, segment_ids, *, causal, sm_scale, block_sizes,
     return b, h, j, 0
 
   in_specs = [
-      pl.BlockSpec((None, None, bq, head_dim), q_map),
-      pl.BlockSpec((None, None, bk, head_dim), kv_map),
-      pl.BlockSpec((None, None, bk, head_dim), kv_map),
+    pl.BlockSpec((None, None, bq, head_dim), q_map),
+    pl.BlockSpec((None, None, bk, head_dim), kv_map),
+    pl.BlockSpec((None, None, bk, head_dim), kv_map),
   ]
   args = [q, k, v]
   if segment_ids is not None:
     in_specs += _segment_specs(bq, bk, q_map, kv_map)
     args += _segment_args(segment_ids)
   out, lse = pl.pallas_call(
-      functools.partial(_fwd_kernel, causal=causal, sm_scale=sm_scale,
-                        has_segments=segment_ids is not None),
-      grid=(batch, heads, length // bq, length // bk),
-      in_specs=in_specs,
-      out_specs=[
-          pl.BlockSpec((None, None, bq, head_dim), q_map),
-          pl.BlockSpec((None, None, bq, 1), q_map),
-      ],
-      out_shape=[
-          tiling.out_struct(q.shape, q.dtype, q),
-          tiling.out_struct((batch, heads, length, 1), jnp.float32, q),
-      ],
-      scratch_shapes=[
-          pltpu.VMEM((bq, 1), jnp.float32),  # running max
-          pltpu.VMEM((bq, 1), jnp.float32),  # running denominator
-          pltpu.VMEM((bq, head_dim), jnp.float32),  # unnormalized output
-      ],
-      compiler_params=pltpu.CompilerParams(dimension_semantics=_SEMANTICS),
-      interpret=interpret,
-      name="flash_fwd",
+    functools.partial(
+      _fwd_kernel, causal=causal, sm_scale=sm_scale, has_segments=segment_ids is not None
+    ),
+    grid=(batch, heads, length // bq, length // bk),
+    in_specs=in_specs,
+    out_specs=[
+      pl.BlockSpec((None, None, bq, head_dim), q_map),
+      pl.BlockSpec((None, None, bq, 1), q_map),
+    ],
+    out_shape=[
+      tiling.out_struct(q.shape, q.dtype, q),
+      tiling.out_struct((batch, heads, length, 1), jnp.float32, q),
+    ],
+    scratch_shapes=[
+      pltpu.VMEM((bq, 1), jnp.float32),  # running max
+      pltpu.VMEM((bq, 1), jnp.float32),  # running denominator
+      pltpu.VMEM((bq, head_dim), jnp.float32),  # unnormalized output
+    ],
+    compiler_params=pltpu.CompilerParams(dimension_semantics=_SEMANTICS),
+    interpret=interpret,
+    name="flash_fwd",
   )(*args)
   return _heads_major(out), lse[..., 0]
 
 
-def backward(q, k, v, segment_ids, lse, delta, do, *, causal, sm_scale,
-             block_sizes, interpret):
+def backward(q, k, v, segment_ids, lse, delta, do, *, causal, sm_scale, block_sizes, interpret):
   """(dq, dk, dv) from two kernels: one per key tile, one per query tile.
 
   Args:
@@ -120,17 +119,15 @@ def backward(q, k, v, segment_ids, lse, delta, do, *, causal, sm_scale,
   if has_segments:
     in_specs += _segment_specs(bq, bk, kq_map, kk_map)
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, causal=causal, sm_scale=sm_scale,
-                        has_segments=has_segments),
-      grid=(batch, heads, length // bk, length // bq),
-      in_specs=in_specs,
-      out_specs=[k_spec, k_spec],
-      out_shape=[tiling.out_struct(k.shape, k.dtype, k),
-                 tiling.out_struct(v.shape, v.dtype, v)],
-      scratch_shapes=[pltpu.VMEM((bk, head_dim), jnp.float32)] * 2,
-      compiler_params=params,
-      interpret=interpret,
-      name="flash_bwd_dkv",
+    functools.partial(_dkv_kernel, causal=causal, sm_scale=sm_scale, has_segments=has_segments),
+    grid=(batch, heads, length // bk, length // bq),
+    in_specs=in_specs,
+    out_specs=[k_spec, k_spec],
+    out_shape=[tiling.out_struct(k.shape, k.dtype, k), tiling.out_struct(v.shape, v.dtype, v)],
+    scratch_shapes=[pltpu.VMEM((bk, head_dim), jnp.float32)] * 2,
+    compiler_params=params,
+    interpret=interpret,
+    name="flash_bwd_dkv",
   )(q, k, v, do, lse, delta, *seg_args)
 
   # dq: grid axis 2 walks query tiles, the sequential axis 3 key tiles.
@@ -150,16 +147,15 @@ def backward(q, k, v, segment_ids, lse, delta, do, *, causal, sm_scale,
   if has_segments:
     in_specs += _segment_specs(bq, bk, qq_map, qk_map)
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, causal=causal, sm_scale=sm_scale,
-                        has_segments=has_segments),
-      grid=(batch, heads, length // bq, length // bk),
-      in_specs=in_specs,
-      out_specs=q_spec,
-      out_shape=tiling.out_struct(q.shape, q.dtype, q),
-      scratch_shapes=[pltpu.VMEM((bq, head_dim), jnp.float32)],
-      compiler_params=params,
-      interpret=interpret,
-      name="flash_bwd_dq",
+    functools.partial(_dq_kernel, causal=causal, sm_scale=sm_scale, has_segments=has_segments),
+    grid=(batch, heads, length // bq, length // bk),
+    in_specs=in_specs,
+    out_specs=q_spec,
+    out_shape=tiling.out_struct(q.shape, q.dtype, q),
+    scratch_shapes=[pltpu.VMEM((bq, head_dim), jnp.float32)],
+    compiler_params=params,
+    interpret=interpret,
+    name="flash_bwd_dq",
   )(q, k, v, do, lse, delta, *seg_args)
   return _heads_major(dq), _heads_major(dk), _heads_major(dv)
 
@@ -186,8 +182,9 @@ def _fwd_kernel(*refs, causal, sm_scale, has_segments):
     # whatever the fully masked tiles before it accumulated.
     alpha = jnp.exp(m_prev - m_new)
     l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
-    pv = lax.dot_general(p.astype(v_ref.dtype), v_ref[...], tiling.NN,
-                         preferred_element_type=jnp.float32)
+    pv = lax.dot_general(
+      p.astype(v_ref.dtype), v_ref[...], tiling.NN, preferred_element_type=jnp.float32
+    )
     acc_ref[...] = alpha * acc_ref[...] + pv
     m_ref[...] = m_new
 
@@ -219,13 +216,14 @@ def _dkv_kernel(*refs, causal, sm_scale, has_segments):
     q, do = q_ref[...], do_ref[...]
     s = _scores(q, k_ref[...], sm_scale, i, j, causal, q_ids, kv_ids)
     p = jnp.exp(s - lse_ref[...])
-    dv_acc[...] += lax.dot_general(p.astype(do.dtype), do, tiling.TN,
-                                   preferred_element_type=jnp.float32)
-    dp = lax.dot_general(do, v_ref[...], tiling.NT,
-                         preferred_element_type=jnp.float32)
+    dv_acc[...] += lax.dot_general(
+      p.astype(do.dtype), do, tiling.TN, preferred_element_type=jnp.float32
+    )
+    dp = lax.dot_general(do, v_ref[...], tiling.NT, preferred_element_type=jnp.float32)
     ds = p * (dp - delta_ref[...])
-    dk_acc[...] += lax.dot_general(ds.astype(q.dtype), q, tiling.TN,
-                                   preferred_element_type=jnp.float32)
+    dk_acc[...] += lax.dot_general(
+      ds.astype(q.dtype), q, tiling.TN, preferred_element_type=jnp.float32
+    )
 
   _run_if_needed(_step, causal, i * bq + bq - 1 >= j * bk)
 
@@ -250,11 +248,11 @@ def _dq_kernel(*refs, causal, sm_scale, has_segments):
     k = k_ref[...]
     s = _scores(q_ref[...], k, sm_scale, i, j, causal, q_ids, kv_ids)
     p = jnp.exp(s - lse_ref[...])
-    dp = lax.dot_general(do_ref[...], v_ref[...], tiling.NT,
-                         preferred_element_type=jnp.float32)
+    dp = lax.dot_general(do_ref[...], v_ref[...], tiling.NT, preferred_element_type=jnp.float32)
     ds = p * (dp - delta_ref[...])
-    dq_acc[...] += lax.dot_general(ds.astype(k.dtype), k, tiling.NN,
-                                   preferred_element_type=jnp.float32)
+    dq_acc[...] += lax.dot_general(
+      ds.astype(k.dtype), k, tiling.NN, preferred_element_type=jnp.float32
+    )
 
   _run_if_needed(_step, causal, i * bq + bq - 1 >= j * bk)
 
@@ -266,9 +264,15 @@ def _dq_kernel(*refs, causal, sm_scale, has_segments):
 def _scores(q, k, sm_scale, i, j, causal, q_ids, kv_ids):
   """Masked logits of query tile i against key tile j (segment-id refs)."""
   return tiling.masked_scores(
-      q, k, sm_scale, i * q.shape[0], j * k.shape[0], causal=causal,
-      q_ids=None if q_ids is None else q_ids[...],
-      kv_ids=None if kv_ids is None else kv_ids[...])
+    q,
+    k,
+    sm_scale,
+    i * q.shape[0],
+    j * k.shape[0],
+    causal=causal,
+    q_ids=None if q_ids is None else q_ids[...],
+    kv_ids=None if kv_ids is None else kv_ids[...],
+  )
 
 
 def _run_if_needed(step, causal, below_diagonal):
@@ -306,8 +310,7 @@ def _segment_specs(bq, bk, q_map, kv_map):
     b, _, j, _ = kv_map(*idx)
     return b, 0, j
 
-  return [pl.BlockSpec((None, bq, 1), q_ids_map),
-          pl.BlockSpec((None, 1, bk), kv_ids_map)]
+  return [pl.BlockSpec((None, bq, 1), q_ids_map), pl.BlockSpec((None, 1, bk), kv_ids_map)]
 
 
 def _split_segments(refs, has_segments):

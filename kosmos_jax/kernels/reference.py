@@ -5,6 +5,7 @@ A query at position i in row b may attend key j iff
   and (not causal or j <= i).
 A query with no allowed key outputs exactly 0 and gets zero gradient.
 """
+
 import jax
 import jax.numpy as jnp
 
@@ -21,15 +22,14 @@ def attention_mask(q_len, kv_len, *, causal, segment_ids=None):
   """
   mask = jnp.ones((1, 1, q_len, kv_len), bool)
   if causal:
-    mask &= (jnp.arange(kv_len)[None, :] <= jnp.arange(q_len)[:, None])
+    mask &= jnp.arange(kv_len)[None, :] <= jnp.arange(q_len)[:, None]
   if segment_ids is not None:
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     mask = mask & (same & (segment_ids[:, None, :] != 0))[:, None]
   return mask
 
 
-def attention_reference(q, k, v, *, causal=True, segment_ids=None,
-                        sm_scale=None):
+def attention_reference(q, k, v, *, causal=True, segment_ids=None, sm_scale=None):
   """Softmax attention computed in float32 or wider (float64 under x64).
 
   Args:
@@ -43,8 +43,7 @@ def attention_reference(q, k, v, *, causal=True, segment_ids=None,
   Returns:
     [batch, length, heads, head_dim] in q.dtype.
   """
-  mask = attention_mask(q.shape[1], k.shape[1], causal=causal,
-                        segment_ids=segment_ids)
+  mask = attention_mask(q.shape[1], k.shape[1], causal=causal, segment_ids=segment_ids)
   return _masked_attention(q, k, v, mask, sm_scale)
 
 

@@ -3,12 +3,13 @@
 Shared by the TPU (Mosaic) and GPU (Triton) flash attention kernels, so both
 apply exactly the same mask (see `reference.py` for the semantics).
 """
+
 import dataclasses
 import math
 
 import jax
-from jax import lax
 import jax.numpy as jnp
+from jax import lax
 
 # Masked logits get this finite value rather than -inf: exp(MASK - m) is then 0
 # for any real running max m, and exp(MASK - MASK) = 1 never produces NaN (rows
@@ -31,6 +32,7 @@ class BlockSizes:
     block_q_bwd: query rows per tile in both backward kernels.
     block_k_bwd: key rows per tile in both backward kernels.
   """
+
   block_q: int
   block_k: int
   block_q_bwd: int
@@ -73,8 +75,7 @@ def pad_inputs(q, k, v, segment_ids, multiple):
   return q, k, v, segment_ids
 
 
-def tile_mask(q_start, k_start, block_q, block_k, *, causal, q_ids=None,
-              kv_ids=None):
+def tile_mask(q_start, k_start, block_q, block_k, *, causal, q_ids=None, kv_ids=None):
   """Allowed-pairs mask of one [block_q, block_k] tile, or None if all allowed.
 
   Args:
@@ -98,8 +99,7 @@ def tile_mask(q_start, k_start, block_q, block_k, *, causal, q_ids=None,
   return mask
 
 
-def masked_scores(q, k, sm_scale, q_start, k_start, *, causal, q_ids=None,
-                  kv_ids=None):
+def masked_scores(q, k, sm_scale, q_start, k_start, *, causal, q_ids=None, kv_ids=None):
   """Scaled float32 logits of one tile; disallowed pairs are MASK_VALUE.
 
   Args:
@@ -114,8 +114,9 @@ def masked_scores(q, k, sm_scale, q_start, k_start, *, causal, q_ids=None,
   """
   s = lax.dot_general(q, k, NT, preferred_element_type=jnp.float32)
   s *= sm_scale
-  mask = tile_mask(q_start, k_start, q.shape[0], k.shape[0], causal=causal,
-                   q_ids=q_ids, kv_ids=kv_ids)
+  mask = tile_mask(
+    q_start, k_start, q.shape[0], k.shape[0], causal=causal, q_ids=q_ids, kv_ids=kv_ids
+  )
   return s if mask is None else jnp.where(mask, s, MASK_VALUE)
 
 
@@ -126,8 +127,7 @@ def out_struct(shape, dtype, like):
   to know over which manual mesh axes the output varies; outside it the
   attribute is empty and harmless.
   """
-  return jax.ShapeDtypeStruct(
-      shape, dtype, manual_axis_type=jax.typeof(like).manual_axis_type)
+  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).manual_axis_type)
 
 
 def _round_up(x, m):

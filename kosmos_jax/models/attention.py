@@ -16,6 +16,7 @@ the connector's one small cross-attention (64 latents over 321 keys) and decode
 steps against a cache always take the xla path. Under a mesh the kernels run
 inside shard_map over the batch and heads axes of the logical rules.
 """
+
 import functools
 
 import jax
@@ -41,10 +42,10 @@ def _mask(b, lq, lk, *, causal, segment_ids, kv_segment_ids):
 
 def _xla(q, k, v, *, causal, segment_ids, kv_segment_ids, dropout_rate, dropout_rng):
   b, lq, _, d = q.shape
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k,
-                      preferred_element_type=jnp.float32) * d ** -0.5
-  mask = _mask(b, lq, k.shape[1], causal=causal, segment_ids=segment_ids,
-               kv_segment_ids=kv_segment_ids)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * d**-0.5
+  mask = _mask(
+    b, lq, k.shape[1], causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids
+  )
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1)
@@ -59,8 +60,9 @@ def _xla(q, k, v, *, causal, segment_ids, kv_segment_ids, dropout_rate, dropout_
 
 def _cudnn(q, k, v, *, causal, segment_ids, kv_segment_ids, **_):
   b, lq = q.shape[:2]
-  mask = _mask(b, lq, k.shape[1], causal=causal, segment_ids=segment_ids,
-               kv_segment_ids=kv_segment_ids)
+  mask = _mask(
+    b, lq, k.shape[1], causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids
+  )
   out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
   if mask is not None:
     out = jnp.where(mask.any(-1)[:, 0, :, None, None], out, 0).astype(out.dtype)
@@ -70,12 +72,14 @@ def _cudnn(q, k, v, *, causal, segment_ids, kv_segment_ids, **_):
 def _pallas(q, k, v, *, causal, segment_ids, **_):
   # Lazy: Pallas' Mosaic and Triton modules load only when a model uses them.
   from kosmos_jax import kernels  # pylint: disable=g-import-not-at-top
+
   return kernels.flash_attention(q, k, v, causal=causal, segment_ids=segment_ids)
 
 
 def _splash(q, k, v, *, causal, segment_ids, **_):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash  # pylint: disable=g-import-not-at-top
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask  # pylint: disable=g-import-not-at-top
+
   b, length, heads, d = q.shape
   block = 128
   padded = -(-length // block) * block
@@ -86,15 +90,19 @@ def _splash(q, k, v, *, causal, segment_ids, **_):
   # Padding keeps id 0 and so only attends padding: splash forbids empty rows,
   # and those rows are zeroed below, as the shared semantics require.
   ids = jnp.pad(segment_ids.astype(jnp.int32), pad)
-  base = (splash_mask.CausalMask((padded, padded)) if causal
-          else splash_mask.FullMask((padded, padded)))
+  base = (
+    splash_mask.CausalMask((padded, padded)) if causal else splash_mask.FullMask((padded, padded))
+  )
   kernel = splash.make_splash_mha(
-      splash_mask.MultiHeadMask([base] * heads), head_shards=1, q_seq_shards=1,
-      block_sizes=splash.BlockSizes.get_default(),
-      interpret=jax.default_backend() != "tpu")
+    splash_mask.MultiHeadMask([base] * heads),
+    head_shards=1,
+    q_seq_shards=1,
+    block_sizes=splash.BlockSizes.get_default(),
+    interpret=jax.default_backend() != "tpu",
+  )
   to_hld = lambda x: x.transpose(0, 2, 1, 3)  # splash takes [heads, length, dim]
   run = lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=splash.SegmentIds(q=s1, kv=s1))
-  out = jax.vmap(run)(to_hld(q * d ** -0.5), to_hld(k), to_hld(v), ids)
+  out = jax.vmap(run)(to_hld(q * d**-0.5), to_hld(k), to_hld(v), ids)
   out = to_hld(out)[:, :length]
   return jnp.where((segment_ids != 0)[:, :, None, None], out, 0).astype(q.dtype)
 
@@ -113,16 +121,27 @@ def _sharded(kernel, q, k, v, segment_ids, causal):
     return run(q, k, v, segment_ids=segment_ids)
   batch, heads = sharding.logical_to_spec(("act_batch", "act_heads"), q.shape[::2], mesh)
   qkv, ids = P(batch, None, heads, None), P(batch, None)
-  return jax.shard_map(lambda q, k, v, s: run(q, k, v, segment_ids=s), mesh=mesh,
-                       in_specs=(qkv, qkv, qkv, ids), out_specs=qkv,
-                       check_vma=False)(q, k, v, segment_ids)
+  return jax.shard_map(
+    lambda q, k, v, s: run(q, k, v, segment_ids=s),
+    mesh=mesh,
+    in_specs=(qkv, qkv, qkv, ids),
+    out_specs=qkv,
+    check_vma=False,
+  )(q, k, v, segment_ids)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
-              segment_ids: jax.Array | None = None,
-              kv_segment_ids: jax.Array | None = None,
-              implementation: str = "xla", dropout_rate: float = 0.0,
-              dropout_rng: jax.Array | None = None) -> jax.Array:
+def attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  causal: bool,
+  segment_ids: jax.Array | None = None,
+  kv_segment_ids: jax.Array | None = None,
+  implementation: str = "xla",
+  dropout_rate: float = 0.0,
+  dropout_rng: jax.Array | None = None,
+) -> jax.Array:
   """Multi-head attention. q [b, lq, h, d], k and v [b, lk, h, d] -> [b, lq, h, d].
 
   Args:
@@ -134,16 +153,26 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
       xla only: a fused kernel never materialises the probabilities).
   """
   if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"attention implementation {implementation!r} is not one of "
-                     f"{list(IMPLEMENTATIONS)}")
+    raise ValueError(
+      f"attention implementation {implementation!r} is not one of {list(IMPLEMENTATIONS)}"
+    )
   self_attention = kv_segment_ids is None and q.shape[1] == k.shape[1]
   if kv_segment_ids is None:
     kv_segment_ids = segment_ids
   if implementation == "xla" or not self_attention:
-    return _xla(q, k, v, causal=causal, segment_ids=segment_ids,
-                kv_segment_ids=kv_segment_ids, dropout_rate=dropout_rate,
-                dropout_rng=dropout_rng)
+    return _xla(
+      q,
+      k,
+      v,
+      causal=causal,
+      segment_ids=segment_ids,
+      kv_segment_ids=kv_segment_ids,
+      dropout_rate=dropout_rate,
+      dropout_rng=dropout_rng,
+    )
   if dropout_rng is not None and dropout_rate > 0.0:
-    raise ValueError(f"attention={implementation!r} has no attention dropout; set "
-                     "model.text.attention_dropout=0 (and vision) or use attention='xla'")
+    raise ValueError(
+      f"attention={implementation!r} has no attention dropout; set "
+      "model.text.attention_dropout=0 (and vision) or use attention='xla'"
+    )
   return _sharded(_KERNELS[implementation], q, k, v, segment_ids, causal)

@@ -1,4 +1,5 @@
 """Models from a config: abstract (shapes only), or holding given parameters."""
+
 import jax
 import jax.numpy as jnp
 import ml_collections

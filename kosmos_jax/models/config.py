@@ -3,6 +3,7 @@
 `configs/*.py` build on `model_config()`; the Hugging Face converter maps
 `config.json` to and from it. Numbers are from reference/kosmos2.md 1.1.
 """
+
 import ml_collections
 
 
@@ -10,28 +11,48 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
   """Kosmos-2 (microsoft/kosmos-2-patch14-224) model config; dotted overrides."""
   c = ml_collections.ConfigDict()
   c.vision = dict(
-      image_size=224, patch_size=14, num_channels=3, width=1024, depth=24,
-      heads=16, mlp_dim=4096, activation="quick_gelu", layer_norm_eps=1e-5,
-      attention_dropout=0.0,
-      # "normal": std 0.02, as released. "sincos2d": the 2-D sine-cosine table
-      # of the patch grid (CLS row zero), still trained: for training from
-      # scratch, where the std-0.02 table leaves every patch nearly blind to
-      # where it is (see vit.sincos2d).
-      position_init="normal")
+    image_size=224,
+    patch_size=14,
+    num_channels=3,
+    width=1024,
+    depth=24,
+    heads=16,
+    mlp_dim=4096,
+    activation="quick_gelu",
+    layer_norm_eps=1e-5,
+    attention_dropout=0.0,
+    # "normal": std 0.02, as released. "sincos2d": the 2-D sine-cosine table
+    # of the patch grid (CLS row zero), still trained: for training from
+    # scratch, where the std-0.02 table leaves every patch nearly blind to
+    # where it is (see vit.sincos2d).
+    position_init="normal",
+  )
   c.text = dict(
-      vocab_size=65037, width=2048, depth=24, heads=32, ffn_dim=8192,
-      max_positions=2048, activation="gelu", layer_norm_eps=1e-5,
-      scale_embedding=True, pad_id=1, bos_id=0, eos_id=2,
-      dropout=0.1, attention_dropout=0.1, activation_dropout=0.0,
-      # The location tokens are the last P x P ids, `<patch_index_k>` for
-      # k = row * P + column (reference/kosmos2.md 2.1).
-      num_patches_per_side=32,
-      # Their embedding rows (tied to the LM head). "normal": std 0.02 like
-      # every row, as released. "sincos2d", for training from scratch: the 2-D
-      # sine-cosine table of the P x P grid at the same std, so neighbouring
-      # cells start with similar embeddings and logits and a box learned in
-      # one cell teaches its neighbours (TextDecoder).
-      location_init="normal")
+    vocab_size=65037,
+    width=2048,
+    depth=24,
+    heads=32,
+    ffn_dim=8192,
+    max_positions=2048,
+    activation="gelu",
+    layer_norm_eps=1e-5,
+    scale_embedding=True,
+    pad_id=1,
+    bos_id=0,
+    eos_id=2,
+    dropout=0.1,
+    attention_dropout=0.1,
+    activation_dropout=0.0,
+    # The location tokens are the last P x P ids, `<patch_index_k>` for
+    # k = row * P + column (reference/kosmos2.md 2.1).
+    num_patches_per_side=32,
+    # Their embedding rows (tied to the LM head). "normal": std 0.02 like
+    # every row, as released. "sincos2d", for training from scratch: the 2-D
+    # sine-cosine table of the P x P grid at the same std, so neighbouring
+    # cells start with similar embeddings and logits and a box learned in
+    # one cell teaches its neighbours (TextDecoder).
+    location_init="normal",
+  )
   c.latent_query_num = 64
   # Connector init. "hf": transformers' (std 0.02 projections, std-1 latent
   # queries). "scaled", for training from scratch: std 1 for the dense layer

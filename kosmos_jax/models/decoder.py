@@ -1,4 +1,5 @@
 """MAGNETO text decoder with sub-LayerNorm (reference/kosmos2.md 1.5-1.7)."""
+
 import math
 
 import jax
@@ -29,8 +30,9 @@ def positions_from_ids(input_ids: jax.Array, pad_id: int) -> jax.Array:
   return jnp.cumsum(real, axis=1) * real + pad_id
 
 
-def splice_image_embeds(token_embeds: jax.Array, image_embeds: jax.Array,
-                        slot_mask: jax.Array) -> jax.Array:
+def splice_image_embeds(
+  token_embeds: jax.Array, image_embeds: jax.Array, slot_mask: jax.Array
+) -> jax.Array:
   """Writes each row's image embeddings into that row's slot positions, in order.
 
   token_embeds [b, l, d], image_embeds [b, m, d], slot_mask [b, l]. The k-th
@@ -53,23 +55,30 @@ class DecoderBlock(nnx.Module):
     scaled = layers.normal(0.02 * init_scale)
     self.self_attn_layer_norm = layers.LayerNorm(d, axis_name="embed", eps=eps, **kw)
     self.self_attn = layers.MultiHeadAttention(
-        d, cfg.heads, rngs=rngs, qkv_init=std, v_init=scaled, out_init=scaled,
-        inner_ln_eps=eps, **kw)
+      d, cfg.heads, rngs=rngs, qkv_init=std, v_init=scaled, out_init=scaled, inner_ln_eps=eps, **kw
+    )
     self.final_layer_norm = layers.LayerNorm(d, axis_name="embed", eps=eps, **kw)
-    self.fc1 = layers.Dense(d, cfg.ffn_dim, axes=("embed", "mlp"), rngs=rngs,
-                            kernel_init=scaled, **kw)
+    self.fc1 = layers.Dense(
+      d, cfg.ffn_dim, axes=("embed", "mlp"), rngs=rngs, kernel_init=scaled, **kw
+    )
     self.ffn_layernorm = layers.LayerNorm(cfg.ffn_dim, axis_name="mlp", eps=eps, **kw)
-    self.fc2 = layers.Dense(cfg.ffn_dim, d, axes=("mlp", "embed"), rngs=rngs,
-                            kernel_init=scaled, **kw)
+    self.fc2 = layers.Dense(
+      cfg.ffn_dim, d, axes=("mlp", "embed"), rngs=rngs, kernel_init=scaled, **kw
+    )
     self.activation = layers.ACTIVATIONS[cfg.activation]
     self.cfg = cfg
 
   def __call__(self, x, rng, *, segment_ids, implementation):
     cfg = self.cfg
     r_attn, r_out, r_act, r_ffn = layers.split_rng(rng, 4)
-    h = self.self_attn(self.self_attn_layer_norm(x), causal=True,
-                       segment_ids=segment_ids, implementation=implementation,
-                       dropout_rate=cfg.attention_dropout, dropout_rng=r_attn)
+    h = self.self_attn(
+      self.self_attn_layer_norm(x),
+      causal=True,
+      segment_ids=segment_ids,
+      implementation=implementation,
+      dropout_rate=cfg.attention_dropout,
+      dropout_rng=r_attn,
+    )
     x = x + layers.dropout(h, cfg.dropout, r_out)
     return self._ffn(x, r_act, r_ffn)
 
@@ -82,13 +91,20 @@ class DecoderBlock(nnx.Module):
     x = x + layers.dropout(h, cfg.dropout, r_ffn)
     return layers.constrain(x, ("act_batch", "act_length", "act_embed"))
 
-  def cached(self, x, k_cache, v_cache, *, layer, index, segment_ids, kv_segment_ids,
-             implementation):
+  def cached(
+    self, x, k_cache, v_cache, *, layer, index, segment_ids, kv_segment_ids, implementation
+  ):
     """`__call__` at inference through a KV cache (see MultiHeadAttention.cached)."""
     h, k_cache, v_cache = self.self_attn.cached(
-        self.self_attn_layer_norm(x), k_cache, v_cache, layer=layer, index=index,
-        segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-        implementation=implementation)
+      self.self_attn_layer_norm(x),
+      k_cache,
+      v_cache,
+      layer=layer,
+      index=index,
+      segment_ids=segment_ids,
+      kv_segment_ids=kv_segment_ids,
+      implementation=implementation,
+    )
     return self._ffn(x + h), k_cache, v_cache
 
 
@@ -107,32 +123,44 @@ def _init_locations(embed: jax.Array, cfg) -> jax.Array:
     raise ValueError(f"text.location_init {init!r}: expected 'normal' or 'sincos2d'")
   side = cfg.num_patches_per_side
   if side * side >= cfg.vocab_size:
-    raise ValueError(f"text.num_patches_per_side {side}: {side * side} location tokens do not "
-                     f"fit in text.vocab_size {cfg.vocab_size}")
+    raise ValueError(
+      f"text.num_patches_per_side {side}: {side * side} location tokens do not "
+      f"fit in text.vocab_size {cfg.vocab_size}"
+    )
   table = layers.sincos2d(side, cfg.width, LOCATION_TEMPERATURE)
   table = table * (0.02 / table.std())  # the other rows' scale
-  return embed.at[-side * side:].set(table.astype(embed.dtype))
+  return embed.at[-side * side :].set(table.astype(embed.dtype))
 
 
 class TextDecoder(nnx.Module):
   """Token + image embeddings -> causal MAGNETO stack -> tied LM head."""
 
-  def __init__(self, cfg, *, rngs, dtype, param_dtype, remat, attention,
-               magneto_init: bool):
+  def __init__(self, cfg, *, rngs, dtype, param_dtype, remat, attention, magneto_init: bool):
     embed = layers.normal(0.02)(rngs.params(), (cfg.vocab_size, cfg.width), param_dtype)
     embed = _init_locations(embed, cfg)
     self.embed_tokens = layers.param(embed.at[cfg.pad_id].set(0.0), ("vocab", "embed"))
     init_scale = math.sqrt(math.log(2 * cfg.depth)) if magneto_init else 1.0
     self.layers = layers.stacked(
-        lambda r: DecoderBlock(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype,
-                               init_scale=init_scale), cfg.depth, rngs)
-    self.layer_norm = layers.LayerNorm(cfg.width, axis_name="embed",
-                                       eps=cfg.layer_norm_eps, dtype=dtype,
-                                       param_dtype=param_dtype)
+      lambda r: DecoderBlock(
+        cfg, rngs=r, dtype=dtype, param_dtype=param_dtype, init_scale=init_scale
+      ),
+      cfg.depth,
+      rngs,
+    )
+    self.layer_norm = layers.LayerNorm(
+      cfg.width, axis_name="embed", eps=cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype
+    )
     self.cfg, self.dtype, self.remat, self.attention = cfg, dtype, remat, attention
 
-  def embed(self, input_ids, *, image_embeds=None, image_embeds_position_mask=None,
-            position_ids=None, rng=None) -> jax.Array:
+  def embed(
+    self,
+    input_ids,
+    *,
+    image_embeds=None,
+    image_embeds_position_mask=None,
+    position_ids=None,
+    rng=None,
+  ) -> jax.Array:
     cfg = self.cfg
     x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
     if image_embeds is not None:
@@ -145,19 +173,19 @@ class TextDecoder(nnx.Module):
     x = layers.dropout(x, cfg.dropout, rng)
     return layers.constrain(x, ("act_batch", "act_length", "act_embed"))
 
-  def __call__(self, hidden: jax.Array, *, segment_ids: jax.Array | None,
-               rng: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self, hidden: jax.Array, *, segment_ids: jax.Array | None, rng: jax.Array | None = None
+  ) -> jax.Array:
     """Embedded inputs [b, l, d] -> logits [b, l, vocab] (float32)."""
-    body = lambda layer, y, r: layer(y, r, segment_ids=segment_ids,
-                                     implementation=self.attention)
-    x = layers.scan(self.layers, body, hidden, remat=self.remat, rng=rng,
-                    num_layers=self.cfg.depth)
+    body = lambda layer, y, r: layer(y, r, segment_ids=segment_ids, implementation=self.attention)
+    x = layers.scan(self.layers, body, hidden, remat=self.remat, rng=rng, num_layers=self.cfg.depth)
     return self._logits(x)
 
   def _logits(self, x: jax.Array) -> jax.Array:
     x = self.layer_norm(x)
-    logits = jnp.dot(x, self.embed_tokens[...].astype(self.dtype).T,
-                     preferred_element_type=jnp.float32)
+    logits = jnp.dot(
+      x, self.embed_tokens[...].astype(self.dtype).T, preferred_element_type=jnp.float32
+    )
     return layers.constrain(logits, ("act_batch", "act_length", "act_vocab"))
 
   def init_cache(self, batch: int, max_len: int) -> dict:
@@ -170,12 +198,16 @@ class TextDecoder(nnx.Module):
     """
     cfg = self.cfg
     shape = (cfg.depth, batch, max_len, cfg.heads, cfg.width // cfg.heads)
-    return dict(k=jnp.zeros(shape, self.dtype), v=jnp.zeros(shape, self.dtype),
-                segment_ids=jnp.zeros((batch, max_len), jnp.int32),
-                index=jnp.zeros((), jnp.int32))
+    return dict(
+      k=jnp.zeros(shape, self.dtype),
+      v=jnp.zeros(shape, self.dtype),
+      segment_ids=jnp.zeros((batch, max_len), jnp.int32),
+      index=jnp.zeros((), jnp.int32),
+    )
 
-  def decode(self, hidden: jax.Array, cache: dict, *, segment_ids: jax.Array
-             ) -> tuple[jax.Array, dict]:
+  def decode(
+    self, hidden: jax.Array, cache: dict, *, segment_ids: jax.Array
+  ) -> tuple[jax.Array, dict]:
     """Embedded inputs [b, l, d] written at cache["index"] -> (logits of the
     last position [b, vocab] float32, updated cache).
 
@@ -187,9 +219,15 @@ class TextDecoder(nnx.Module):
     kv_segment_ids = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids, (0, index))
 
     def body(layer, x, kv, i):
-      x, k, v = layer.cached(x, *kv, layer=i, index=index, segment_ids=segment_ids,
-                             kv_segment_ids=kv_segment_ids,
-                             implementation=self.attention)
+      x, k, v = layer.cached(
+        x,
+        *kv,
+        layer=i,
+        index=index,
+        segment_ids=segment_ids,
+        kv_segment_ids=kv_segment_ids,
+        implementation=self.attention,
+      )
       return x, (k, v)
 
     x, (k, v) = layers.scan_cached(self.layers, body, hidden, (cache["k"], cache["v"]))
@@ -199,5 +237,9 @@ class TextDecoder(nnx.Module):
 
 def select_cache_rows(cache: dict, rows: jax.Array) -> dict:
   """The cache of batch rows `rows` (beam expansion and reordering)."""
-  return dict(k=cache["k"][:, rows], v=cache["v"][:, rows],
-              segment_ids=cache["segment_ids"][rows], index=cache["index"])
+  return dict(
+    k=cache["k"][:, rows],
+    v=cache["v"][:, rows],
+    segment_ids=cache["segment_ids"][rows],
+    index=cache["index"],
+  )

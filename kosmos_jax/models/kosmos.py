@@ -3,6 +3,7 @@
 Called with the keyword arguments of transformers'
 `Kosmos2ForConditionalGeneration.forward` (reference/kosmos2.md 1.2).
 """
+
 from typing import Any
 
 import flax
@@ -11,8 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from kosmos_jax.models import generation
-from kosmos_jax.models import connector, decoder, layers, vit
+from kosmos_jax.models import connector, decoder, generation, layers, vit
 
 
 @flax.struct.dataclass
@@ -33,14 +33,25 @@ class Kosmos2(nnx.Module):
     dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.vision_model = vit.VisionTransformer(
-        config.vision, remat=config.remat, attention=config.attention, **kw)
+      config.vision, remat=config.remat, attention=config.attention, **kw
+    )
     self.image_to_text_projection = connector.ImageToTextProjection(
-        config.vision.width, config.text.width, config.text.heads,
-        config.latent_query_num, attention=config.attention,
-        attention_dropout=config.text.attention_dropout, init=config.get("connector_init", "hf"), **kw)
+      config.vision.width,
+      config.text.width,
+      config.text.heads,
+      config.latent_query_num,
+      attention=config.attention,
+      attention_dropout=config.text.attention_dropout,
+      init=config.get("connector_init", "hf"),
+      **kw,
+    )
     self.text_model = decoder.TextDecoder(
-        config.text, remat=config.remat, attention=config.attention,
-        magneto_init=config.magneto_init, **kw)
+      config.text,
+      remat=config.remat,
+      attention=config.attention,
+      magneto_init=config.magneto_init,
+      **kw,
+    )
     self.config = config
 
   def encode_images(self, pixel_values: Any, rng: jax.Array | None = None) -> jax.Array:
@@ -50,8 +61,9 @@ class Kosmos2(nnx.Module):
     if pixel_values.ndim == 4:
       pixel_values = pixel_values[:, None]
     if pixel_values.ndim != 5:
-      raise ValueError(f"pixel_values must be [b, C, H, W] or [b, n, C, H, W], "
-                       f"got shape {pixel_values.shape}")
+      raise ValueError(
+        f"pixel_values must be [b, C, H, W] or [b, n, C, H, W], got shape {pixel_values.shape}"
+      )
     b, n = pixel_values.shape[:2]
     images = pixel_values.reshape(b * n, *pixel_values.shape[2:]).transpose(0, 2, 3, 1)
     r_vit, r_proj = layers.split_rng(rng, 2)
@@ -62,11 +74,18 @@ class Kosmos2(nnx.Module):
     embeds = self.image_to_text_projection(hidden.astype(self.vision_model.dtype), r_proj)
     return embeds.reshape(b, n * embeds.shape[1], embeds.shape[2])
 
-  def __call__(self, input_ids: Any, pixel_values: Any = None,
-               attention_mask: Any = None, image_embeds_position_mask: Any = None,
-               *, image_embeds: Any = None, position_ids: Any = None,
-               segment_ids: Any = None, dropout_rng: jax.Array | None = None
-               ) -> KosmosOutput:
+  def __call__(
+    self,
+    input_ids: Any,
+    pixel_values: Any = None,
+    attention_mask: Any = None,
+    image_embeds_position_mask: Any = None,
+    *,
+    image_embeds: Any = None,
+    position_ids: Any = None,
+    segment_ids: Any = None,
+    dropout_rng: jax.Array | None = None,
+  ) -> KosmosOutput:
     """Logits for `input_ids` [b, l].
 
     Args:
@@ -84,27 +103,42 @@ class Kosmos2(nnx.Module):
       image_embeds = self.encode_images(pixel_values, r_img)
     image_embeds = _as_array(image_embeds)
     if image_embeds is not None and image_embeds_position_mask is None:
-      raise ValueError("image_embeds_position_mask is required with pixel_values "
-                       "or image_embeds: it marks where the image slots are")
+      raise ValueError(
+        "image_embeds_position_mask is required with pixel_values "
+        "or image_embeds: it marks where the image slots are"
+      )
     if segment_ids is None and attention_mask is not None:
       segment_ids = attention_mask
     hidden = self.text_model.embed(
-        input_ids, image_embeds=image_embeds,
-        image_embeds_position_mask=_as_array(image_embeds_position_mask, jnp.int32),
-        position_ids=_as_array(position_ids, jnp.int32), rng=r_embed)
-    logits = self.text_model(hidden, segment_ids=_as_array(segment_ids, jnp.int32),
-                             rng=r_dec)
+      input_ids,
+      image_embeds=image_embeds,
+      image_embeds_position_mask=_as_array(image_embeds_position_mask, jnp.int32),
+      position_ids=_as_array(position_ids, jnp.int32),
+      rng=r_embed,
+    )
+    logits = self.text_model(hidden, segment_ids=_as_array(segment_ids, jnp.int32), rng=r_dec)
     return KosmosOutput(logits=logits, image_embeds=image_embeds)
 
-  def generate(self, input_ids: Any, pixel_values: Any = None, attention_mask: Any = None,
-               image_embeds_position_mask: Any = None, *, max_new_tokens: int | None = None,
-               num_beams: int | None = None, do_sample: bool | None = None,
-               temperature: float | None = None, top_k: int | None = None,
-               top_p: float | None = None, no_repeat_ngram_size: int | None = None,
-               length_penalty: float | None = None,
-               early_stopping: bool | str | None = None, seed: int = 0,
-               eos_token_id: int | list[int] | None = None,
-               pad_token_id: int | None = None):
+  def generate(
+    self,
+    input_ids: Any,
+    pixel_values: Any = None,
+    attention_mask: Any = None,
+    image_embeds_position_mask: Any = None,
+    *,
+    max_new_tokens: int | None = None,
+    num_beams: int | None = None,
+    do_sample: bool | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    no_repeat_ngram_size: int | None = None,
+    length_penalty: float | None = None,
+    early_stopping: bool | str | None = None,
+    seed: int = 0,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+  ):
     """Generates token ids, as transformers' `Kosmos2ForConditionalGeneration.generate`.
 
     Inputs are the processor's (numpy or jax arrays); batches must be left
@@ -122,9 +156,21 @@ class Kosmos2(nnx.Module):
       output stops at the last step some row still needed.
     """
     return generation.generate(
-        self, input_ids, pixel_values, attention_mask, image_embeds_position_mask,
-        max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
-        temperature=temperature, top_k=top_k, top_p=top_p,
-        no_repeat_ngram_size=no_repeat_ngram_size, length_penalty=length_penalty,
-        early_stopping=early_stopping, seed=seed, eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id)
+      self,
+      input_ids,
+      pixel_values,
+      attention_mask,
+      image_embeds_position_mask,
+      max_new_tokens=max_new_tokens,
+      num_beams=num_beams,
+      do_sample=do_sample,
+      temperature=temperature,
+      top_k=top_k,
+      top_p=top_p,
+      no_repeat_ngram_size=no_repeat_ngram_size,
+      length_penalty=length_penalty,
+      early_stopping=early_stopping,
+      seed=seed,
+      eos_token_id=eos_token_id,
+      pad_token_id=pad_token_id,
+    )

@@ -4,7 +4,8 @@ Every parameter carries logical axis names in its `out_sharding` metadata
 (e.g. ('embed', 'mlp')); the mesh rules that turn them into PartitionSpecs live
 in the training config, so nothing here knows about devices.
 """
-from typing import Callable, Sequence
+
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -43,15 +44,20 @@ def param(value: jax.Array, axes: Sequence[str | None]) -> nnx.Param:
 class Dense(nnx.Module):
   """y = x @ kernel + bias, kernel stored [in, out] (a torch Linear's transpose)."""
 
-  def __init__(self, in_features: int, out_features: int, *,
-               axes: tuple[str | None, str | None], rngs: nnx.Rngs,
-               kernel_init: Initializer, use_bias: bool = True,
-               dtype=jnp.float32, param_dtype=jnp.float32):
-    self.kernel = param(
-        kernel_init(rngs.params(), (in_features, out_features), param_dtype),
-        axes)
-    self.bias = param(jnp.zeros((out_features,), param_dtype),
-                      (axes[1],)) if use_bias else None
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    *,
+    axes: tuple[str | None, str | None],
+    rngs: nnx.Rngs,
+    kernel_init: Initializer,
+    use_bias: bool = True,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+  ):
+    self.kernel = param(kernel_init(rngs.params(), (in_features, out_features), param_dtype), axes)
+    self.bias = param(jnp.zeros((out_features,), param_dtype), (axes[1],)) if use_bias else None
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -64,8 +70,15 @@ class Dense(nnx.Module):
 class LayerNorm(nnx.Module):
   """LayerNorm whose statistics are always computed in float32."""
 
-  def __init__(self, features: int, *, axis_name: str | None, eps: float,
-               dtype=jnp.float32, param_dtype=jnp.float32):
+  def __init__(
+    self,
+    features: int,
+    *,
+    axis_name: str | None,
+    eps: float,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+  ):
     self.scale = param(jnp.ones((features,), param_dtype), (axis_name,))
     self.bias = param(jnp.zeros((features,), param_dtype), (axis_name,))
     self.eps = eps
@@ -111,21 +124,31 @@ class MultiHeadAttention(nnx.Module):
   before out_proj (the decoder has it; the ViT and the connector do not).
   """
 
-  def __init__(self, width: int, heads: int, *, rngs: nnx.Rngs,
-               qkv_init: Initializer, out_init: Initializer,
-               v_init: Initializer | None = None, inner_ln_eps: float | None = None, dtype=jnp.float32,
-               param_dtype=jnp.float32):
+  def __init__(
+    self,
+    width: int,
+    heads: int,
+    *,
+    rngs: nnx.Rngs,
+    qkv_init: Initializer,
+    out_init: Initializer,
+    v_init: Initializer | None = None,
+    inner_ln_eps: float | None = None,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+  ):
     if width % heads:
       raise ValueError(f"width {width} is not divisible by heads {heads}")
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.q_proj = Dense(width, width, axes=("embed", "heads"), kernel_init=qkv_init, **kw)
     self.k_proj = Dense(width, width, axes=("embed", "heads"), kernel_init=qkv_init, **kw)
-    self.v_proj = Dense(width, width, axes=("embed", "heads"),
-                        kernel_init=v_init or qkv_init, **kw)
+    self.v_proj = Dense(width, width, axes=("embed", "heads"), kernel_init=v_init or qkv_init, **kw)
     self.out_proj = Dense(width, width, axes=("heads", "embed"), kernel_init=out_init, **kw)
     self.inner_attn_ln = (
-        LayerNorm(width, axis_name="heads", eps=inner_ln_eps, dtype=dtype,
-                  param_dtype=param_dtype) if inner_ln_eps is not None else None)
+      LayerNorm(width, axis_name="heads", eps=inner_ln_eps, dtype=dtype, param_dtype=param_dtype)
+      if inner_ln_eps is not None
+      else None
+    )
     self.heads = heads
 
   def _project(self, x: jax.Array, kv: jax.Array):
@@ -141,21 +164,42 @@ class MultiHeadAttention(nnx.Module):
       ctx = self.inner_attn_ln(ctx)
     return self.out_proj(ctx)
 
-  def __call__(self, x: jax.Array, kv: jax.Array | None = None, *,
-               causal: bool, implementation: str,
-               segment_ids: jax.Array | None = None,
-               dropout_rate: float = 0.0,
-               dropout_rng: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    kv: jax.Array | None = None,
+    *,
+    causal: bool,
+    implementation: str,
+    segment_ids: jax.Array | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+  ) -> jax.Array:
     q, k, v = self._project(x, x if kv is None else kv)
-    ctx = attention.attention(q, k, v, causal=causal, segment_ids=segment_ids,
-                              implementation=implementation,
-                              dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+    ctx = attention.attention(
+      q,
+      k,
+      v,
+      causal=causal,
+      segment_ids=segment_ids,
+      implementation=implementation,
+      dropout_rate=dropout_rate,
+      dropout_rng=dropout_rng,
+    )
     return self._output(ctx)
 
-  def cached(self, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *,
-             layer: jax.Array, index: jax.Array, segment_ids: jax.Array,
-             kv_segment_ids: jax.Array, implementation: str
-             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  def cached(
+    self,
+    x: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    *,
+    layer: jax.Array,
+    index: jax.Array,
+    segment_ids: jax.Array,
+    kv_segment_ids: jax.Array,
+    implementation: str,
+  ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Causal self-attention of x [b, l, d] through a KV cache (inference).
 
     k_cache and v_cache are [layers, b, max_len, heads, head_dim]; this layer's
@@ -170,25 +214,33 @@ class MultiHeadAttention(nnx.Module):
     k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), start)
     v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), start)
     if x.shape[1] > 1:
-      ctx = attention.attention(q, k, v, causal=True, segment_ids=segment_ids,
-                                implementation=implementation)
+      ctx = attention.attention(
+        q, k, v, causal=True, segment_ids=segment_ids, implementation=implementation
+      )
     else:
-      ctx = attention.attention(q, k_cache[layer], v_cache[layer], causal=False,
-                                segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-                                implementation=implementation)
+      ctx = attention.attention(
+        q,
+        k_cache[layer],
+        v_cache[layer],
+        causal=False,
+        segment_ids=segment_ids,
+        kv_segment_ids=kv_segment_ids,
+        implementation=implementation,
+      )
     return self._output(ctx), k_cache, v_cache
 
 
 REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+  "none": None,
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.checkpoint_dots,
+  "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
 
 
-def stacked(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int,
-            rngs: nnx.Rngs) -> nnx.Module:
+def stacked(
+  make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs
+) -> nnx.Module:
   """Builds `num_layers` copies of a layer with parameters stacked on axis 0."""
 
   @nnx.split_rngs(splits=num_layers)
@@ -199,8 +251,15 @@ def stacked(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int,
   return make(rngs)
 
 
-def scan(layers: nnx.Module, body: Callable, x: jax.Array, *, remat: str,
-         rng: jax.Array | None, num_layers: int) -> jax.Array:
+def scan(
+  layers: nnx.Module,
+  body: Callable,
+  x: jax.Array,
+  *,
+  remat: str,
+  rng: jax.Array | None,
+  num_layers: int,
+) -> jax.Array:
   """Runs `body(layer, x, rng) -> x` over stacked layers with lax.scan.
 
   Compile time does not grow with depth; `remat` picks what the backward pass

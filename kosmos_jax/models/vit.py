@@ -1,4 +1,5 @@
 """CLIP ViT image encoder as used by Kosmos-2 (reference/kosmos2.md 1.3)."""
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -13,23 +14,34 @@ class VisionBlock(nnx.Module):
     d, depth = cfg.width, cfg.depth
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     # Hugging Face's CLIP init, so that fresh models train like theirs.
-    in_std = d ** -0.5 * (2 * depth) ** -0.5
+    in_std = d**-0.5 * (2 * depth) ** -0.5
     self.layer_norm1 = layers.LayerNorm(d, axis_name="embed", eps=cfg.layer_norm_eps, **kw)
     self.self_attn = layers.MultiHeadAttention(
-        d, cfg.heads, rngs=rngs, qkv_init=layers.normal(in_std),
-        out_init=layers.normal(d ** -0.5), **kw)
+      d, cfg.heads, rngs=rngs, qkv_init=layers.normal(in_std), out_init=layers.normal(d**-0.5), **kw
+    )
     self.layer_norm2 = layers.LayerNorm(d, axis_name="embed", eps=cfg.layer_norm_eps, **kw)
-    self.fc1 = layers.Dense(d, cfg.mlp_dim, axes=("embed", "mlp"), rngs=rngs,
-                            kernel_init=layers.normal((2 * d) ** -0.5), **kw)
-    self.fc2 = layers.Dense(cfg.mlp_dim, d, axes=("mlp", "embed"), rngs=rngs,
-                            kernel_init=layers.normal(in_std), **kw)
+    self.fc1 = layers.Dense(
+      d,
+      cfg.mlp_dim,
+      axes=("embed", "mlp"),
+      rngs=rngs,
+      kernel_init=layers.normal((2 * d) ** -0.5),
+      **kw,
+    )
+    self.fc2 = layers.Dense(
+      cfg.mlp_dim, d, axes=("mlp", "embed"), rngs=rngs, kernel_init=layers.normal(in_std), **kw
+    )
     self.activation = layers.ACTIVATIONS[cfg.activation]
     self.attention_dropout = cfg.attention_dropout
 
   def __call__(self, x, rng, *, implementation):
-    x = x + self.self_attn(self.layer_norm1(x), causal=False,
-                           implementation=implementation,
-                           dropout_rate=self.attention_dropout, dropout_rng=rng)
+    x = x + self.self_attn(
+      self.layer_norm1(x),
+      causal=False,
+      implementation=implementation,
+      dropout_rate=self.attention_dropout,
+      dropout_rng=rng,
+    )
     x = x + self.fc2(self.activation(self.fc1(self.layer_norm2(x))))
     return layers.constrain(x, ("act_batch", "act_length", "act_embed"))
 
@@ -47,10 +59,12 @@ class VisionTransformer(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     # Conv kernel in Flax layout [kh, kw, in, out]; the conv has no bias.
     self.patch_embedding = layers.param(
-        layers.normal(0.02)(rngs.params(), (p, p, cfg.num_channels, d), param_dtype),
-        (None, None, None, "embed"))
+      layers.normal(0.02)(rngs.params(), (p, p, cfg.num_channels, d), param_dtype),
+      (None, None, None, "embed"),
+    )
     self.class_embedding = layers.param(
-        layers.normal(d ** -0.5)(rngs.params(), (d,), param_dtype), ("embed",))
+      layers.normal(d**-0.5)(rngs.params(), (d,), param_dtype), ("embed",)
+    )
     # .get: configs saved before this init-only key restore unchanged.
     position_init = cfg.get("position_init", "normal")
     if position_init == "sincos2d":
@@ -61,8 +75,7 @@ class VisionTransformer(nnx.Module):
       raise ValueError(f"vision.position_init {position_init!r}: expected 'normal' or 'sincos2d'")
     self.position_embedding = layers.param(table, (None, "embed"))
     self.pre_layrnorm = layers.LayerNorm(d, axis_name="embed", eps=cfg.layer_norm_eps, **kw)
-    self.layers = layers.stacked(
-        lambda r: VisionBlock(cfg, rngs=r, **kw), cfg.depth, rngs)
+    self.layers = layers.stacked(lambda r: VisionBlock(cfg, rngs=r, **kw), cfg.depth, rngs)
     self.post_layernorm = layers.LayerNorm(d, axis_name="embed", eps=cfg.layer_norm_eps, **kw)
     self.cfg, self.dtype, self.remat, self.attention = cfg, dtype, remat, attention
 
@@ -71,8 +84,10 @@ class VisionTransformer(nnx.Module):
     n, h, w, c = images.shape
     p, size = self.cfg.patch_size, self.cfg.image_size
     if (h, w) != (size, size) or c != self.cfg.num_channels:
-      raise ValueError(f"pixel_values of {h}x{w}x{c} do not match the model's "
-                       f"{size}x{size}x{self.cfg.num_channels} input")
+      raise ValueError(
+        f"pixel_values of {h}x{w}x{c} do not match the model's "
+        f"{size}x{size}x{self.cfg.num_channels} input"
+      )
     # Patchify as a reshape + matmul: the same as a stride-p conv, and cheaper.
     patches = images.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
     patches = patches.reshape(n, (h // p) * (w // p), p * p * c).astype(self.dtype)
@@ -82,5 +97,4 @@ class VisionTransformer(nnx.Module):
     x = jnp.concatenate([cls, x], axis=1) + self.position_embedding[...].astype(self.dtype)
     x = self.pre_layrnorm(x)
     body = lambda layer, y, r: layer(y, r, implementation=self.attention)
-    return layers.scan(self.layers, body, x, remat=self.remat, rng=rng,
-                       num_layers=self.cfg.depth)
+    return layers.scan(self.layers, body, x, remat=self.remat, rng=rng, num_layers=self.cfg.depth)

@@ -6,9 +6,10 @@ Formulas: reference/kosmos2.md 2.3 (box -> pair), 2.4 (pair -> box), 2.5
 Boxes are normalized `(x1, y1, x2, y2)` in [0, 1]; a location pair is the
 row-major index of the upper-left and of the lower-right grid cell.
 """
+
 import math
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from kosmos_jax.processing.vocab import patch_index_token
 
@@ -18,9 +19,10 @@ Entity = tuple[str, tuple[int, int], list[Box]]
 # A run of location pairs inside <object>..</object>, optionally preceded by
 # its phrase (the phrase may not contain "<").
 _ENTITY_RE = re.compile(
-    r"(?:(<phrase>([^<]+)</phrase>))?<object>"
-    r"((?:<patch_index_\d+><patch_index_\d+></delimiter_of_multi_objects/>)*"
-    r"<patch_index_\d+><patch_index_\d+>)</object>")
+  r"(?:(<phrase>([^<]+)</phrase>))?<object>"
+  r"((?:<patch_index_\d+><patch_index_\d+></delimiter_of_multi_objects/>)*"
+  r"<patch_index_\d+><patch_index_\d+>)</object>"
+)
 _PATCH_RE = re.compile(r"<patch_index_(\d+)>")
 # Anything in angle brackets is markup; like transformers, "." stops at "\n".
 _MARKUP_RE = re.compile(r"<.*?>")
@@ -28,8 +30,9 @@ _MARKUP_RE = re.compile(r"<.*?>")
 _MAX_DIGITS = 300
 
 
-def box_to_patch_indices(box: Sequence[float], num_patches_per_side: int = 32,
-                         quantizer: str = "hf") -> tuple[int, int]:
+def box_to_patch_indices(
+  box: Sequence[float], num_patches_per_side: int = 32, quantizer: str = "hf"
+) -> tuple[int, int]:
   """Quantizes a normalized box to (upper-left cell, lower-right cell).
 
   Args:
@@ -83,19 +86,25 @@ def object_markup(boxes: Sequence, num_patches_per_side: int = 32, quantizer: st
     raise ValueError("object_markup needs at least one box")
   pairs = (_as_pair(b, num_patches_per_side, quantizer) for b in boxes)
   locations = "</delimiter_of_multi_objects/>".join(
-      patch_index_token(ul) + patch_index_token(lr) for ul, lr in pairs)
+    patch_index_token(ul) + patch_index_token(lr) for ul, lr in pairs
+  )
   return f"<object>{locations}</object>"
 
 
-def phrase_markup(phrase: str, boxes: Sequence, num_patches_per_side: int = 32,
-                  quantizer: str = "hf") -> str:
+def phrase_markup(
+  phrase: str, boxes: Sequence, num_patches_per_side: int = 32, quantizer: str = "hf"
+) -> str:
   """`<phrase>{phrase}</phrase>` followed by its `object_markup` (if any boxes)."""
   text = f"<phrase>{phrase}</phrase>"
   return text + object_markup(boxes, num_patches_per_side, quantizer) if boxes else text
 
 
-def render_grounded_text(text: str, spans: Sequence[tuple[int, int, Sequence]],
-                         num_patches_per_side: int = 32, quantizer: str = "hf") -> str:
+def render_grounded_text(
+  text: str,
+  spans: Sequence[tuple[int, int, Sequence]],
+  num_patches_per_side: int = 32,
+  quantizer: str = "hf",
+) -> str:
   """Marks up character spans of `text` as grounded phrases.
 
   Args:
@@ -125,8 +134,9 @@ def render_grounded_text(text: str, spans: Sequence[tuple[int, int, Sequence]],
   return "".join(out)
 
 
-def reg_prompt(box, num_patches_per_side: int = 32, phrase: str = " It",
-               continuation: str = " is") -> str:
+def reg_prompt(
+  box, num_patches_per_side: int = 32, phrase: str = " It", continuation: str = " is"
+) -> str:
   """Referring-expression-generation prompt for one box (reference 2.7):
   `<phrase> It</phrase><object><patch_index_AAAA><patch_index_BBBB></object> is`."""
   return phrase_markup(phrase, [box], num_patches_per_side) + continuation
@@ -143,7 +153,9 @@ def _parse_pairs(locations: str) -> list[tuple[int, int]]:
   return pairs
 
 
-def extract_entities_with_patch_indices(text: str) -> list[tuple[str, tuple[int, int], list[tuple[int, int]]]]:
+def extract_entities_with_patch_indices(
+  text: str,
+) -> list[tuple[str, tuple[int, int], list[tuple[int, int]]]]:
   """Entities as `(phrase, span in text, [(ul, lr), ...])`, spans in raw text.
 
   An `<object>` without a phrase yields one entity per pair, named
@@ -160,7 +172,9 @@ def extract_entities_with_patch_indices(text: str) -> list[tuple[str, tuple[int,
   return entities
 
 
-def clean_text_and_extract_entities(text: str, num_patches_per_side: int = 32) -> tuple[str, list[Entity]]:
+def clean_text_and_extract_entities(
+  text: str, num_patches_per_side: int = 32
+) -> tuple[str, list[Entity]]:
   """Removes markup and returns `(clean_text, [(phrase, (start, end), boxes)])`.
 
   Spans index `clean_text`; the clean text and the phrases are stripped of
@@ -179,8 +193,9 @@ def clean_text_and_extract_entities(text: str, num_patches_per_side: int = 32) -
   return clean.strip(), entities
 
 
-def post_process_generation(text: str, cleanup_and_extract: bool = True,
-                            num_patches_per_side: int = 32):
+def post_process_generation(
+  text: str, cleanup_and_extract: bool = True, num_patches_per_side: int = 32
+):
   """The generated caption after the last `</image>`; with `cleanup_and_extract`
   its `clean_text_and_extract_entities` instead."""
   caption = text.split("</image>")[-1]

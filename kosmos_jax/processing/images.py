@@ -6,10 +6,12 @@ KOSMOS-2 inference (reference/kosmos2.md 2.6): RGB, square bicubic resize to
 transformers' PIL backend step by step (uint8 resize in PIL, rescale in float64
 then float32, normalize in float32), so pixel values match it bit for bit.
 """
+
 import dataclasses
 import io
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -25,6 +27,7 @@ class ImageOptions:
   `size` is `(height, width)` for a plain resize, or an int for a resize of the
   shortest edge that keeps the aspect ratio.
   """
+
   size: int | tuple[int, int] = (224, 224)
   crop_size: tuple[int, int] | None = (224, 224)
   resample: int = Image.Resampling.BICUBIC
@@ -48,12 +51,19 @@ class ImageOptions:
     crop = config.get("crop_size", {"height": 224, "width": 224})
     crop = (crop, crop) if isinstance(crop, int) else (crop["height"], crop["width"])
     return cls(
-        size=size if config.get("do_resize", True) else None,
-        crop_size=crop if config.get("do_center_crop", True) else None,
-        resample=config.get("resample", Image.Resampling.BICUBIC),
-        rescale_factor=config.get("rescale_factor", 1 / 255) if config.get("do_rescale", True) else None,
-        image_mean=tuple(config.get("image_mean", CLIP_MEAN)) if config.get("do_normalize", True) else None,
-        image_std=tuple(config.get("image_std", CLIP_STD)) if config.get("do_normalize", True) else None)
+      size=size if config.get("do_resize", True) else None,
+      crop_size=crop if config.get("do_center_crop", True) else None,
+      resample=config.get("resample", Image.Resampling.BICUBIC),
+      rescale_factor=config.get("rescale_factor", 1 / 255)
+      if config.get("do_rescale", True)
+      else None,
+      image_mean=tuple(config.get("image_mean", CLIP_MEAN))
+      if config.get("do_normalize", True)
+      else None,
+      image_std=tuple(config.get("image_std", CLIP_STD))
+      if config.get("do_normalize", True)
+      else None,
+    )
 
 
 def _describe(image, index: int | None) -> str:
@@ -92,21 +102,29 @@ def to_rgb(image, index: int | None = None) -> np.ndarray:
         image = Image.alpha_composite(white, rgba)
       return np.asarray(image.convert("RGB"))
     except (OSError, ValueError) as e:
-      raise ValueError(f"cannot convert {_describe(image, index)} in mode {image.mode!r} to RGB: {e}") from e
+      raise ValueError(
+        f"cannot convert {_describe(image, index)} in mode {image.mode!r} to RGB: {e}"
+      ) from e
   if isinstance(image, np.ndarray):
     if image.dtype != np.uint8:
-      raise ValueError(f"{_describe(image, index)} has dtype {image.dtype}; pass uint8 pixels (H, W[, C])")
+      raise ValueError(
+        f"{_describe(image, index)} has dtype {image.dtype}; pass uint8 pixels (H, W[, C])"
+      )
     if image.ndim == 2:
       image = image[..., None]
     if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
-      raise ValueError(f"{_describe(image, index)} has shape {image.shape}; expected (H, W) or (H, W, 1|3|4)")
+      raise ValueError(
+        f"{_describe(image, index)} has shape {image.shape}; expected (H, W) or (H, W, 1|3|4)"
+      )
     if image.shape[-1] == 1:
       return np.repeat(image, 3, axis=-1)
     if image.shape[-1] == 4:
       alpha = image[..., 3:4] / 255
       return np.round(alpha * image[..., :3] + (1 - alpha) * 255).astype(np.uint8)
     return image
-  raise ValueError(f"unsupported {_describe(image, index)}: expected a PIL image, a uint8 array, a path or bytes")
+  raise ValueError(
+    f"unsupported {_describe(image, index)}: expected a PIL image, a uint8 array, a path or bytes"
+  )
 
 
 def _resize(rgb: np.ndarray, size, resample: int) -> np.ndarray:
@@ -127,13 +145,15 @@ def _center_crop(image: np.ndarray, crop: tuple[int, int]) -> np.ndarray:
   if out_h > height or out_w > width:
     padded = np.zeros((max(out_h, height), max(out_w, width), image.shape[2]), image.dtype)
     top, left = -(-(padded.shape[0] - height) // 2), -(-(padded.shape[1] - width) // 2)
-    padded[top:top + height, left:left + width] = image
+    padded[top : top + height, left : left + width] = image
     image, (height, width) = padded, padded.shape[:2]
   top, left = (height - out_h) // 2, (width - out_w) // 2
-  return image[top:top + out_h, left:left + out_w]
+  return image[top : top + out_h, left : left + out_w]
 
 
-def preprocess_image(image, options: ImageOptions = ImageOptions(), index: int | None = None) -> np.ndarray:
+def preprocess_image(
+  image, options: ImageOptions = ImageOptions(), index: int | None = None
+) -> np.ndarray:
   """One image as a (3, H, W) float32 array ready for the vision tower."""
   pixels = to_rgb(image, index)
   if options.size is not None:
@@ -145,7 +165,9 @@ def preprocess_image(image, options: ImageOptions = ImageOptions(), index: int |
   else:
     pixels = pixels.astype(np.float32)
   if options.image_mean is not None:
-    pixels = (pixels - np.asarray(options.image_mean, np.float32)) / np.asarray(options.image_std, np.float32)
+    pixels = (pixels - np.asarray(options.image_mean, np.float32)) / np.asarray(
+      options.image_std, np.float32
+    )
   return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 

@@ -6,12 +6,13 @@ slot ids are replaced by 4..67 and flagged in `image_embeds_position_mask`.
 Batches with images are padded to the longest sequence, as transformers does.
 Everything comes back as numpy arrays.
 """
+
 import json
 import math
 import numbers
 import os
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -22,8 +23,18 @@ from kosmos_jax.processing import vocab as vocab_lib
 _PHRASE_RE = re.compile(r"<phrase>.+?</phrase>")
 # transformers' `clean_up_tokenization`, applied on decode when the tokenizer
 # config asks for it.
-_CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-             (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+_CLEANUPS = (
+  (" .", "."),
+  (" ?", "?"),
+  (" !", "!"),
+  (" ,", ","),
+  (" ' ", "'"),
+  (" n't", "n't"),
+  (" 'm", "'m"),
+  (" 's", "'s"),
+  (" 've", "'ve"),
+  (" 're", "'re"),
+)
 
 
 def _read_json(path: str) -> dict:
@@ -39,7 +50,9 @@ def _is_box(box) -> bool:
     return False
   if len(box) == 2:
     return all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in box)
-  return len(box) == 4 and all(isinstance(v, numbers.Real) and not isinstance(v, numbers.Integral) for v in box)
+  return len(box) == 4 and all(
+    isinstance(v, numbers.Real) and not isinstance(v, numbers.Integral) for v in box
+  )
 
 
 def _check_boxes(boxes, where: str):
@@ -48,13 +61,17 @@ def _check_boxes(boxes, where: str):
   if boxes is None:
     return
   if not isinstance(boxes, list):
-    raise ValueError(f"bboxes{where} must be None or a list with one entry per <phrase>, got {type(boxes).__name__}")
+    raise ValueError(
+      f"bboxes{where} must be None or a list with one entry per <phrase>, "
+      f"got {type(boxes).__name__}"
+    )
   for entry in boxes:
-    for box in ([] if entry is None else entry if isinstance(entry, list) else [entry]):
+    for box in [] if entry is None else entry if isinstance(entry, list) else [entry]:
       if not _is_box(box):
         raise ValueError(
-            f"bboxes{where}: {box!r} is not a box; use a tuple of 2 ints (patch indices) or of 4 floats "
-            "(x1, y1, x2, y2), a list of such tuples, or None")
+          f"bboxes{where}: {box!r} is not a box; use a tuple of 2 ints (patch indices) "
+          "or of 4 floats (x1, y1, x2, y2), a list of such tuples, or None"
+        )
 
 
 def _pad(rows: list[list[int]], value: int, length: int, side: str) -> np.ndarray:
@@ -65,10 +82,14 @@ def _pad(rows: list[list[int]], value: int, length: int, side: str) -> np.ndarra
 class Processor:
   """Turns text, images and boxes into model inputs, and generated ids back."""
 
-  def __init__(self, vocab: vocab_lib.KosmosVocabulary,
-               image_options: images_lib.ImageOptions = images_lib.ImageOptions(),
-               num_image_tokens: int = vocab_lib.NUM_IMAGE_TOKENS, padding_side: str = "right",
-               clean_up_tokenization_spaces: bool = False):
+  def __init__(
+    self,
+    vocab: vocab_lib.KosmosVocabulary,
+    image_options: images_lib.ImageOptions = images_lib.ImageOptions(),
+    num_image_tokens: int = vocab_lib.NUM_IMAGE_TOKENS,
+    padding_side: str = "right",
+    clean_up_tokenization_spaces: bool = False,
+  ):
     self.vocab = vocab
     self.image_options = image_options
     self.num_image_tokens = num_image_tokens
@@ -86,18 +107,23 @@ class Processor:
     directory = os.fspath(directory)
     spm_file = os.path.join(directory, files.SENTENCEPIECE)
     if not os.path.exists(spm_file):
-      raise FileNotFoundError(f"{spm_file} not found: a Kosmos-2 processor directory needs the sentencepiece model")
+      raise FileNotFoundError(
+        f"{spm_file} not found: a Kosmos-2 processor directory needs the sentencepiece model"
+      )
     processor_config = _read_json(os.path.join(directory, "processor_config.json"))
     image_config = processor_config.get("image_processor") or _read_json(
-        os.path.join(directory, "preprocessor_config.json"))
+      os.path.join(directory, "preprocessor_config.json")
+    )
     tokenizer_config = _read_json(os.path.join(directory, "tokenizer_config.json"))
     num_patches = processor_config.get("num_patch_index_tokens", 1024)
     vocab = vocab_lib.KosmosVocabulary(spm_file, num_patches_per_side=math.isqrt(num_patches))
-    return cls(vocab,
-               image_options=images_lib.ImageOptions.from_hf_config(image_config),
-               num_image_tokens=processor_config.get("num_image_tokens", vocab_lib.NUM_IMAGE_TOKENS),
-               padding_side=tokenizer_config.get("padding_side", "right"),
-               clean_up_tokenization_spaces=tokenizer_config.get("clean_up_tokenization_spaces", False))
+    return cls(
+      vocab,
+      image_options=images_lib.ImageOptions.from_hf_config(image_config),
+      num_image_tokens=processor_config.get("num_image_tokens", vocab_lib.NUM_IMAGE_TOKENS),
+      padding_side=tokenizer_config.get("padding_side", "right"),
+      clean_up_tokenization_spaces=tokenizer_config.get("clean_up_tokenization_spaces", False),
+    )
 
   # --- text ----------------------------------------------------------------
 
@@ -108,10 +134,12 @@ class Processor:
       return text
     phrases = list(_PHRASE_RE.finditer(text))
     if len(phrases) != len(boxes):
-      raise ValueError(f"{len(boxes)} bboxes entries for {len(phrases)} <phrase>..</phrase> pairs in {text!r}")
+      raise ValueError(
+        f"{len(boxes)} bboxes entries for {len(phrases)} <phrase>..</phrase> pairs in {text!r}"
+      )
     out, pos = [], 0
     for match, entry in zip(phrases, boxes):
-      out.append(text[pos:match.end()])
+      out.append(text[pos : match.end()])
       pos = match.end()
       entry = [entry] if isinstance(entry, tuple) else entry
       if entry:
@@ -128,9 +156,16 @@ class Processor:
 
   # --- call ----------------------------------------------------------------
 
-  def __call__(self, text: str | Sequence[str] | None = None, images=None, bboxes=None,
-               padding: bool | str = False, padding_side: str | None = None,
-               add_eos_token: bool = False, add_special_tokens: bool = True) -> dict[str, np.ndarray]:
+  def __call__(
+    self,
+    text: str | Sequence[str] | None = None,
+    images=None,
+    bboxes=None,
+    padding: bool | str = False,
+    padding_side: str | None = None,
+    add_eos_token: bool = False,
+    add_special_tokens: bool = True,
+  ) -> dict[str, np.ndarray]:
     """Model inputs as numpy arrays.
 
     Args:
@@ -148,8 +183,8 @@ class Processor:
 
     Returns:
       `input_ids`, `attention_mask` (int64, (B, L); B = 1 for a single
-      string, as transformers' `return_tensors="np"` gives), with images also `image_embeds_position_mask` and
-      `pixel_values` (float32, (N, 3, H, W)).
+      string, as transformers' `return_tensors="np"` gives), with images also
+      `image_embeds_position_mask` and `pixel_values` (float32, (N, 3, H, W)).
     """
     if text is None and images is None:
       raise ValueError("pass text, images or both")
@@ -174,7 +209,9 @@ class Processor:
         _check_boxes(b, f"[{i}]")
       box_lists = bboxes
     if images is not None and len(image_list) != len(texts):
-      raise ValueError(f"got {len(texts)} texts and {len(image_list)} images; pass one image per text")
+      raise ValueError(
+        f"got {len(texts)} texts and {len(image_list)} images; pass one image per text"
+      )
 
     with_bos = add_special_tokens
     rows = []
@@ -192,8 +229,12 @@ class Processor:
       slots = vocab_lib.image_slot_ids(self.num_image_tokens)
       image_masks = []
       for ids in rows:
-        ids[start:start + self.num_image_tokens] = slots
-        image_masks.append([0] * start + [1] * self.num_image_tokens + [0] * (len(ids) - start - self.num_image_tokens))
+        ids[start : start + self.num_image_tokens] = slots
+        image_masks.append(
+          [0] * start
+          + [1] * self.num_image_tokens
+          + [0] * (len(ids) - start - self.num_image_tokens)
+        )
 
     side = padding_side or self.padding_side
     if side not in ("left", "right"):
@@ -223,4 +264,6 @@ class Processor:
   def post_process_generation(self, text: str, cleanup_and_extract: bool = True):
     """Caption after `</image>`; with `cleanup_and_extract`, `(clean_text,
     [(phrase, (start, end), [(x1, y1, x2, y2), ...]), ...])`."""
-    return grounding.post_process_generation(text, cleanup_and_extract, self.vocab.num_patches_per_side)
+    return grounding.post_process_generation(
+      text, cleanup_and_extract, self.vocab.num_patches_per_side
+    )

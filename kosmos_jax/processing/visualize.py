@@ -1,28 +1,42 @@
 """Grounded output as a picture: each entity's boxes drawn and labelled with its phrase."""
-from typing import Sequence
+
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 # Distinct, readable on light and dark backgrounds.
-_COLORS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128))
+_COLORS = (
+  (230, 25, 75),
+  (60, 180, 75),
+  (0, 130, 200),
+  (245, 130, 48),
+  (145, 30, 180),
+  (70, 240, 240),
+  (240, 50, 230),
+  (210, 245, 60),
+  (250, 190, 212),
+  (0, 128, 128),
+)
 
 Entity = tuple[str, tuple[int, int], Sequence[tuple[float, float, float, float]]]
 
 
-def draw_entities(image, entities: Sequence[Entity], *, min_size: int = 224,
-                  line_width: int | None = None) -> Image.Image:
+def draw_entities(
+  image, entities: Sequence[Entity], *, min_size: int = 224, line_width: int | None = None
+) -> Image.Image:
   """Draws `entities` — `(phrase, span, [(x1, y1, x2, y2), ...])` with
   coordinates in [0, 1], as `post_process_generation` returns them — on a copy
   of `image` (PIL image or HWC uint8 array). Small images are upscaled to
   `min_size` first so that labels stay legible."""
-  picture = (Image.fromarray(np.asarray(image)) if not isinstance(image, Image.Image)
-             else image).convert("RGB")
+  picture = (
+    Image.fromarray(np.asarray(image)) if not isinstance(image, Image.Image) else image
+  ).convert("RGB")
   if min(picture.size) < min_size:
     scale = min_size / min(picture.size)
-    picture = picture.resize((round(picture.width * scale), round(picture.height * scale)),
-                             Image.Resampling.NEAREST)
+    picture = picture.resize(
+      (round(picture.width * scale), round(picture.height * scale)), Image.Resampling.NEAREST
+    )
   width, height = picture.size
   line_width = line_width or max(2, round(min(width, height) / 150))
   draw = ImageDraw.Draw(picture)

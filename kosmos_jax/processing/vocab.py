@@ -16,11 +16,12 @@ are `lstrip=True` (whitespace before them is absorbed), the specials are not,
 and every stretch of text between them is encoded on its own by sentencepiece
 (so it gets sentencepiece's dummy-prefix "▁").
 """
+
 import re
 
 import numpy as np
-import seqio
 import sentencepiece as spm
+import seqio
 import tensorflow as tf
 import tensorflow_text as tf_text
 
@@ -28,15 +29,25 @@ BOS_ID, PAD_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")
 MASK_TOKEN = "<mask>"
 TAGS = (
-    "</doc>", "<image>", "</image>", "</chunk>", "</line>", "<phrase>",
-    "</phrase>", "<object>", "</object>", "</delimiter_of_multi_objects/>",
-    "<grounding>",
+  "</doc>",
+  "<image>",
+  "</image>",
+  "</chunk>",
+  "</line>",
+  "<phrase>",
+  "</phrase>",
+  "<object>",
+  "</object>",
+  "</delimiter_of_multi_objects/>",
+  "<grounding>",
 )
 NUM_IMAGE_TOKENS = 64
 # Unicode White_Space, the set Hugging Face's `lstrip` and whitespace split use.
-WHITESPACE = ("\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004"
-              "\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f"
-              "\u3000")
+WHITESPACE = (
+  "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004"
+  "\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f"
+  "\u3000"
+)
 # The only White_Space character that sentencepiece's normalizer keeps as a
 # non-space; Hugging Face still splits words on it, so it is mapped to " ".
 _SPM_HIDDEN_SPACE = "\x85"
@@ -60,8 +71,9 @@ def image_slot_ids(num_image_tokens: int = NUM_IMAGE_TOKENS) -> list[int]:
 class KosmosVocabulary(seqio.Vocabulary):
   """A `seqio.Vocabulary` with the KOSMOS-2 id layout (see the module doc)."""
 
-  def __init__(self, sentencepiece_model_file: str,
-               num_patches_per_side: int = 32, extra_ids: int = 0):
+  def __init__(
+    self, sentencepiece_model_file: str, num_patches_per_side: int = 32, extra_ids: int = 0
+  ):
     """Loads the sentencepiece model.
 
     Args:
@@ -84,19 +96,20 @@ class KosmosVocabulary(seqio.Vocabulary):
     # fairseq ones, every other piece moves up by one.
     self._spm_to_id = np.arange(1, num_pieces + 1, dtype=np.int32)
     self._spm_to_id[:3] = [UNK_ID, BOS_ID, EOS_ID]
-    self._tokens = list(SPECIAL_TOKENS) + [
-        self._sp.id_to_piece(i) for i in range(3, num_pieces)]
+    self._tokens = list(SPECIAL_TOKENS) + [self._sp.id_to_piece(i) for i in range(3, num_pieces)]
     self._tokens += [MASK_TOKEN, *TAGS]
     self._tokens += [patch_index_token(k) for k in range(num_patches_per_side**2)]
     self._token_to_id = {t: i for i, t in enumerate(self._tokens)}
     self._special_ids = frozenset((BOS_ID, PAD_ID, EOS_ID, UNK_ID, self._mask_id))
-    self._added = {t: self._token_to_id[t]
-                   for t in (*SPECIAL_TOKENS, MASK_TOKEN, *self._tokens[self._first_tag_id:])}
+    self._added = {
+      t: self._token_to_id[t]
+      for t in (*SPECIAL_TOKENS, MASK_TOKEN, *self._tokens[self._first_tag_id :])
+    }
     # One pattern finds every added token; tags and patch tokens take the
     # whitespace before them. Longest first, as Hugging Face matches
     # leftmost-longest.
     by_length = lambda ts: sorted(ts, key=len, reverse=True)
-    lstripped = "|".join(map(re.escape, by_length(self._tokens[self._first_tag_id:])))
+    lstripped = "|".join(map(re.escape, by_length(self._tokens[self._first_tag_id :])))
     plain = "|".join(map(re.escape, by_length((*SPECIAL_TOKENS, MASK_TOKEN))))
     ws = "[" + WHITESPACE + "]"
     self._added_pattern = f"{ws}*(?:{lstripped})|{plain}"
@@ -174,7 +187,7 @@ class KosmosVocabulary(seqio.Vocabulary):
   def _encode(self, s: str) -> list[int]:
     ids, pos = [], 0
     for m in self._added_re.finditer(s):
-      ids += self._encode_text(s[pos:m.start()])
+      ids += self._encode_text(s[pos : m.start()])
       ids.append(self._added[m.group().lstrip(WHITESPACE)])
       pos = m.end()
     return ids + self._encode_text(s[pos:])
@@ -211,17 +224,20 @@ class KosmosVocabulary(seqio.Vocabulary):
     if self._tf_state is None:
       with tf.init_scope():
         added = tf.lookup.StaticHashTable(
-            tf.lookup.KeyValueTensorInitializer(
-                tf.constant(list(self._added)), tf.constant(list(self._added.values()), tf.int32)),
-            default_value=-1)
+          tf.lookup.KeyValueTensorInitializer(
+            tf.constant(list(self._added)), tf.constant(list(self._added.values()), tf.int32)
+          ),
+          default_value=-1,
+        )
         skip = np.array(self._tokens, dtype=object)
         skip[list(self._special_ids)] = ""
         self._tf_state = dict(
-            tokenizer=tf_text.SentencepieceTokenizer(model=self._model_proto, out_type=tf.int32),
-            spm_to_id=tf.constant(self._spm_to_id),
-            added=added,
-            tokens=tf.constant(self._tokens),
-            tokens_skip_special=tf.constant(skip.tolist()))
+          tokenizer=tf_text.SentencepieceTokenizer(model=self._model_proto, out_type=tf.int32),
+          spm_to_id=tf.constant(self._spm_to_id),
+          added=added,
+          tokens=tf.constant(self._tokens),
+          tokens_skip_special=tf.constant(skip.tolist()),
+        )
     return self._tf_state
 
   def _encode_tf(self, s: tf.Tensor):
@@ -238,7 +254,8 @@ class KosmosVocabulary(seqio.Vocabulary):
     is_added = added_ids >= 0
     text_ids = self.encode_plain_tf(tf.where(is_added, "", flat))
     added_part = tf.RaggedTensor.from_row_lengths(
-        tf.boolean_mask(added_ids, is_added), tf.cast(is_added, tf.int64))
+      tf.boolean_mask(added_ids, is_added), tf.cast(is_added, tf.int64)
+    )
     per_segment = tf.concat([added_part, text_ids], axis=1)
     ids = segments.with_flat_values(per_segment).merge_dims(1, 2)
     return ids[0] if scalar else ids
@@ -249,7 +266,9 @@ class KosmosVocabulary(seqio.Vocabulary):
     state = self._tf()
     # sentencepiece keeps U+0085 as a character; Hugging Face splits words on it.
     texts = tf.strings.regex_replace(texts, _SPM_HIDDEN_SPACE, " ")
-    return tf.ragged.map_flat_values(tf.gather, state["spm_to_id"], state["tokenizer"].tokenize(texts))
+    return tf.ragged.map_flat_values(
+      tf.gather, state["spm_to_id"], state["tokenizer"].tokenize(texts)
+    )
 
   def detokenize_tf(self, ids: tf.Tensor, skip_special_tokens: bool = True) -> tf.Tensor:
     """`detokenize` as tf ops over the last axis of a dense or ragged tensor."""
@@ -266,21 +285,28 @@ class KosmosVocabulary(seqio.Vocabulary):
   # --- seqio plumbing ------------------------------------------------------
 
   def __getstate__(self):
-    return dict(model_file=self._model_file, num_patches_per_side=self._num_patches_per_side,
-                extra_ids=self._extra_ids)
+    return dict(
+      model_file=self._model_file,
+      num_patches_per_side=self._num_patches_per_side,
+      extra_ids=self._extra_ids,
+    )
 
   def __setstate__(self, state):
     self.__init__(state["model_file"], state["num_patches_per_side"], state["extra_ids"])
 
   def __eq__(self, other):
-    return (isinstance(other, KosmosVocabulary)
-            and self._model_proto == other._model_proto
-            and self._num_patches_per_side == other._num_patches_per_side
-            and self._extra_ids == other._extra_ids)
+    return (
+      isinstance(other, KosmosVocabulary)
+      and self._model_proto == other._model_proto
+      and self._num_patches_per_side == other._num_patches_per_side
+      and self._extra_ids == other._extra_ids
+    )
 
   def __hash__(self):
     return hash((self._model_proto, self._num_patches_per_side, self._extra_ids))
 
   def __str__(self):
-    return (f"KosmosVocabulary(file={self._model_file}, size={self.vocab_size}, "
-            f"num_patches_per_side={self._num_patches_per_side})")
+    return (
+      f"KosmosVocabulary(file={self._model_file}, size={self.vocab_size}, "
+      f"num_patches_per_side={self._num_patches_per_side})"
+    )

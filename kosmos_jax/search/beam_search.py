@@ -7,7 +7,8 @@ penalty) compete for the `beams` output slots. Stops when no batch item can
 still improve (the early-stopping heuristic), or at max_new tokens. Float32
 throughout, with transformers' -1e9 sentinels, so ties resolve alike.
 """
-from typing import Callable
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -21,11 +22,21 @@ def _gather(x: jax.Array, index: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x, index, axis=1)
 
 
-def beam_search(step: Callable, logits: jax.Array, cache: dict, tokens: jax.Array, *,
-                prompt_len: int, max_new: jax.Array, num_beams: int,
-                eos_ids: tuple[int, ...], length_penalty: jax.Array,
-                early_stopping: bool | str, process: Callable, reorder: Callable
-                ) -> tuple[jax.Array, jax.Array]:
+def beam_search(
+  step: Callable,
+  logits: jax.Array,
+  cache: dict,
+  tokens: jax.Array,
+  *,
+  prompt_len: int,
+  max_new: jax.Array,
+  num_beams: int,
+  eos_ids: tuple[int, ...],
+  length_penalty: jax.Array,
+  early_stopping: bool | str,
+  process: Callable,
+  reorder: Callable,
+) -> tuple[jax.Array, jax.Array]:
   """Beam search from a prefilled prompt.
 
   Args:
@@ -54,15 +65,16 @@ def beam_search(step: Callable, logits: jax.Array, cache: dict, tokens: jax.Arra
   logits = logits[rows]
   running = jnp.repeat(tokens[:, None], k, axis=1)
   state = dict(
-      running=running,
-      running_scores=jnp.full((batch, k), _NEG, jnp.float32).at[:, 0].set(0.0),
-      sequences=running,
-      scores=jnp.full((batch, k), _NEG, jnp.float32),
-      finished=jnp.zeros((batch, k), bool),
-      lengths=jnp.zeros((batch, k), jnp.int32),
-      improvable=jnp.ones((batch, 1), bool),
-      generated=jnp.int32(0),
-      go_on=jnp.bool_(True))
+    running=running,
+    running_scores=jnp.full((batch, k), _NEG, jnp.float32).at[:, 0].set(0.0),
+    sequences=running,
+    scores=jnp.full((batch, k), _NEG, jnp.float32),
+    finished=jnp.zeros((batch, k), bool),
+    lengths=jnp.zeros((batch, k), jnp.int32),
+    improvable=jnp.ones((batch, 1), bool),
+    generated=jnp.int32(0),
+    go_on=jnp.bool_(True),
+  )
   top_beams = jnp.arange(keep) < k
   offsets = jnp.arange(batch)[:, None] * k
 
@@ -95,23 +107,26 @@ def beam_search(step: Callable, logits: jax.Array, cache: dict, tokens: jax.Arra
     _, chosen = jax.lax.top_k(merged_scores, k)
     pick = lambda a, b: _gather(jnp.concatenate([a, b], axis=1), chosen)
     new = dict(
-        running=_gather(candidates, best),
-        running_scores=_gather(running_scores, best),
-        sequences=pick(state["sequences"], candidates),
-        scores=_gather(merged_scores, chosen),
-        finished=pick(state["finished"], just_finished),
-        lengths=pick(state["lengths"], jnp.full((batch, keep), g + 1, jnp.int32)),
-        generated=g + 1)
+      running=_gather(candidates, best),
+      running_scores=_gather(running_scores, best),
+      sequences=pick(state["sequences"], candidates),
+      scores=_gather(merged_scores, chosen),
+      finished=pick(state["finished"], just_finished),
+      lengths=pick(state["lengths"], jnp.full((batch, keep), g + 1, jnp.int32)),
+      generated=g + 1,
+    )
 
     # transformers' _check_early_stop_heuristic and stopping condition.
     hypothetical = g + 1
     if early_stopping == "never":
       hypothetical = jnp.where(length_penalty > 0.0, max_new, g + 1)
     best_possible = new["running_scores"][:, :1] / (
-        hypothetical.astype(jnp.float32) ** length_penalty)
+      hypothetical.astype(jnp.float32) ** length_penalty
+    )
     worst_finished = jnp.where(new["finished"], new["scores"].min(1, keepdims=True), _NEG)
     new["improvable"] = state["improvable"] & (best_possible > worst_finished).any(
-        -1, keepdims=True)
+      -1, keepdims=True
+    )
     go_on = new["improvable"].any() & ~hits.all()
     if early_stopping is True:
       go_on &= ~new["finished"].all()
@@ -124,8 +139,9 @@ def beam_search(step: Callable, logits: jax.Array, cache: dict, tokens: jax.Arra
   def body(carry):
     state, cache = carry
     g = state["generated"]
-    last = jax.lax.dynamic_index_in_dim(state["running"], prompt_len + g - 1, axis=2,
-                                        keepdims=False).reshape(-1)
+    last = jax.lax.dynamic_index_in_dim(
+      state["running"], prompt_len + g - 1, axis=2, keepdims=False
+    ).reshape(-1)
     logits, cache = step(cache, last, g, rows)
     state, order = update(state, logits)
     return state, reorder(cache, order)

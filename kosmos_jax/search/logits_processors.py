@@ -3,12 +3,14 @@
 The n-gram size is static (it sets the loop length); every other knob is a
 traced scalar, so changing it does not recompile the decoding loop.
 """
+
 import jax
 import jax.numpy as jnp
 
 
-def no_repeat_ngram(scores: jax.Array, tokens: jax.Array, *, cur_len: jax.Array,
-                    start: jax.Array, ngram_size: int) -> jax.Array:
+def no_repeat_ngram(
+  scores: jax.Array, tokens: jax.Array, *, cur_len: jax.Array, start: jax.Array, ngram_size: int
+) -> jax.Array:
   """transformers' NoRepeatNGramLogitsProcessor: -inf for tokens that would
   complete an n-gram already present in tokens[:, start:cur_len].
 
@@ -23,14 +25,15 @@ def no_repeat_ngram(scores: jax.Array, tokens: jax.Array, *, cur_len: jax.Array,
   j = jnp.arange(max_len)
   match = jnp.broadcast_to((j >= start) & (j + n <= cur_len), (b, max_len))
   for k in range(n - 1):
-    match = match & (jnp.roll(tokens, -k, axis=1) == prefix[:, k:k + 1])
+    match = match & (jnp.roll(tokens, -k, axis=1) == prefix[:, k : k + 1])
   follower = jnp.roll(tokens, -(n - 1), axis=1)  # tokens[j + n - 1]; no wrap where match
   banned = jnp.zeros(scores.shape, bool).at[jnp.arange(b)[:, None], follower].max(match)
   return jnp.where(banned, -jnp.inf, scores)
 
 
-def sampling_filter(logits: jax.Array, *, temperature: jax.Array, top_k: jax.Array,
-                    top_p: jax.Array) -> jax.Array:
+def sampling_filter(
+  logits: jax.Array, *, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array
+) -> jax.Array:
   """transformers' temperature, top-k and top-p warpers, in that order.
 
   top_k = 0 and top_p = 1 disable their filter; removed tokens get -inf.

@@ -3,6 +3,7 @@
 The plan of a pod run is checked before the pod exists: per-chip memory
 (arguments, temporaries, total against the chip's HBM) and FLOPs per step.
 """
+
 import dataclasses
 
 import jax
@@ -13,9 +14,10 @@ from jax.experimental import topologies
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from kosmos_jax.models import build
-from kosmos_jax.train import optim, step as step_lib
 from kosmos_jax import sharding
+from kosmos_jax.models import build
+from kosmos_jax.train import optim
+from kosmos_jax.train import step as step_lib
 
 # HBM per chip in GiB (Cloud TPU documentation).
 HBM_GIB = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32}
@@ -43,12 +45,18 @@ def abstract_batch(config) -> dict:
   b, length, n = config.batch_size, config.seq_len, config.images_per_row
   v = config.model.vision
   ints = lambda: jax.ShapeDtypeStruct((b, length), jnp.int32)
-  batch = dict(input_ids=ints(), targets=ints(), segment_ids=ints(), position_ids=ints(),
-               image_embeds_position_mask=ints(),
-               loss_weights=jax.ShapeDtypeStruct((b, length), jnp.float32))
+  batch = dict(
+    input_ids=ints(),
+    targets=ints(),
+    segment_ids=ints(),
+    position_ids=ints(),
+    image_embeds_position_mask=ints(),
+    loss_weights=jax.ShapeDtypeStruct((b, length), jnp.float32),
+  )
   if n:
     batch["pixel_values"] = jax.ShapeDtypeStruct(
-        (b, n, v.num_channels, v.image_size, v.image_size), jnp.float32)
+      (b, n, v.num_channels, v.image_size, v.image_size), jnp.float32
+    )
   return batch
 
 
@@ -60,32 +68,50 @@ def compile_train_step(config, devices, topology_name: str = "") -> tuple[object
   graphdef, params = nnx.split(model, nnx.Param)
   tx = optim.optimizer(config.optim, config.total_steps)
   state = jax.eval_shape(
-      lambda p: step_lib.TrainState(
-          step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
-          rng=jax.random.key(0), skipped=jnp.zeros((), jnp.int32),
-          bad_in_a_row=jnp.zeros((), jnp.int32)), params)
+    lambda p: step_lib.TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=p,
+      opt_state=tx.init(p),
+      rng=jax.random.key(0),
+      skipped=jnp.zeros((), jnp.int32),
+      bad_in_a_row=jnp.zeros((), jnp.int32),
+    ),
+    params,
+  )
   state_sharding = sharding.train_state_shardings(state, mesh, rules)
   batch = abstract_batch(config)
   batch_sharding = {k: sharding.batch_sharding(mesh, rules, v.shape) for k, v in batch.items()}
-  train_step = step_lib.make_train_step(graphdef, tx, accumulation=config.accumulation,
-                                        z_loss=config.z_loss)
+  train_step = step_lib.make_train_step(
+    graphdef, tx, accumulation=config.accumulation, z_loss=config.z_loss
+  )
   with jax.set_mesh(mesh), spmd.logical_axis_rules(rules):
-    compiled = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
-                       out_shardings=(state_sharding, NamedSharding(mesh, P())),
-                       donate_argnums=0).lower(state, batch).compile()
+    compiled = (
+      jax.jit(
+        train_step,
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, NamedSharding(mesh, P())),
+        donate_argnums=0,
+      )
+      .lower(state, batch)
+      .compile()
+    )
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   gib = lambda n: round(n / 2**30, 3)
   kind = topology_name.split(":")[0]
   report = CompileReport(
-      topology=topology_name, devices=len(devices), mesh=dict(mesh.shape),
-      argument_gib=gib(memory.argument_size_in_bytes),
-      output_gib=gib(memory.output_size_in_bytes),
-      temp_gib=gib(memory.temp_size_in_bytes),
-      total_gib=gib(memory.argument_size_in_bytes + memory.temp_size_in_bytes),
-      hbm_gib=HBM_GIB.get(kind), flops_per_chip=float(cost.get("flops", 0.0)),
-      tokens_per_step=config.batch_size * config.seq_len)
+    topology=topology_name,
+    devices=len(devices),
+    mesh=dict(mesh.shape),
+    argument_gib=gib(memory.argument_size_in_bytes),
+    output_gib=gib(memory.output_size_in_bytes),
+    temp_gib=gib(memory.temp_size_in_bytes),
+    total_gib=gib(memory.argument_size_in_bytes + memory.temp_size_in_bytes),
+    hbm_gib=HBM_GIB.get(kind),
+    flops_per_chip=float(cost.get("flops", 0.0)),
+    tokens_per_step=config.batch_size * config.seq_len,
+  )
   return compiled, report
 
 

@@ -3,6 +3,7 @@
 Parameters are nnx States of Variables; paths are '/'-joined names such as
 `text_model/layers/fc1/kernel`. Weight decay skips norms and biases.
 """
+
 import re
 
 import jax
@@ -13,14 +14,23 @@ import optax
 
 def optim_config() -> ml_collections.ConfigDict:
   """`optim.*` keys with the paper's settings as defaults."""
-  return ml_collections.ConfigDict(dict(
-      learning_rate=2e-4, warmup_steps=375, end_learning_rate=0.0,
-      b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.01, clip_norm=2.0,
+  return ml_collections.ConfigDict(
+    dict(
+      learning_rate=2e-4,
+      warmup_steps=375,
+      end_learning_rate=0.0,
+      b1=0.9,
+      b2=0.98,
+      eps=1e-6,
+      weight_decay=0.01,
+      clip_norm=2.0,
       # Regexes over parameter paths; `PATTERN@:-1` restricts a stacked
       # (scanned) parameter to a slice of its layers, e.g. KOSMOS-1's frozen
       # CLIP except its last block: "vision_model/(?!layers/).*",
       # "vision_model/layers/.*@:-1".
-      freeze=[]))
+      freeze=[],
+    )
+  )
 
 
 def path_name(path) -> str:
@@ -33,9 +43,12 @@ def schedule(cfg, total_steps: int) -> optax.Schedule:
   """Linear warmup to the peak, then linear decay to `end_learning_rate`."""
   warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
   return optax.join_schedules(
-      [optax.linear_schedule(0.0, cfg.learning_rate, warmup),
-       optax.linear_schedule(cfg.learning_rate, cfg.end_learning_rate,
-                             max(total_steps - warmup, 1))], [warmup])
+    [
+      optax.linear_schedule(0.0, cfg.learning_rate, warmup),
+      optax.linear_schedule(cfg.learning_rate, cfg.end_learning_rate, max(total_steps - warmup, 1)),
+    ],
+    [warmup],
+  )
 
 
 def _decays(path, _) -> bool:
@@ -82,6 +95,7 @@ def _freeze(patterns) -> optax.GradientTransformation:
     del params
     mask = trainable_mask(updates, patterns)
     return jax.tree.map(lambda u, m: u * m.astype(u.dtype), updates, mask), state
+
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
@@ -91,9 +105,14 @@ def optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
   Frozen gradients are zeroed before clipping, so they do not count in the
   norm, and frozen updates after AdamW, so weight decay leaves them alone too.
   """
-  adamw = optax.adamw(schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                      weight_decay=cfg.weight_decay,
-                      mask=lambda p: jax.tree_util.tree_map_with_path(_decays, p))
+  adamw = optax.adamw(
+    schedule(cfg, total_steps),
+    b1=cfg.b1,
+    b2=cfg.b2,
+    eps=cfg.eps,
+    weight_decay=cfg.weight_decay,
+    mask=lambda p: jax.tree_util.tree_map_with_path(_decays, p),
+  )
   chain = [optax.clip_by_global_norm(cfg.clip_norm), adamw]
   if cfg.freeze:
     freeze = _freeze(list(cfg.freeze))

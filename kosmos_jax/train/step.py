@@ -6,7 +6,9 @@ token each position predicts), `loss_weights` (of those predictions; 0 on
 prompts, image slots and padding), `segment_ids` (0 = padding), `position_ids`,
 `image_embeds_position_mask`, and optionally `pixel_values` [b, images, C, H, W].
 """
-from typing import Any, Callable
+
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax
@@ -14,8 +16,13 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-MODEL_INPUTS = ("input_ids", "segment_ids", "position_ids", "image_embeds_position_mask",
-                "pixel_values")
+MODEL_INPUTS = (
+  "input_ids",
+  "segment_ids",
+  "position_ids",
+  "image_embeds_position_mask",
+  "pixel_values",
+)
 
 
 @flax.struct.dataclass
@@ -30,9 +37,14 @@ class TrainState:
 
 def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -> TrainState:
   params = nnx.state(model, nnx.Param)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=jax.random.key(seed), skipped=jnp.zeros((), jnp.int32),
-                    bad_in_a_row=jnp.zeros((), jnp.int32))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=tx.init(params),
+    rng=jax.random.key(seed),
+    skipped=jnp.zeros((), jnp.int32),
+    bad_in_a_row=jnp.zeros((), jnp.int32),
+  )
 
 
 def token_loss(logits: jax.Array, batch: dict, z_loss: float = 0.0):
@@ -57,12 +69,22 @@ def token_loss(logits: jax.Array, batch: dict, z_loss: float = 0.0):
   ties_below = ((ids < targets[..., None]) & (logits == row_max[..., None])).any(axis=-1)
   xent = (lse - target_logit) * weights
   correct = ((target_logit == row_max) & ~ties_below) * weights
-  return dict(loss=xent.sum(), z_loss=(z_loss * jnp.square(lse) * weights).sum(),
-              correct=correct.sum(), weight=weights.sum())
+  return dict(
+    loss=xent.sum(),
+    z_loss=(z_loss * jnp.square(lse) * weights).sum(),
+    correct=correct.sum(),
+    weight=weights.sum(),
+  )
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, *, accumulation: int = 1,
-                    z_loss: float = 0.0, max_bad_steps: int = 5) -> Callable:
+def make_train_step(
+  graphdef,
+  tx: optax.GradientTransformation,
+  *,
+  accumulation: int = 1,
+  z_loss: float = 0.0,
+  max_bad_steps: int = 5,
+) -> Callable:
   """(state, batch) -> (state, metrics), to be jitted with shardings by the caller."""
 
   def loss_fn(params, micro, rng):
@@ -84,8 +106,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, accumulation:
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     zero_sums = dict(loss=0.0, z_loss=0.0, correct=0.0, weight=0.0)
     (grads, sums), _ = jax.lax.scan(
-        accumulate, (zeros, jax.tree.map(jnp.float32, zero_sums)),
-        (micro, jax.random.split(step_rng, accumulation)))
+      accumulate,
+      (zeros, jax.tree.map(jnp.float32, zero_sums)),
+      (micro, jax.random.split(step_rng, accumulation)),
+    )
     # Normalise by the tokens of the whole (accumulated) batch: every token
     # weighs the same whatever microbatch it fell into.
     denom = jnp.maximum(sums["weight"], 1.0)
@@ -99,13 +123,23 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, accumulation:
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     bad = jnp.where(finite, 0, state.bad_in_a_row + 1)
     new_state = state.replace(
-        step=state.step + 1, params=keep(new_params, state.params),
-        opt_state=keep(new_opt, state.opt_state), rng=rng,
-        skipped=state.skipped + (~finite).astype(jnp.int32), bad_in_a_row=bad)
-    metrics = dict(loss=loss, z_loss=sums["z_loss"] / denom,
-                   accuracy=sums["correct"] / denom, tokens=sums["weight"],
-                   grad_norm=grad_norm, finite=finite, skipped=new_state.skipped,
-                   stop=bad >= max_bad_steps)
+      step=state.step + 1,
+      params=keep(new_params, state.params),
+      opt_state=keep(new_opt, state.opt_state),
+      rng=rng,
+      skipped=state.skipped + (~finite).astype(jnp.int32),
+      bad_in_a_row=bad,
+    )
+    metrics = dict(
+      loss=loss,
+      z_loss=sums["z_loss"] / denom,
+      accuracy=sums["correct"] / denom,
+      tokens=sums["weight"],
+      grad_norm=grad_norm,
+      finite=finite,
+      skipped=new_state.skipped,
+      stop=bad >= max_bad_steps,
+    )
     return new_state, metrics
 
   return step

@@ -5,6 +5,7 @@ One process per host. The job resumes from the latest checkpoint in
 iterator), saves at the next step boundary on SIGTERM and exits 0, skips
 non-finite updates and stops after `max_bad_steps` of them in a row.
 """
+
 import json
 import logging
 import os
@@ -22,14 +23,14 @@ from flax import nnx
 from flax.core import spmd
 from jax.experimental import multihost_utils
 
-from kosmos_jax.data import loader
-from kosmos_jax.eval import rec
+from kosmos_jax import sharding
 from kosmos_jax.checkpoints import loading
 from kosmos_jax.checkpoints import orbax as orbax_ckpt
+from kosmos_jax.data import loader
+from kosmos_jax.eval import rec
 from kosmos_jax.models import build
 from kosmos_jax.models.kosmos import Kosmos2
 from kosmos_jax.train import mfu, optim
-from kosmos_jax import sharding
 from kosmos_jax.train import step as step_lib
 
 
@@ -71,8 +72,9 @@ def _init_params(config, abstract_params, mesh, rules):
   if config.init_from:
     model = loading.from_pretrained(config.init_from, **_numerics(config))
     return jax.device_put(nnx.state(model), shardings)
-  init = jax.jit(lambda: nnx.state(Kosmos2(config.model, rngs=nnx.Rngs(config.seed))),
-                 out_shardings=shardings)
+  init = jax.jit(
+    lambda: nnx.state(Kosmos2(config.model, rngs=nnx.Rngs(config.seed))), out_shardings=shardings
+  )
   with jax.set_mesh(mesh), spmd.logical_axis_rules(rules):
     return init()
 
@@ -95,18 +97,24 @@ def _check_vocabulary(config) -> None:
   vocab = loader.vocabulary(config.data.mixture)
   text, name = config.model.text, config.data.mixture
   if vocab.vocab_size > text.vocab_size:
-    raise ValueError(f"model.text.vocab_size is {text.vocab_size} but mixture {name!r} "
-                     f"has {vocab.vocab_size} ids ({vocab})")
+    raise ValueError(
+      f"model.text.vocab_size is {text.vocab_size} but mixture {name!r} "
+      f"has {vocab.vocab_size} ids ({vocab})"
+    )
   if text.get("location_init", "normal") == "normal":
     return
   if vocab.vocab_size != text.vocab_size:
-    raise ValueError(f"model.text.location_init={text.location_init!r} needs "
-                     f"model.text.vocab_size = the {vocab.vocab_size} ids of mixture {name!r} "
-                     f"(the location tokens are the last rows), got {text.vocab_size}")
+    raise ValueError(
+      f"model.text.location_init={text.location_init!r} needs "
+      f"model.text.vocab_size = the {vocab.vocab_size} ids of mixture {name!r} "
+      f"(the location tokens are the last rows), got {text.vocab_size}"
+    )
   side = getattr(vocab, "num_patches_per_side", text.num_patches_per_side)
   if side != text.num_patches_per_side:
-    raise ValueError(f"model.text.num_patches_per_side is {text.num_patches_per_side} but "
-                     f"mixture {name!r} has a {side} x {side} location grid")
+    raise ValueError(
+      f"model.text.num_patches_per_side is {text.num_patches_per_side} but "
+      f"mixture {name!r} has a {side} x {side} location grid"
+    )
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
@@ -122,8 +130,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.rules_of(config)
   if config.batch_size % jax.process_count():
-    raise ValueError(f"batch_size {config.batch_size} does not divide over "
-                     f"{jax.process_count()} processes")
+    raise ValueError(
+      f"batch_size {config.batch_size} does not divide over {jax.process_count()} processes"
+    )
 
   tx = optim.optimizer(config.optim, config.total_steps)
   graphdef, abstract_params = nnx.split(build.abstract_model(config.model))
@@ -132,57 +141,91 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
 
   loader.register_user_tasks(config.data)
   _check_vocabulary(config)  # before the pipeline is built
-  ds = loader.dataset(config.data.mixture, config.data.train_split, seq_len=config.seq_len,
-                      images_per_row=config.images_per_row,
-                      batch_size=config.batch_size // jax.process_count(), seed=config.seed,
-                      shuffle=config.data.shuffle, shard_index=jax.process_index(),
-                      num_shards=jax.process_count())
+  ds = loader.dataset(
+    config.data.mixture,
+    config.data.train_split,
+    seq_len=config.seq_len,
+    images_per_row=config.images_per_row,
+    batch_size=config.batch_size // jax.process_count(),
+    seed=config.seed,
+    shuffle=config.data.shuffle,
+    shard_index=jax.process_index(),
+    num_shards=jax.process_count(),
+  )
   iterator = iter(ds)
 
-  manager = orbax_ckpt.checkpoint_manager(workdir, keep=config.keep_checkpoints,
-                                           every=config.checkpoint_every)
+  manager = orbax_ckpt.checkpoint_manager(
+    workdir, keep=config.keep_checkpoints, every=config.checkpoint_every
+  )
   start = manager.latest_step()
   if start is not None:
     # The target's shardings may differ from the saved ones: a checkpoint
     # restores onto whatever mesh this run has.
     target = jax.tree.map(
-        lambda s, sub: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), sub),
-        state_sharding, abstract_state)
-    restored = manager.restore(start, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), data=loader.DataIteratorRestore(iterator)))
+      lambda s, sub: jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), sub
+      ),
+      state_sharding,
+      abstract_state,
+    )
+    restored = manager.restore(
+      start,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), data=loader.DataIteratorRestore(iterator)
+      ),
+    )
     state = restored.state
     logging.info("resumed from step %d", start)
   else:
     start = 0
     params = _init_params(config, abstract_params, mesh, rules)
     with jax.set_mesh(mesh), spmd.logical_axis_rules(rules):
-      state = jax.jit(lambda p: _new_state(p, tx, config.seed),
-                      out_shardings=state_sharding)(params)
+      state = jax.jit(lambda p: _new_state(p, tx, config.seed), out_shardings=state_sharding)(
+        params
+      )
     del params
     if primary:
       (workdir / "config.json").write_text(config.to_json(indent=2))
 
-  train_step = step_lib.make_train_step(graphdef, tx, accumulation=config.accumulation,
-                                        z_loss=config.z_loss, max_bad_steps=config.max_bad_steps)
+  train_step = step_lib.make_train_step(
+    graphdef,
+    tx,
+    accumulation=config.accumulation,
+    z_loss=config.z_loss,
+    max_bad_steps=config.max_bad_steps,
+  )
   first = loader.numpy_batches(iterator)
   batch_sharding = None
   writer = metric_writers.create_default_writer(os.fspath(workdir), just_logging=not primary)
   metrics_path = workdir / "metrics.jsonl"
   last = {}
   with jax.set_mesh(mesh), spmd.logical_axis_rules(rules), _Preemption() as preemption:
-    progress = tqdm.tqdm(total=config.total_steps, initial=start, disable=not primary,
-                         desc="train", unit="step", dynamic_ncols=True)
+    progress = tqdm.tqdm(
+      total=config.total_steps,
+      initial=start,
+      disable=not primary,
+      desc="train",
+      unit="step",
+      dynamic_ncols=True,
+    )
     window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
     flops_per_step, peak = mfu.model_flops_per_step(config), mfu.peak_flops()
     for step in range(start, config.total_steps):
       local = next(first)
       if batch_sharding is None:
-        batch_sharding = {k: sharding.batch_sharding(mesh, rules, (config.batch_size, *v.shape[1:]))
-                          for k, v in local.items()}
-        jitted = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
-                         out_shardings=(state_sharding, None), donate_argnums=0)
-      batch = {k: jax.make_array_from_process_local_data(batch_sharding[k], v)
-               for k, v in local.items()}
+        batch_sharding = {
+          k: sharding.batch_sharding(mesh, rules, (config.batch_size, *v.shape[1:]))
+          for k, v in local.items()
+        }
+        jitted = jax.jit(
+          train_step,
+          in_shardings=(state_sharding, batch_sharding),
+          out_shardings=(state_sharding, None),
+          donate_argnums=0,
+        )
+      batch = {
+        k: jax.make_array_from_process_local_data(batch_sharding[k], v) for k, v in local.items()
+      }
       state, metrics = jitted(state, batch)
       progress.update(1)
       done = step + 1
@@ -196,12 +239,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
         metrics = jax.device_get(metrics)
         elapsed = max(time.perf_counter() - window_start, 1e-9)
         step_time = elapsed / max(window_steps, 1)
-        last = dict(step=done, loss=float(metrics["loss"]), accuracy=float(metrics["accuracy"]),
-                    grad_norm=float(metrics["grad_norm"]),
-                    learning_rate=float(optim.schedule(config.optim, config.total_steps)(done - 1)),
-                    tokens_per_s=window_tokens / elapsed, step_time_s=step_time,
-                    mfu=flops_per_step / (step_time * peak), skipped_steps=int(metrics["skipped"]),
-                    **{f"dropped/{k}": v for k, v in loader.dropped_records().items()})
+        last = dict(
+          step=done,
+          loss=float(metrics["loss"]),
+          accuracy=float(metrics["accuracy"]),
+          grad_norm=float(metrics["grad_norm"]),
+          learning_rate=float(optim.schedule(config.optim, config.total_steps)(done - 1)),
+          tokens_per_s=window_tokens / elapsed,
+          step_time_s=step_time,
+          mfu=flops_per_step / (step_time * peak),
+          skipped_steps=int(metrics["skipped"]),
+          **{f"dropped/{k}": v for k, v in loader.dropped_records().items()},
+        )
         if primary:
           _write_json_line(metrics_path, last)
           progress.set_postfix(loss=f"{last['loss']:.3f}", mfu=f"{last['mfu']:.1%}")
@@ -210,8 +259,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
         if bool(metrics["stop"]):
           manager.wait_until_finished()
           raise NonFiniteLossError(
-              f"step {done}: {config.max_bad_steps} non-finite losses or gradients in a row; "
-              "updates were skipped and the job stops (lower optim.learning_rate, check the data)")
+            f"step {done}: {config.max_bad_steps} non-finite losses or gradients in a row; "
+            "updates were skipped and the job stops (lower optim.learning_rate, check the data)"
+          )
       if config.eval_every and done % config.eval_every == 0:
         evaluation = evaluate(config, graphdef, state.params, mesh, rules)
         if primary:
@@ -223,8 +273,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
         logging.warning("preempted: saved step %d, exiting", done)
         progress.close()
         return dict(last, preempted_at=done)
-      manager.save(done, args=_save_args(state, iterator),
-                   force=done == config.total_steps)
+      manager.save(done, args=_save_args(state, iterator), force=done == config.total_steps)
     progress.close()
   manager.wait_until_finished()
   writer.flush()
@@ -233,13 +282,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
 
 def _new_state(params, tx, seed: int) -> step_lib.TrainState:
   zero = jnp.zeros((), jnp.int32)
-  return step_lib.TrainState(step=zero, params=params, opt_state=tx.init(params),
-                             rng=jax.random.PRNGKey(seed), skipped=zero, bad_in_a_row=zero)
+  return step_lib.TrainState(
+    step=zero,
+    params=params,
+    opt_state=tx.init(params),
+    rng=jax.random.PRNGKey(seed),
+    skipped=zero,
+    bad_in_a_row=zero,
+  )
 
 
 def _save_args(state, iterator):
-  return ocp.args.Composite(state=ocp.args.StandardSave(state),
-                            data=loader.DataIteratorSave(iterator))
+  return ocp.args.Composite(
+    state=ocp.args.StandardSave(state), data=loader.DataIteratorSave(iterator)
+  )
 
 
 def _evaluators(config, graphdef, params) -> dict:
@@ -256,22 +312,34 @@ def _evaluators(config, graphdef, params) -> dict:
 def evaluate(config, graphdef, params, mesh, rules) -> dict:
   """Loss and token accuracy on `config.data.eval_batches` batches of the eval split,
   then `config.evaluators`."""
-  ds = loader.dataset(config.data.mixture, config.data.eval_split, seq_len=config.seq_len,
-                      images_per_row=config.images_per_row,
-                      batch_size=config.batch_size // jax.process_count(), seed=config.seed,
-                      shuffle=False, repeat=False, shard_index=jax.process_index(),
-                      num_shards=jax.process_count())
+  ds = loader.dataset(
+    config.data.mixture,
+    config.data.eval_split,
+    seq_len=config.seq_len,
+    images_per_row=config.images_per_row,
+    batch_size=config.batch_size // jax.process_count(),
+    seed=config.seed,
+    shuffle=False,
+    repeat=False,
+    shard_index=jax.process_index(),
+    num_shards=jax.process_count(),
+  )
   eval_step = jax.jit(step_lib.make_eval_step(graphdef))
   totals = dict(loss=0.0, correct=0.0, weight=0.0)
   for i, local in enumerate(loader.numpy_batches(iter(ds))):
     if i == config.data.eval_batches:
       break
-    shardings = {k: sharding.batch_sharding(mesh, rules, (config.batch_size, *v.shape[1:]))
-                 for k, v in local.items()}
+    shardings = {
+      k: sharding.batch_sharding(mesh, rules, (config.batch_size, *v.shape[1:]))
+      for k, v in local.items()
+    }
     batch = {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in local.items()}
     sums = jax.device_get(eval_step(params, batch))
     for k in totals:
       totals[k] += float(sums[k])
   weight = max(totals["weight"], 1.0)
-  return {"eval/loss": totals["loss"] / weight, "eval/accuracy": totals["correct"] / weight,
-          **_evaluators(config, graphdef, params)}
+  return {
+    "eval/loss": totals["loss"] / weight,
+    "eval/accuracy": totals["correct"] / weight,
+    **_evaluators(config, graphdef, params),
+  }

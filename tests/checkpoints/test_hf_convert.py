@@ -1,4 +1,5 @@
 """`kosmos-jax convert` both ways, and the loader's refusals."""
+
 import json
 import os
 
@@ -11,8 +12,8 @@ import transformers
 import kosmos_jax
 from kosmos_jax import commands
 from kosmos_jax.checkpoints import hf
-from kosmos_jax.models import build
 from kosmos_jax.checkpoints import orbax as orbax_ckpt
+from kosmos_jax.models import build
 from tests.helpers.hf_reference import grounded_batch, random_hf_model
 
 
@@ -51,7 +52,8 @@ def test_round_trip_gives_identical_tensors_and_loads_in_transformers(hf_dir, tm
     np.testing.assert_array_equal(converted[key], value, err_msg=key)
 
   reloaded, info = transformers.Kosmos2ForConditionalGeneration.from_pretrained(
-      back, output_loading_info=True)
+    back, output_loading_info=True
+  )
   assert not info["missing_keys"] and not info["unexpected_keys"]
   batch = grounded_batch(reloaded.config, lengths=[5, 2])
   with torch.no_grad():
@@ -65,16 +67,19 @@ def test_tied_head_and_old_position_ids_buffer_are_accepted(hf_dir, tmp_path):
   def edit(t):
     t["text_model.lm_head.weight"] = t["text_model.model.embed_tokens.weight"].copy()
     t["vision_model.model.embeddings.position_ids"] = np.arange(17)[None]
+
   path = _write_variant(hf_dir, tmp_path / "v", edit)
   hf_config, tensors = hf.read_hf_dir(path)
   params = hf.hf_to_params(tensors, hf.config_from_hf(hf_config))
-  np.testing.assert_array_equal(params["text_model"]["embed_tokens"],
-                                tensors["text_model.model.embed_tokens.weight"])
+  np.testing.assert_array_equal(
+    params["text_model"]["embed_tokens"], tensors["text_model.model.embed_tokens.weight"]
+  )
 
 
 def test_untied_head_is_refused(hf_dir, tmp_path):
   def edit(t):
     t["text_model.lm_head.weight"] = t["text_model.model.embed_tokens.weight"] + 1
+
   with pytest.raises(hf.ConversionError, match="lm_head"):
     kosmos_jax.from_pretrained(_write_variant(hf_dir, tmp_path / "v", edit))
 
@@ -83,6 +88,7 @@ def test_missing_and_unexpected_keys_are_listed(hf_dir, tmp_path):
   def edit(t):
     del t["text_model.model.layers.1.ffn.fc2.bias"]
     t["text_model.model.layers.0.extra.weight"] = np.zeros(3, np.float32)
+
   with pytest.raises(hf.ConversionError) as e:
     kosmos_jax.from_pretrained(_write_variant(hf_dir, tmp_path / "v", edit))
   assert "text_model.model.layers.1.ffn.fc2.bias" in str(e.value)
@@ -92,6 +98,7 @@ def test_missing_and_unexpected_keys_are_listed(hf_dir, tmp_path):
 def test_shape_mismatch_names_the_parameter(hf_dir, tmp_path):
   def edit(t):
     t["image_to_text_projection.latent_query"] = np.zeros((9, 64), np.float32)
+
   with pytest.raises(hf.ConversionError, match="image_to_text_projection/latent_query"):
     kosmos_jax.from_pretrained(_write_variant(hf_dir, tmp_path / "v", edit))
 
@@ -104,8 +111,9 @@ def test_pickle_is_refused_unless_allowed(hf_dir, tmp_path):
     kosmos_jax.from_pretrained(str(tmp_path))
   loaded = kosmos_jax.from_pretrained(str(tmp_path), allow_pickle=True)
   np.testing.assert_array_equal(
-      np.asarray(loaded.text_model.embed_tokens[...]),
-      model.text_model.model.embed_tokens.weight.detach().numpy())
+    np.asarray(loaded.text_model.embed_tokens[...]),
+    model.text_model.model.embed_tokens.weight.detach().numpy(),
+  )
 
 
 def test_sharded_safetensors_index_loads(tmp_path):
@@ -114,8 +122,9 @@ def test_sharded_safetensors_index_loads(tmp_path):
   assert os.path.isfile(tmp_path / "model.safetensors.index.json")
   ours = kosmos_jax.from_pretrained(str(tmp_path))
   np.testing.assert_array_equal(
-      np.asarray(ours.image_to_text_projection.latent_query[...]),
-      model.image_to_text_projection.latent_query.detach().numpy())
+    np.asarray(ours.image_to_text_projection.latent_query[...]),
+    model.image_to_text_projection.latent_query.detach().numpy(),
+  )
 
 
 def test_checkpoint_of_another_shape_is_refused(hf_dir, tmp_path):

@@ -1,4 +1,5 @@
 """`kosmos-jax generate` on a tiny random snapshot: outputs, pictures, and errors."""
+
 import json
 import os
 
@@ -7,10 +8,8 @@ import pytest
 from PIL import Image
 
 import kosmos_jax
-from tests.helpers import spm as spm_util
 from kosmos_jax import commands
-from kosmos_jax.processing import grounding
-from kosmos_jax.processing import visualize
+from kosmos_jax.processing import grounding, visualize
 
 NEW = 6
 
@@ -40,31 +39,56 @@ def _error(snapshot, *args, checkpoint=None):
 def test_json_and_text_outputs_match_model_generate(capsys, snapshot, pair):
   model, processor = pair
   images = [str(snapshot / "snowman.jpg"), str(snapshot / "tall.png")]
-  out = _generate(capsys, snapshot, "--image", images[0], "--image", images[1],
-                  "--max-new-tokens", str(NEW), "--json")
+  out = _generate(
+    capsys,
+    snapshot,
+    "--image",
+    images[0],
+    "--image",
+    images[1],
+    "--max-new-tokens",
+    str(NEW),
+    "--json",
+  )
   results = [json.loads(line) for line in out.splitlines()]
-  inputs = processor(text=["<grounding>An image of"] * 2,
-                     images=[np.asarray(Image.open(p).convert("RGB")) for p in images])
+  inputs = processor(
+    text=["<grounding>An image of"] * 2,
+    images=[np.asarray(Image.open(p).convert("RGB")) for p in images],
+  )
   want = model.generate(**inputs, max_new_tokens=NEW)
   assert [r["image"] for r in results] == images
   for result, row in zip(results, want.tolist()):
-    assert result["token_ids"] == row[:len(result["token_ids"])]
-    assert all(t == processor.vocab.pad_id for t in row[len(result["token_ids"]):])
+    assert result["token_ids"] == row[: len(result["token_ids"])]
+    assert all(t == processor.vocab.pad_id for t in row[len(result["token_ids"]) :])
     text, entities = processor.post_process_generation(
-        processor.decode(row, skip_special_tokens=True))
+      processor.decode(row, skip_special_tokens=True)
+    )
     assert result["text"] == text
-    assert result["entities"] == [dict(phrase=p, span=list(s), boxes=[list(b) for b in boxes])
-                                  for p, s, boxes in entities]
-  out = _generate(capsys, snapshot, "--image", images[0], "--image", images[1],
-                  "--max-new-tokens", str(NEW))
+    assert result["entities"] == [
+      dict(phrase=p, span=list(s), boxes=[list(b) for b in boxes]) for p, s, boxes in entities
+    ]
+  out = _generate(
+    capsys, snapshot, "--image", images[0], "--image", images[1], "--max-new-tokens", str(NEW)
+  )
   lines = [line for line in out.splitlines() if not line.startswith("  ")]
   assert lines == [f"{r['image']}: {r['text']}" for r in results]
 
 
 def test_out_writes_annotated_pictures(capsys, snapshot, tmp_path):
   image = str(snapshot / "snowman.jpg")
-  out = _generate(capsys, snapshot, "--image", image, "--image", image,
-                  "--max-new-tokens", str(NEW), "--json", "--out", str(tmp_path / "pics"))
+  out = _generate(
+    capsys,
+    snapshot,
+    "--image",
+    image,
+    "--image",
+    image,
+    "--max-new-tokens",
+    str(NEW),
+    "--json",
+    "--out",
+    str(tmp_path / "pics"),
+  )
   pictures = [json.loads(line)["picture"] for line in out.splitlines()]
   assert pictures == [str(tmp_path / "pics" / f"snowman-{i}.png") for i in (0, 1)]
   for path in pictures:
@@ -76,9 +100,23 @@ def test_box_builds_the_referring_prompt(capsys, snapshot, pair):
   image = str(snapshot / "snowman.jpg")
   box = (0.25, 0.5, 0.75, 1.0)
   # Two images: the batch shape of the other tests, so nothing recompiles.
-  run = lambda *a: [json.loads(line) for line in _generate(
-      capsys, snapshot, "--image", image, "--image", image, "--max-new-tokens", str(NEW),
-      "--json", "--box", "0.25,0.5,0.75,1", *a).splitlines()]
+  run = lambda *a: [
+    json.loads(line)
+    for line in _generate(
+      capsys,
+      snapshot,
+      "--image",
+      image,
+      "--image",
+      image,
+      "--max-new-tokens",
+      str(NEW),
+      "--json",
+      "--box",
+      "0.25,0.5,0.75,1",
+      *a,
+    ).splitlines()
+  ]
   reg, _ = run()
   prompt = processor(text=grounding.reg_prompt(box), images=np.zeros((8, 8, 3), np.uint8))
   width = prompt["input_ids"].shape[1]
@@ -101,19 +139,29 @@ def test_bad_inputs_are_named(snapshot, tmp_path):
   too_long = "It is a snowman. " * 600  # > 2048 tokens
   assert "(text.max_positions)" in _error(snapshot, "--image", image, "--prompt", too_long)
   assert "with --box: 1 bboxes entries for 0 <phrase>" in _error(
-      snapshot, "--image", image, "--box", "0,0,1,1", "--prompt", "An image of")
+    snapshot, "--image", image, "--box", "0,0,1,1", "--prompt", "An image of"
+  )
   # A snapshot without its sentencepiece model.
   bare = tmp_path / "bare"
   bare.mkdir()
   for name in ("config.json", "model.safetensors", "processor_config.json"):
     os.symlink(snapshot / "snap" / name, bare / name)
   assert "missing processor file sentencepiece.bpe.model" in _error(
-      snapshot, "--image", image, checkpoint=str(bare))
+    snapshot, "--image", image, checkpoint=str(bare)
+  )
 
 
-@pytest.mark.parametrize("flag,value", [
-    ("--box", "0.5,0.5,0.2,0.9"), ("--box", "1,2,3"), ("--box", "0,0,2,2"), ("--box", "a,b,c,d"),
-    ("--max-new-tokens", "0"), ("--num-beams", "-2")])
+@pytest.mark.parametrize(
+  "flag,value",
+  [
+    ("--box", "0.5,0.5,0.2,0.9"),
+    ("--box", "1,2,3"),
+    ("--box", "0,0,2,2"),
+    ("--box", "a,b,c,d"),
+    ("--max-new-tokens", "0"),
+    ("--num-beams", "-2"),
+  ],
+)
 def test_bad_options_are_refused(capsys, snapshot, flag, value):
   assert _error(snapshot, "--image", "x.jpg", flag, value) == "2"  # argparse's exit code
   assert f"{flag}: " in capsys.readouterr().err

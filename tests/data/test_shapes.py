@@ -1,4 +1,5 @@
 """The synthetic shapes dataset: deterministic, tight boxes, learnable REC, fast."""
+
 import io
 import time
 
@@ -28,17 +29,21 @@ def test_boxes_are_tight_and_apart():
       ys, xs = np.nonzero(painted[y0:y1, x0:x1])
       assert xs.min() <= 1 and xs.max() >= x1 - x0 - 2 and ys.min() <= 1 and ys.max() >= y1 - y0 - 2
     for i, o in enumerate(objects):
-      for p in objects[i + 1:]:
-        assert (o["box"][2] <= p["box"][0] or p["box"][2] <= o["box"][0]
-                or o["box"][3] <= p["box"][1] or p["box"][3] <= o["box"][1])
+      for p in objects[i + 1 :]:
+        assert (
+          o["box"][2] <= p["box"][0]
+          or p["box"][2] <= o["box"][0]
+          or o["box"][3] <= p["box"][1]
+          or p["box"][3] <= o["box"][1]
+        )
 
 
 def test_grit_schema_spans_point_at_the_words():
   e = shapes.make_example("train", 3, 224)
   for chunk, exp, obj in zip(e["noun_chunks"], e["ref_exps"], e["objects"]["expression"]):
-    phrase = e["caption"][int(chunk[0]):int(chunk[1])]
+    phrase = e["caption"][int(chunk[0]) : int(chunk[1])]
     assert phrase.startswith("a ") and obj == "the " + phrase[2:]
-    assert e["caption"][int(exp[0]):int(exp[1])].startswith(phrase)
+    assert e["caption"][int(exp[0]) : int(exp[1])].startswith(phrase)
     np.testing.assert_array_equal(chunk[2:], exp[2:])
     assert 0 <= chunk[2] < chunk[4] <= 1 and chunk[6] == 1.0
   assert Image.open(io.BytesIO(e["image"])).size == (224, 224)
@@ -54,11 +59,16 @@ def test_generation_speed():
 def test_builder_and_vocabulary(tmp_path):
   config = shapes.ShapesConfig(name="tiny", image_size=32, num_train=12, num_test=4)
   builder = shapes.build(str(tmp_path / "tfds"), config)
-  assert builder.info.splits["train"].num_examples == 12 and builder.info.splits["test"].num_examples == 4
+  assert (
+    builder.info.splits["train"].num_examples == 12
+    and builder.info.splits["test"].num_examples == 4
+  )
   x = next(iter(builder.as_dataset("train", decoders={"image": tfds.decode.SkipDecoding()})))
   assert isinstance(x["image"].numpy(), bytes) and x["noun_chunks"].shape[1] == 7
   v1 = shapes.shapes_vocabulary(directory=str(tmp_path / "a"))
   v2 = shapes.shapes_vocabulary(directory=str(tmp_path / "b"))
-  assert [v1.id_to_token(i) for i in range(v1.vocab_size)] == [v2.id_to_token(i) for i in range(v2.vocab_size)]
+  assert [v1.id_to_token(i) for i in range(v1.vocab_size)] == [
+    v2.id_to_token(i) for i in range(v2.vocab_size)
+  ]
   ids = v1.encode("the red circle is left of the blue square.")
   assert 3 not in ids and v1.decode(ids) == "the red circle is left of the blue square."

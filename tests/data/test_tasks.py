@@ -1,4 +1,5 @@
 """seqio registrations and the file sources (tar, parquet, jsonl written here)."""
+
 import io
 import json
 import tarfile
@@ -18,8 +19,11 @@ def _jpeg(colour=(200, 0, 0)):
   return buffer.getvalue()
 
 
-META = dict(caption="ba be bi", noun_chunks=[[0, 2, 0.1, 0.1, 0.5, 0.5, 0.9], [1, "x"]],
-            ref_exps=[[0, 5, 0.1, 0.1, 0.5, 0.5, 0.9]])
+META = dict(
+  caption="ba be bi",
+  noun_chunks=[[0, 2, 0.1, 0.1, 0.5, 0.5, 0.9], [1, "x"]],
+  ref_exps=[[0, 5, 0.1, 0.1, 0.5, 0.5, 0.9]],
+)
 
 
 def test_mixture_rates_follow_the_paper():
@@ -31,8 +35,12 @@ def test_mixture_rates_follow_the_paper():
 
 def test_sources_read_tar_parquet_jsonl(tmp_path):
   with tarfile.open(tmp_path / "000.tar", "w") as tar:
-    for key, data in (("a.jpg", _jpeg()), ("a.json", json.dumps(META).encode()), ("b.png", b""),
-                      ("b.txt", b"only a caption")):
+    for key, data in (
+      ("a.jpg", _jpeg()),
+      ("a.json", json.dumps(META).encode()),
+      ("b.png", b""),
+      ("b.txt", b"only a caption"),
+    ):
       info = tarfile.TarInfo(key)
       info.size = len(data)
       tar.addfile(info, io.BytesIO(data))
@@ -41,14 +49,20 @@ def test_sources_read_tar_parquet_jsonl(tmp_path):
   assert np.isnan(records[0]["noun_chunks"][1]).all() and records[0]["ref_exps"].shape == (1, 7)
   import pyarrow as pa
   import pyarrow.parquet as pq
-  pq.write_table(pa.table({"key": ["p"], "jpg": [_jpeg()], "caption": ["ba"],
-                           "ref_exps": [META["ref_exps"]]}), tmp_path / "x.parquet")
+
+  pq.write_table(
+    pa.table({"key": ["p"], "jpg": [_jpeg()], "caption": ["ba"], "ref_exps": [META["ref_exps"]]}),
+    tmp_path / "x.parquet",
+  )
   (tmp_path / "img.jpg").write_bytes(_jpeg())
   (tmp_path / "x.jsonl").write_text(json.dumps(dict(META, key="j", image="img.jpg")) + "\n")
-  ds = sources.file_dataset({"train": str(tmp_path / "*.parquet") + "," + str(tmp_path / "*.jsonl")},
-                            "image_text", "train")
+  ds = sources.file_dataset(
+    {"train": str(tmp_path / "*.parquet") + "," + str(tmp_path / "*.jsonl")}, "image_text", "train"
+  )
   got = {x["key"]: x for x in ds.as_numpy_iterator()}
-  assert set(got) == {b"p", b"j"} and got[b"j"]["image"] == _jpeg() and got[b"p"]["caption"] == b"ba"
+  assert (
+    set(got) == {b"p", b"j"} and got[b"j"]["image"] == _jpeg() and got[b"p"]["caption"] == b"ba"
+  )
   with pytest.raises(FileNotFoundError):
     sources.file_dataset({"train": str(tmp_path / "none/*.tar")}, "text", "train")
 
@@ -58,34 +72,51 @@ def test_kosmos2_tasks_on_user_files(tmp_path):
   for name in ("grit", "caption"):
     (tmp_path / name).mkdir()
     (tmp_path / name / "img.jpg").write_bytes(_jpeg())
-    (tmp_path / name / "a.jsonl").write_text(json.dumps(dict(META, key="g", image="img.jpg")) + "\n")
+    (tmp_path / name / "a.jsonl").write_text(
+      json.dumps(dict(META, key="g", image="img.jpg")) + "\n"
+    )
   (tmp_path / "text").mkdir()
   (tmp_path / "text" / "t.txt").write_text("ba be\nbi bo\n")
   (tmp_path / "interleaved").mkdir()
   (tmp_path / "interleaved" / "img.jpg").write_bytes(_jpeg())
   (tmp_path / "interleaved" / "d.jsonl").write_text(
-      json.dumps(dict(texts=["ba", None], images=[None, "img.jpg"])) + "\n")
-  tasks.register_kosmos2_tasks(spm_file, str(tmp_path), prefix="ktest", image_size=16, num_image_tokens=4)
+    json.dumps(dict(texts=["ba", None], images=[None, "img.jpg"])) + "\n"
+  )
+  tasks.register_kosmos2_tasks(
+    spm_file, str(tmp_path), prefix="ktest", image_size=16, num_image_tokens=4
+  )
   converter = feature_converter.MultimodalFeatureConverter()
   for name in ("ktest_grit", "ktest_caption", "ktest_text", "ktest_interleaved"):
-    rows = list(seqio.get_dataset(name, {"targets": 32, "images": 2}, converter).as_numpy_iterator())
+    rows = list(
+      seqio.get_dataset(name, {"targets": 32, "images": 2}, converter).as_numpy_iterator()
+    )
     assert rows and rows[0]["pixel_values"].shape == (2, 3, 16, 16), name
-  mix = seqio.get_dataset("ktest_pretrain", {"targets": 32, "images": 2}, converter, seed=0, shuffle=False)
+  mix = seqio.get_dataset(
+    "ktest_pretrain", {"targets": 32, "images": 2}, converter, seed=0, shuffle=False
+  )
   assert next(iter(mix))["input_ids"].shape == (32,)
 
 
 def test_shapes_tasks(tmp_path):
   config = shapes.ShapesConfig(name="tasks", image_size=32, num_train=9, num_test=3)
-  tasks.register_shapes_tasks(prefix="stest", image_size=32, num_image_tokens=8,
-                              data_dir=str(tmp_path), config=config)
+  tasks.register_shapes_tasks(
+    prefix="stest", image_size=32, num_image_tokens=8, data_dir=str(tmp_path), config=config
+  )
   converter = feature_converter.MultimodalFeatureConverter()
   vocab = seqio.get_mixture_or_task("stest_rec").output_features["targets"].vocabulary
-  rec = seqio.get_mixture_or_task("stest_rec").get_dataset({"targets": 64, "images": 1}, shuffle=False)
+  rec = seqio.get_mixture_or_task("stest_rec").get_dataset(
+    {"targets": 64, "images": 1}, shuffle=False
+  )
   x = next(rec.as_numpy_iterator())
   text = vocab.detokenize(x["targets"], skip_special_tokens=False)
   assert "<grounding><phrase> the " in text and text.endswith("</object></s>")
   assert x["loss_weights"].sum() == 5  # <object> a b </object> </s>
   for name in ("stest_mix", "stest_interleaved", "stest_text"):
-    rows = list(seqio.get_dataset(name, {"targets": 64, "images": 2}, converter, seed=0,
-                                  dataset_split="validation").take(3).as_numpy_iterator())
+    rows = list(
+      seqio.get_dataset(
+        name, {"targets": 64, "images": 2}, converter, seed=0, dataset_split="validation"
+      )
+      .take(3)
+      .as_numpy_iterator()
+    )
     assert rows and rows[0]["pixel_values"].shape == (2, 3, 32, 32)

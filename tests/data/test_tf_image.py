@@ -1,4 +1,5 @@
 """tf_image's shortcuts give what the full computation gives."""
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -19,12 +20,18 @@ def test_square_resize_gives_uint8_levels():
   resized = tf.image.resize(pixels.astype(np.float32), [16, 16], method="bicubic", antialias=True)
   out = tf_image.resize_square(tf.constant(pixels), 16)
   assert out.dtype == tf.uint8
-  np.testing.assert_array_equal(out, tf.round(tf.clip_by_value(resized, 0.0, 255.0)).numpy().astype(np.uint8))
+  np.testing.assert_array_equal(
+    out, tf.round(tf.clip_by_value(resized, 0.0, 255.0)).numpy().astype(np.uint8)
+  )
   square = pixels[:, :20]
   np.testing.assert_array_equal(tf_image.resize_square(tf.constant(square), 20), square)
 
 
 def test_normalize_uint8_equals_the_float_formula():
   pixels = np.random.default_rng(0).integers(0, 256, (20, 30, 3)).astype(np.uint8)
-  expected = (pixels.astype(np.float32) / np.float32(255) - np.float32(CLIP_MEAN)) / np.float32(CLIP_STD)
-  np.testing.assert_array_equal(tf_image.normalize(tf.constant(pixels)), expected.transpose(2, 0, 1))
+  expected = (pixels.astype(np.float32) / np.float32(255) - np.float32(CLIP_MEAN)) / np.float32(
+    CLIP_STD
+  )
+  np.testing.assert_array_equal(
+    tf_image.normalize(tf.constant(pixels)), expected.transpose(2, 0, 1)
+  )

@@ -1,4 +1,5 @@
 """REC scoring: IoU, parsing of generated text, the evaluator on a tiny model."""
+
 import os
 
 import numpy as np
@@ -7,10 +8,10 @@ import seqio
 from flax import nnx
 
 from kosmos_jax import config as config_lib
-from kosmos_jax.processing import grounding
 from kosmos_jax.data import loader
 from kosmos_jax.eval import boxes, rec
 from kosmos_jax.models.kosmos import Kosmos2
+from kosmos_jax.processing import grounding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TASK = "shapes32_rec"  # the tiny config's
@@ -25,20 +26,31 @@ def test_iou():
   assert boxes.iou((0.2, 0.2, 0.4, 0.4), (0, 0, 1, 1)) == pytest.approx(0.04)
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("<grounding><phrase>the red circle</phrase><object><patch_index_0017><patch_index_0034></object>",
-     grounding.patch_indices_to_box(17, 34, 16)),
+@pytest.mark.parametrize(
+  "text, expected",
+  [
+    (
+      "<grounding><phrase>the red circle</phrase>"
+      "<object><patch_index_0017><patch_index_0034></object>",
+      grounding.patch_indices_to_box(17, 34, 16),
+    ),
     # Several boxes for the phrase: the first one is the answer.
-    ("<phrase>x</phrase><object><patch_index_0000><patch_index_0255></delimiter_of_multi_objects/>"
-     "<patch_index_0017><patch_index_0034></object>", grounding.patch_indices_to_box(0, 255, 16)),
+    (
+      "<phrase>x</phrase><object><patch_index_0000><patch_index_0255></delimiter_of_multi_objects/>"
+      "<patch_index_0017><patch_index_0034></object>",
+      grounding.patch_indices_to_box(0, 255, 16),
+    ),
     # A box without a phrase still counts; so does one after other text.
-    ("<grounding><phrase>a</phrase> is <object><patch_index_0017><patch_index_0034></object>",
-     grounding.patch_indices_to_box(17, 34, 16)),
+    (
+      "<grounding><phrase>a</phrase> is <object><patch_index_0017><patch_index_0034></object>",
+      grounding.patch_indices_to_box(17, 34, 16),
+    ),
     ("<grounding><phrase>the red circle</phrase>", None),  # no box: a miss
     ("<grounding><phrase>a</phrase><object><patch_index_0017></object>", None),  # half a pair
     ("<object><patch_index_0017><patch_index_0034>", None),  # unclosed
     ("", None),
-])
+  ],
+)
 def test_first_box(text, expected):
   assert rec.first_box(text, 16) == expected
 
@@ -54,9 +66,19 @@ class _Oracle:
     rows = []
     for ids in input_ids:
       box = self.answers.pop(0) if self.answers else None
-      new = [self.vocab.eos_id] if box is None else [
-          self.vocab.tag_id("<object>"), *map(self.vocab.patch_index_id, grounding.box_to_patch_indices(
-              box, self.vocab.num_patches_per_side)), self.vocab.tag_id("</object>"), self.vocab.eos_id]
+      new = (
+        [self.vocab.eos_id]
+        if box is None
+        else [
+          self.vocab.tag_id("<object>"),
+          *map(
+            self.vocab.patch_index_id,
+            grounding.box_to_patch_indices(box, self.vocab.num_patches_per_side),
+          ),
+          self.vocab.tag_id("</object>"),
+          self.vocab.eos_id,
+        ]
+      )
       rows.append(np.concatenate([ids, new + [self.vocab.pad_id] * (5 - len(new))]))
     return np.stack(rows)
 
@@ -83,10 +105,15 @@ def test_prompt_tokens_match_the_training_examples(examples, tiny):
   vocab = loader.vocabulary(TASK)
   processor = rec.processor_for(vocab, tiny.model)
   task = seqio.get_mixture_or_task(TASK)
-  trained = next(task.get_dataset({"targets": 128, "images": 1}, split="validation",
-                                  shuffle=False).as_numpy_iterator())
-  ids = processor(text=[rec.prompt(examples[0].expression)], images=[examples[0].image])["input_ids"][0]
-  np.testing.assert_array_equal(ids, trained["targets"][:len(ids)])
+  trained = next(
+    task.get_dataset(
+      {"targets": 128, "images": 1}, split="validation", shuffle=False
+    ).as_numpy_iterator()
+  )
+  ids = processor(text=[rec.prompt(examples[0].expression)], images=[examples[0].image])[
+    "input_ids"
+  ][0]
+  np.testing.assert_array_equal(ids, trained["targets"][: len(ids)])
   assert trained["targets"][len(ids)] == vocab.tag_id("<object>")
 
 
@@ -114,4 +141,9 @@ def test_random_tiny_model_gives_one_answer_per_example(examples, tiny):
   for p, e in zip(predictions, examples):
     assert p.text.startswith("<grounding><phrase>") and f"{e.expression}</phrase>" in p.text
     assert 0.0 <= p.iou <= 1.0 and (p.box is None) == (p.iou == 0.0 and p.box is None)
-  assert set(rec.metrics(predictions)) == {"rec_accuracy", "rec_mean_iou", "rec_no_box", "rec_count"}
+  assert set(rec.metrics(predictions)) == {
+    "rec_accuracy",
+    "rec_mean_iou",
+    "rec_no_box",
+    "rec_count",
+  }

@@ -1,4 +1,5 @@
 """Synthetic packed batches in the feature converter's layout, for train-step tests."""
+
 import numpy as np
 
 
@@ -9,8 +10,10 @@ def packed_batch(config, seed: int = 0, batch_size: int | None = None) -> dict:
   b = batch_size or config.batch_size
   length, m = config.seq_len, config.model
   latents, vocab = m.latent_query_num, m.text.vocab_size
-  rows = {k: np.zeros((b, length), np.int32) for k in
-          ("input_ids", "targets", "segment_ids", "position_ids", "image_embeds_position_mask")}
+  rows = {
+    k: np.zeros((b, length), np.int32)
+    for k in ("input_ids", "targets", "segment_ids", "position_ids", "image_embeds_position_mask")
+  }
   rows["input_ids"][:], rows["position_ids"][:] = 1, 1
   rows["loss_weights"] = np.zeros((b, length), np.float32)
   for r in range(b):
@@ -26,9 +29,9 @@ def packed_batch(config, seed: int = 0, batch_size: int | None = None) -> dict:
       rows["position_ids"][r, sl] = np.arange(n) + 2
       # Loss from </image> on (reference 1.10): not on <image> or the slots.
       first_loss = len(image) - 2 if s == 1 else 0
-      rows["loss_weights"][r, at + first_loss:at + n] = 1.0
+      rows["loss_weights"][r, at + first_loss : at + n] = 1.0
       at += n
-    rows["image_embeds_position_mask"][r, 2:2 + latents] = 1
+    rows["image_embeds_position_mask"][r, 2 : 2 + latents] = 1
   v = m.vision
   pixels = rng.standard_normal((b, config.images_per_row, 3, v.image_size, v.image_size))
   return dict(rows, pixel_values=pixels.astype(np.float32))

@@ -3,20 +3,20 @@
 No TPU is needed: libtpu compiles for a described v5e 2x2 slice on this CPU
 host, which runs Mosaic's own checks (tiling rules, VMEM budget) on our tiles.
 """
+
 import jax
-from jax.experimental import topologies
 import jax.numpy as jnp
+import pytest
+from jax.experimental import topologies
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-import pytest
 
 from kosmos_jax import kernels
 
 
 @pytest.fixture(scope="module")
 def mesh():
-  topology = topologies.get_topology_desc(platform="tpu",
-                                          topology_name="v5e:2x2")
+  topology = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2")
   return topologies.make_mesh(topology, (2, 2), ("data", "model"))
 
 
@@ -27,21 +27,23 @@ def test_forward_backward_compile_for_v5e(mesh, head_dim, causal):
   # Mosaic kernels need shard_map on a multi-device mesh: each device runs the
   # kernel on its own batch rows and heads.
   attention = jax.shard_map(
-      lambda q, k, v, ids: kernels.flash_attention(
-          q, k, v, causal=causal, segment_ids=ids, backend="tpu"),
-      mesh=mesh, in_specs=(spec, spec, spec, P("data", None)), out_specs=spec)
+    lambda q, k, v, ids: kernels.flash_attention(
+      q, k, v, causal=causal, segment_ids=ids, backend="tpu"
+    ),
+    mesh=mesh,
+    in_specs=(spec, spec, spec, P("data", None)),
+    out_specs=spec,
+  )
 
   def loss(q, k, v, ids):
     return jnp.sum(attention(q, k, v, ids).astype(jnp.float32) ** 2)
 
   def struct(shape, dtype, pspec):
-    return jax.ShapeDtypeStruct(shape, dtype,
-                                sharding=NamedSharding(mesh, pspec))
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, pspec))
 
   qkv = struct((batch, length, heads, head_dim), jnp.bfloat16, spec)
   ids = struct((batch, length), jnp.int32, P("data", None))
-  lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(
-      qkv, qkv, qkv, ids)
+  lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(qkv, qkv, qkv, ids)
   # Forward, dk/dv and dq kernels, lowered by Mosaic (not interpreted).
   assert lowered.as_text().count("tpu_custom_call") == 3
   compiled = lowered.compile()
@@ -52,17 +54,18 @@ def test_decode_compiles_for_v5e(mesh):
   # Kosmos-2 decoder heads: 32 x 64, bfloat16 cache.
   batch, max_length, heads, head_dim = 4, 2048, 32, 64
   decode = jax.shard_map(
-      lambda q, k, v, lengths: kernels.decode_attention(
-          q, k, v, lengths, backend="tpu"),
-      mesh=mesh, in_specs=P("data"), out_specs=P("data"))
+    lambda q, k, v, lengths: kernels.decode_attention(q, k, v, lengths, backend="tpu"),
+    mesh=mesh,
+    in_specs=P("data"),
+    out_specs=P("data"),
+  )
 
   def struct(shape, dtype):
-    return jax.ShapeDtypeStruct(shape, dtype,
-                                sharding=NamedSharding(mesh, P("data")))
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P("data")))
 
   cache = struct((batch, max_length, heads, head_dim), jnp.bfloat16)
   lowered = jax.jit(decode).lower(
-      struct((batch, heads, head_dim), jnp.bfloat16), cache, cache,
-      struct((batch,), jnp.int32))
+    struct((batch, heads, head_dim), jnp.bfloat16), cache, cache, struct((batch,), jnp.int32)
+  )
   assert lowered.as_text().count("tpu_custom_call") == 1
   lowered.compile()

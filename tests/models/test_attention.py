@@ -1,4 +1,5 @@
 """Every attention implementation follows the same mask semantics as `xla`."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,8 +9,7 @@ from flax.core import spmd
 from jax.sharding import PartitionSpec as P
 
 from kosmos_jax import config as config_lib
-from kosmos_jax.models import attention
-from kosmos_jax.models import build
+from kosmos_jax.models import attention, build
 from kosmos_jax.models.kosmos import Kosmos2
 
 CPU_KERNELS = ["pallas", "splash"]  # cudnn needs a GPU; both others interpret on CPU.
@@ -30,12 +30,13 @@ def test_kernels_match_xla_forward_and_gradients(implementation, causal):
   q, k, v, segments = _qkv_segments()
 
   def loss(impl, q, k, v):
-    out = attention.attention(q, k, v, causal=causal, segment_ids=segments,
-                              implementation=impl)
+    out = attention.attention(q, k, v, causal=causal, segment_ids=segments, implementation=impl)
     return jnp.sum(out * jnp.cos(out)), out
 
   (_, ref), ref_grads = jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True)("xla", q, k, v)
-  (_, got), grads = jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True)(implementation, q, k, v)
+  (_, got), grads = jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True)(
+    implementation, q, k, v
+  )
   np.testing.assert_allclose(got, ref, atol=2e-5)
   assert not np.asarray(got[1]).any()  # all-padding row: zeros, not NaN
   for g, r in zip(grads, ref_grads):
@@ -48,8 +49,16 @@ def test_unknown_implementation_and_kernel_dropout_are_errors():
   with pytest.raises(ValueError, match="not one of"):
     attention.attention(q, k, v, causal=True, implementation="flash")
   with pytest.raises(ValueError, match="attention_dropout"):
-    attention.attention(q, k, v, causal=True, segment_ids=segments, implementation="pallas",
-                        dropout_rate=0.1, dropout_rng=jax.random.key(0))
+    attention.attention(
+      q,
+      k,
+      v,
+      causal=True,
+      segment_ids=segments,
+      implementation="pallas",
+      dropout_rate=0.1,
+      dropout_rng=jax.random.key(0),
+    )
 
 
 def test_model_with_pallas_matches_xla():
@@ -66,8 +75,9 @@ def test_model_with_pallas_matches_xla():
 
 
 def test_kernel_partitions_under_a_mesh():
-  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
-                       axis_types=(jax.sharding.AxisType.Explicit,) * 3)
+  mesh = jax.make_mesh(
+    (2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Explicit,) * 3
+  )
   rules = (("act_batch", ("data", "fsdp")), ("act_heads", "tensor"))
   q, k, v, segments = _qkv_segments(b=4, length=24, heads=2, d=64, seed=1)
   ref = attention.attention(q, k, v, causal=True, segment_ids=segments)
@@ -75,7 +85,10 @@ def test_kernel_partitions_under_a_mesh():
     qkv = jax.sharding.NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
     q, k, v = (jax.device_put(x, qkv) for x in (q, k, v))
     ids = jax.device_put(segments, jax.sharding.NamedSharding(mesh, P(("data", "fsdp"), None)))
-    got = jax.jit(lambda q, k, v, s: attention.attention(
-        q, k, v, causal=True, segment_ids=s, implementation="pallas"))(q, k, v, ids)
+    got = jax.jit(
+      lambda q, k, v, s: attention.attention(
+        q, k, v, causal=True, segment_ids=s, implementation="pallas"
+      )
+    )(q, k, v, ids)
   assert got.sharding.spec == P(("data", "fsdp"), None, "tensor", None)
   np.testing.assert_allclose(got, ref, atol=2e-5)

@@ -1,4 +1,5 @@
 """Float32 logits equal transformers' Kosmos2ForConditionalGeneration on random weights."""
+
 import numpy as np
 import pytest
 import torch
@@ -39,8 +40,9 @@ def test_text_only_matches(pair):
   batch = grounded_batch(hf.config, lengths=[9, 2], seed=2)
   ids, mask = batch["input_ids"], batch["attention_mask"]
   with torch.no_grad():
-    ref = hf.text_model(input_ids=torch.from_numpy(ids),
-                        attention_mask=torch.from_numpy(mask)).logits.numpy()
+    ref = hf.text_model(
+      input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)
+    ).logits.numpy()
   got = np.asarray(ours(input_ids=ids, attention_mask=mask).logits)
   assert _max_rel_err(ref, got, mask.astype(bool)) < TOL
 

@@ -1,4 +1,5 @@
 """Model-level properties beyond parity: size, dtypes, init, dropout, remat, sharding names."""
+
 import math
 
 import jax
@@ -10,8 +11,7 @@ import transformers
 from flax import nnx
 
 from kosmos_jax import config as config_lib
-from kosmos_jax.models import decoder
-from kosmos_jax.models import build
+from kosmos_jax.models import build, decoder
 from kosmos_jax.models.kosmos import Kosmos2
 
 
@@ -33,21 +33,32 @@ def tiny():
 def _inputs(cfg, batch=2, text=6, seed=0):
   rng = np.random.default_rng(seed)
   latents, vocab = cfg.latent_query_num, cfg.text.vocab_size
-  ids = np.concatenate([np.zeros((batch, 1)), np.full((batch, 1), vocab - 3),
-                        np.tile(np.arange(4, 4 + latents), (batch, 1)),
-                        np.full((batch, 1), vocab - 2),
-                        rng.integers(100, vocab - 3, (batch, text))], axis=1).astype(np.int32)
+  ids = np.concatenate(
+    [
+      np.zeros((batch, 1)),
+      np.full((batch, 1), vocab - 3),
+      np.tile(np.arange(4, 4 + latents), (batch, 1)),
+      np.full((batch, 1), vocab - 2),
+      rng.integers(100, vocab - 3, (batch, text)),
+    ],
+    axis=1,
+  ).astype(np.int32)
   slots = np.zeros_like(ids)
-  slots[:, 2:2 + latents] = 1
+  slots[:, 2 : 2 + latents] = 1
   pixels = rng.standard_normal((batch, 3, cfg.vision.image_size, cfg.vision.image_size))
-  return dict(input_ids=ids, image_embeds_position_mask=slots,
-              pixel_values=pixels.astype(np.float32), attention_mask=np.ones_like(ids))
+  return dict(
+    input_ids=ids,
+    image_embeds_position_mask=slots,
+    pixel_values=pixels.astype(np.float32),
+    attention_mask=np.ones_like(ids),
+  )
 
 
 def test_every_parameter_has_logical_axes(tiny):
   state = nnx.state(build.abstract_model(tiny.model), nnx.Param)
   for path, var in jax.tree_util.tree_flatten_with_path(
-      state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
+    state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  )[0]:
     axes = var.get_metadata()["out_sharding"]
     assert len(axes) == var.get_value().ndim, path
   blocks = nnx.state(build.abstract_model(tiny.model).text_model.layers, nnx.Param)
@@ -117,12 +128,14 @@ def test_packed_segments_do_not_see_each_other(tiny):
 
 def test_positions_follow_fairseq():
   ids = jnp.array([[1, 1, 0, 5, 6], [0, 5, 6, 7, 1]])
-  np.testing.assert_array_equal(decoder.positions_from_ids(ids, 1),
-                                [[1, 1, 2, 3, 4], [2, 3, 4, 5, 1]])
+  np.testing.assert_array_equal(
+    decoder.positions_from_ids(ids, 1), [[1, 1, 2, 3, 4], [2, 3, 4, 5, 1]]
+  )
   table = decoder.sinusoidal_positions(jnp.arange(4), 8, padding_idx=1)
   assert not np.asarray(table[1]).any()
-  np.testing.assert_allclose(table[2, :4], np.sin(2 * np.exp(np.arange(4) * -math.log(1e4) / 3)),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    table[2, :4], np.sin(2 * np.exp(np.arange(4) * -math.log(1e4) / 3)), rtol=1e-6
+  )
 
 
 def test_bad_inputs_say_what_is_wrong(tiny):
@@ -144,7 +157,9 @@ def test_sincos2d_position_init(tiny):
   q = width // 4
   omega = 10_000.0 ** -(np.arange(q) / q)
   x, y = 3, 1  # the patch in column 3 of row 1, row-major as the patches are
-  want = np.concatenate([np.sin(x * omega), np.cos(x * omega), np.sin(y * omega), np.cos(y * omega)])
+  want = np.concatenate(
+    [np.sin(x * omega), np.cos(x * omega), np.sin(y * omega), np.cos(y * omega)]
+  )
   np.testing.assert_allclose(table[1 + y * grid + x], want, atol=1e-6)
   cfg.vision.position_init = "learned"
   with pytest.raises(ValueError, match="position_init 'learned'"):
@@ -156,11 +171,13 @@ def test_sincos2d_location_init(tiny):
   cfg.text.num_patches_per_side, cfg.text.location_init = 8, "sincos2d"
   embed = np.asarray(Kosmos2(cfg, rngs=nnx.Rngs(0)).text_model.embed_tokens[...])
   side, width = 8, cfg.text.width
-  locations = embed[-side * side:]
+  locations = embed[-side * side :]
   q = width // 4
   omega = 100.0 ** -(np.arange(q) / q)
   y, x = (v[:, None] for v in np.divmod(np.arange(side * side), side))
-  table = np.concatenate([np.sin(x * omega), np.cos(x * omega), np.sin(y * omega), np.cos(y * omega)], 1)
+  table = np.concatenate(
+    [np.sin(x * omega), np.cos(x * omega), np.sin(y * omega), np.cos(y * omega)], 1
+  )
   # <patch_index_k> is cell (k // side, k % side), at the other rows' std 0.02.
   np.testing.assert_allclose(locations, table * (0.02 / table.std()), atol=1e-6)
   cos = lambda a, b: a @ b / np.linalg.norm(a) / np.linalg.norm(b)
@@ -168,7 +185,7 @@ def test_sincos2d_location_init(tiny):
   assert cos(locations[0], locations[1]) > cos(locations[0], locations[7]) + 0.2
   assert cos(locations[0], locations[side]) > cos(locations[0], locations[7 * side]) + 0.2
   base = np.asarray(Kosmos2(tiny.model, rngs=nnx.Rngs(0)).text_model.embed_tokens[...])
-  np.testing.assert_array_equal(embed[:-side * side], base[:-side * side])
+  np.testing.assert_array_equal(embed[: -side * side], base[: -side * side])
   cfg.text.location_init = "grid"
   with pytest.raises(ValueError, match="location_init 'grid'"):
     Kosmos2(cfg, rngs=nnx.Rngs(0))
@@ -195,11 +212,14 @@ def test_scaled_connector_init_lets_the_image_through(tiny, seed):
   uniform attention); under "scaled" the image makes up the slots. And the
   slots of one picture differ from one another only under "scaled" (distinct
   latent queries), which is what lets each slot learn its own part."""
+
   def change(connector_init):
     cfg = tiny.model.copy_and_resolve_references()
     cfg.connector_init = connector_init
     model = Kosmos2(cfg, rngs=nnx.Rngs(seed))
-    a, b = (np.asarray(model.encode_images(_square_at(cfg, c))) for c in ("top left", "bottom right"))
+    a, b = (
+      np.asarray(model.encode_images(_square_at(cfg, c))) for c in ("top left", "bottom right")
+    )
     spread = np.linalg.norm(a - a.mean(1, keepdims=True)) / np.linalg.norm(a)
     return np.linalg.norm(a - b) / np.linalg.norm(a), spread
 

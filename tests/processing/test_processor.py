@@ -1,4 +1,5 @@
 """Processor: parity with transformers' Kosmos2Processor on a tiny sentencepiece model."""
+
 import io
 import json
 import os
@@ -64,7 +65,7 @@ def _batch_boxes(boxes):
 def test_text_batches_match_transformers(ours, hf):
   examples = _examples(480, seed=0)
   for start in range(0, len(examples), 8):
-    texts, boxes = zip(*examples[start:start + 8])
+    texts, boxes = zip(*examples[start : start + 8])
     side = ("left", "right")[start // 8 % 2]
     want = hf[side](text=list(texts), bboxes=_batch_boxes(boxes), padding=True)
     got = ours(text=list(texts), bboxes=_batch_boxes(boxes), padding=True, padding_side=side)
@@ -75,7 +76,7 @@ def test_image_batches_match_transformers(ours, hf):
   rng = random.Random(1)
   examples = _examples(60, seed=1)
   for start in range(0, len(examples), 6):
-    texts, boxes = zip(*examples[start:start + 6])
+    texts, boxes = zip(*examples[start : start + 6])
     images = _images(rng, len(texts))
     side = ("left", "right")[start // 6 % 2]
     want = hf[side](text=list(texts), images=images, bboxes=_batch_boxes(boxes))
@@ -86,7 +87,9 @@ def test_image_batches_match_transformers(ours, hf):
 @pytest.mark.parametrize("with_image", [False, True])
 @pytest.mark.parametrize("add_eos_token", [False, True])
 @pytest.mark.parametrize("add_special_tokens", [False, True])
-def test_single_examples_match_transformers(ours, hf, with_image, add_eos_token, add_special_tokens):
+def test_single_examples_match_transformers(
+  ours, hf, with_image, add_eos_token, add_special_tokens
+):
   rng = random.Random(2)
   kwargs = dict(add_eos_token=add_eos_token, add_special_tokens=add_special_tokens)
   for text, boxes in _examples(10, seed=2):
@@ -114,9 +117,15 @@ def test_images_only_and_input_kinds(ours, hf, tmp_path):
   palette.info["transparency"] = 3
   path = tmp_path / "x.png"
   Image.fromarray(rgb).save(path)
-  for image, reference in [(rgb, rgb), (rgba, rgba), (gray, Image.fromarray(gray)), (palette, palette),
-                           (Image.fromarray(rgb).convert("I"), Image.fromarray(rgb).convert("I")),
-                           (str(path), Image.open(path)), (path.read_bytes(), Image.open(path))]:
+  for image, reference in [
+    (rgb, rgb),
+    (rgba, rgba),
+    (gray, Image.fromarray(gray)),
+    (palette, palette),
+    (Image.fromarray(rgb).convert("I"), Image.fromarray(rgb).convert("I")),
+    (str(path), Image.open(path)),
+    (path.read_bytes(), Image.open(path)),
+  ]:
     want = hf["right"](images=reference)
     _assert_same(ours(images=image), want, ())
 
@@ -152,11 +161,14 @@ def test_decode_and_post_process_match_transformers(ours, hf):
   batch = hf["left"](text=texts, images=_images(random.Random(4), 40))["input_ids"]
   for skip in (False, True):
     assert ours.batch_decode(np.asarray(batch), skip_special_tokens=skip) == (
-        hf["left"].batch_decode(batch, skip_special_tokens=skip))
+      hf["left"].batch_decode(batch, skip_special_tokens=skip)
+    )
   for ids in batch[:10]:
     decoded = ours.decode(ids, skip_special_tokens=True)
     assert ours.post_process_generation(decoded) == hf["left"].post_process_generation(decoded)
-    assert ours.post_process_generation(decoded, False) == hf["left"].post_process_generation(decoded, False)
+    assert ours.post_process_generation(decoded, False) == hf["left"].post_process_generation(
+      decoded, False
+    )
 
 
 def test_hub_style_directory(processor_dir, tmp_path):
@@ -165,12 +177,19 @@ def test_hub_style_directory(processor_dir, tmp_path):
   hub = tmp_path / "hub"
   shutil.copytree(processor_dir, hub)
   os.remove(hub / "processor_config.json")
-  (hub / "preprocessor_config.json").write_text(json.dumps(
-      dict(spm_util.KOSMOS_IMAGE_PROCESSOR, image_processor_type="CLIPImageProcessor",
-           processor_class="Kosmos2Processor")))
+  (hub / "preprocessor_config.json").write_text(
+    json.dumps(
+      dict(
+        spm_util.KOSMOS_IMAGE_PROCESSOR,
+        image_processor_type="CLIPImageProcessor",
+        processor_class="Kosmos2Processor",
+      )
+    )
+  )
   config = json.loads((hub / "tokenizer_config.json").read_text())
-  (hub / "tokenizer_config.json").write_text(json.dumps(dict(config, clean_up_tokenization_spaces=True,
-                                                             padding_side="left")))
+  (hub / "tokenizer_config.json").write_text(
+    json.dumps(dict(config, clean_up_tokenization_spaces=True, padding_side="left"))
+  )
   ours = Processor.from_pretrained(hub)
   reference = spm_util.hf_processor(hub, "left")
   reference.tokenizer.clean_up_tokenization_spaces = True

@@ -1,4 +1,5 @@
 """Boxes land where the entities say."""
+
 import numpy as np
 
 from kosmos_jax.processing import visualize

@@ -1,4 +1,5 @@
 """KosmosVocabulary: id layout, parity with transformers' tokenizer, tf == python."""
+
 import pickle
 import random
 
@@ -32,9 +33,33 @@ def _random_strings(n, seed=0):
   """Grounded text, specials, stray markup and awkward whitespace/unicode."""
   rng = random.Random(seed)
   words = spm_util.lexicon()
-  extras = ["<s>", "</s>", "<pad>", "<unk>", "<mask>", "<image>", "</image>", "</doc>", "</chunk>",
-            "</line>", "<patch_index_1023>", "<patch_index_9999>", "<patch_index_12>", "<phrase",
-            "\x85", "\xa0", "\u3000", "\t", "\n", "  ", "<", ">", "ﬁ", "ＡＢＣ", "…"]
+  extras = [
+    "<s>",
+    "</s>",
+    "<pad>",
+    "<unk>",
+    "<mask>",
+    "<image>",
+    "</image>",
+    "</doc>",
+    "</chunk>",
+    "</line>",
+    "<patch_index_1023>",
+    "<patch_index_9999>",
+    "<patch_index_12>",
+    "<phrase",
+    "\x85",
+    "\xa0",
+    "\u3000",
+    "\t",
+    "\n",
+    "  ",
+    "<",
+    ">",
+    "ﬁ",
+    "ＡＢＣ",
+    "…",
+  ]
   out = []
   for _ in range(n):
     text, _ = spm_util.random_grounded_example(rng, words)
@@ -50,7 +75,9 @@ def test_id_layout(vocab, hf_tokenizer):
   assert (vocab.bos_id, vocab.pad_id, vocab.eos_id, vocab.unk_id) == (0, 1, 2, 3)
   assert vocab.mask_id == pieces + 1
   assert [vocab.tag_id(t) for t in vocab_lib.TAGS] == list(range(pieces + 2, pieces + 13))
-  assert vocab.patch_index_id(0) == pieces + 13 and vocab.patch_index_id(1023) == vocab.vocab_size - 1
+  assert (
+    vocab.patch_index_id(0) == pieces + 13 and vocab.patch_index_id(1023) == vocab.vocab_size - 1
+  )
   assert vocab_lib.image_slot_ids() == list(range(4, 68))
   assert vocab_lib.patch_index_token(44) == "<patch_index_0044>"
   for i in range(vocab.vocab_size):
@@ -85,7 +112,9 @@ def test_tf_matches_python(vocab):
   assert ragged.to_list() == [vocab.encode(s) for s in strings]
   assert vocab.encode_tf(tf.constant(strings[0])).numpy().tolist() == vocab.encode(strings[0])
   dataset = tf.data.Dataset.from_tensor_slices(strings[:20]).map(vocab.encode_tf)
-  assert [x.tolist() for x in dataset.as_numpy_iterator()] == [vocab.encode(s) for s in strings[:20]]
+  assert [x.tolist() for x in dataset.as_numpy_iterator()] == [
+    vocab.encode(s) for s in strings[:20]
+  ]
   padded = ragged.to_tensor(default_value=vocab.eos_id)
   decoded = tf.function(vocab.decode_tf)(padded).numpy()
   assert [d.decode() for d in decoded] == [vocab.decode(r) for r in ragged.to_list()]
@@ -101,7 +130,9 @@ def test_seqio_decode_stops_at_eos_and_skips_specials(vocab):
 
 def test_pickle_round_trip(vocab):
   again = pickle.loads(pickle.dumps(vocab))
-  assert again == vocab and again.encode("<phrase> x</phrase>") == vocab.encode("<phrase> x</phrase>")
+  assert again == vocab and again.encode("<phrase> x</phrase>") == vocab.encode(
+    "<phrase> x</phrase>"
+  )
 
 
 def test_bpe_model_follows_sentencepiece(tmp_path):
@@ -117,9 +148,19 @@ def test_bpe_model_follows_sentencepiece(tmp_path):
   for _ in range(200):
     a, b = (" ".join(rng.choice(words) for _ in range(rng.randint(0, 8))) for _ in range(2))
     s = f"{a} <phrase>{b}</phrase><object><patch_index_0003><patch_index_0255></object>."
-    expected = (shift(sp.encode(a)) + [vocab.tag_id("<phrase>")] + shift(sp.encode(b))
-                + [vocab.tag_id("</phrase>"), vocab.tag_id("<object>"), vocab.patch_index_id(3),
-                   vocab.patch_index_id(255), vocab.tag_id("</object>")] + shift(sp.encode(".")))
+    expected = (
+      shift(sp.encode(a))
+      + [vocab.tag_id("<phrase>")]
+      + shift(sp.encode(b))
+      + [
+        vocab.tag_id("</phrase>"),
+        vocab.tag_id("<object>"),
+        vocab.patch_index_id(3),
+        vocab.patch_index_id(255),
+        vocab.tag_id("</object>"),
+      ]
+      + shift(sp.encode("."))
+    )
     assert vocab.encode(s) == expected
     assert vocab.encode_tf(tf.constant(s)).numpy().tolist() == expected
   # <patch_index_0256> is not in a 16 x 16 vocabulary: it is plain text.

@@ -1,6 +1,7 @@
 """tpu/tpu.py: the gcloud commands it prints in dry-run mode, the scripts it runs on the
 workers (run here in a sandbox HOME with a fake trainer), and the watchdog's preemption
 recovery against a fake `gcloud` on PATH. Nothing reaches the network."""
+
 import json
 import os
 import re
@@ -17,8 +18,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 TPU_PY = ROOT / "tpu" / "tpu.py"
 WHERE = ["--zone=us-west4-a", "--project=my-proj"]
-TRAIN = ["--config", "configs/kosmos2.py", "--workdir", "gs://bucket/runs/k2",
-         "--config.optim.lr=1e-4", "--config.init_from=gs://bucket/it's here"]
+TRAIN = [
+  "--config",
+  "configs/kosmos2.py",
+  "--workdir",
+  "gs://bucket/runs/k2",
+  "--config.optim.lr=1e-4",
+  "--config.init_from=gs://bucket/it's here",
+]
 V5E = ["k2-v5e", *WHERE, "--accelerator-type=v5litepod-16", "--spot"]
 
 
@@ -32,8 +39,14 @@ def no_real_gcloud(tmp_path_factory, monkeypatch):
 
 
 def tpu(*args, env=None):
-  return subprocess.run([sys.executable, str(TPU_PY), *args], capture_output=True, text=True,
-                        env=env, timeout=60, check=False)
+  return subprocess.run(
+    [sys.executable, str(TPU_PY), *args],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=60,
+    check=False,
+  )
 
 
 def dry_run(*args):
@@ -47,7 +60,7 @@ def script_of(cmd):
   """The script an ssh command runs on every worker; it must parse as bash."""
   assert cmd[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", cmd[5]]
   assert "--worker=all" in cmd and "--strict-host-key-checking=no" in cmd
-  [script] = [x[len("--command="):] for x in cmd if x.startswith("--command=")]
+  [script] = [x[len("--command=") :] for x in cmd if x.startswith("--command=")]
   subprocess.run(["bash", "-n", "-c", script], check=True)
   return script
 
@@ -58,33 +71,84 @@ def step(cmd):
     return "pack"
   if cmd[3:5] == ["tpu-vm", "ssh"]:
     script = next(x for x in cmd if x.startswith("--command="))
-    return next(name for key, name in (("train-state", "probe"), ("bin/pip", "install"),
-                                       ("nohup", "launch"), ("kill", "stop")) if key in script)
+    return next(
+      name
+      for key, name in (
+        ("train-state", "probe"),
+        ("bin/pip", "install"),
+        ("nohup", "launch"),
+        ("kill", "stop"),
+      )
+      if key in script
+    )
   return cmd[4] if cmd[3] == "tpu-vm" else "qr-" + cmd[4]
 
 
 def test_create_tpu_vm_spot():
-  assert dry_run("create", *V5E) == [[
-      "gcloud", "compute", "tpus", "tpu-vm", "create", "k2-v5e", *WHERE,
-      "--accelerator-type=v5litepod-16", "--version=v2-alpha-tpuv5-lite", "--spot"]]
+  assert dry_run("create", *V5E) == [
+    [
+      "gcloud",
+      "compute",
+      "tpus",
+      "tpu-vm",
+      "create",
+      "k2-v5e",
+      *WHERE,
+      "--accelerator-type=v5litepod-16",
+      "--version=v2-alpha-tpuv5-lite",
+      "--spot",
+    ]
+  ]
 
 
 def test_create_queued_resource():
-  cmds = dry_run("create", "k2-v5p", "--zone=us-east5-a", "--queued", "--reserved",
-                 "--accelerator-type=v5p-128", "--create-flag=--network=tpu-net")
-  assert cmds == [[
-      "gcloud", "compute", "tpus", "queued-resources", "create", "k2-v5p", "--zone=us-east5-a",
-      "--node-id=k2-v5p", "--accelerator-type=v5p-128", "--runtime-version=v2-alpha-tpuv5",
-      "--reserved", "--network=tpu-net"]]
-  assert "--preemptible" in tpu("create", "k2-v5p", "--zone=z", "--queued", "--preemptible",
-                                "--accelerator-type=v5p-128", "--dry-run").stderr
+  cmds = dry_run(
+    "create",
+    "k2-v5p",
+    "--zone=us-east5-a",
+    "--queued",
+    "--reserved",
+    "--accelerator-type=v5p-128",
+    "--create-flag=--network=tpu-net",
+  )
+  assert cmds == [
+    [
+      "gcloud",
+      "compute",
+      "tpus",
+      "queued-resources",
+      "create",
+      "k2-v5p",
+      "--zone=us-east5-a",
+      "--node-id=k2-v5p",
+      "--accelerator-type=v5p-128",
+      "--runtime-version=v2-alpha-tpuv5",
+      "--reserved",
+      "--network=tpu-net",
+    ]
+  ]
+  assert (
+    "--preemptible"
+    in tpu(
+      "create",
+      "k2-v5p",
+      "--zone=z",
+      "--queued",
+      "--preemptible",
+      "--accelerator-type=v5p-128",
+      "--dry-run",
+    ).stderr
+  )
 
 
-@pytest.mark.parametrize("accelerator, flags, version", [
+@pytest.mark.parametrize(
+  "accelerator, flags, version",
+  [
     ("v4-32", [], "--version=tpu-ubuntu2204-base"),
     ("v6e-16", [], "--version=v2-alpha-tpuv6e"),
     ("v5p-8", ["--runtime-version=v2-alpha-tpuv5-custom"], "--version=v2-alpha-tpuv5-custom"),
-])
+  ],
+)
 def test_runtime_version(accelerator, flags, version):
   [cmd] = dry_run("create", "t", "--zone=z", f"--accelerator-type={accelerator}", *flags)
   assert version in cmd and not {"--spot", "--preemptible", "--reserved"} & set(cmd)
@@ -94,31 +158,55 @@ def test_setup_copies_this_checkout():
   tar, scp, ssh = dry_run("setup", "k2-v5e", *WHERE)
   assert tar[:3] == ["tar", "-czf", tar[2]] and tar[-3:] == ["-C", str(ROOT), "."]
   assert {"--exclude=.git", "--exclude=.venv", "--exclude=*.egg-info"} <= set(tar)
-  assert scp == ["gcloud", "compute", "tpus", "tpu-vm", "scp", tar[2],
-                 "k2-v5e:kosmos-jax-src.tar.gz", *WHERE, "--worker=all",
-                 "--strict-host-key-checking=no"]
+  assert scp == [
+    "gcloud",
+    "compute",
+    "tpus",
+    "tpu-vm",
+    "scp",
+    tar[2],
+    "k2-v5e:kosmos-jax-src.tar.gz",
+    *WHERE,
+    "--worker=all",
+    "--strict-host-key-checking=no",
+  ]
   script = script_of(ssh)
-  for part in ('tar -xzf "$HOME/kosmos-jax-src.tar.gz" -C "$K/src"',
-               'python3.11 -m venv "$K/venv"', 'install -q -e "$K/src[tpu]"',
-               "install -y -q python3.11 python3.11-venv"):
+  for part in (
+    'tar -xzf "$HOME/kosmos-jax-src.tar.gz" -C "$K/src"',
+    'python3.11 -m venv "$K/venv"',
+    'install -q -e "$K/src[tpu]"',
+    "install -y -q python3.11 python3.11-venv",
+  ):
     assert part in script
   assert script.startswith("set -e; ")
 
 
 def test_setup_clones_a_git_ref():
-  [ssh] = dry_run("setup", "k2-v5e", *WHERE, "--git-url=https://example.com/kosmos-jax.git",
-                  "--git-ref=v0.1 rc", "--python=python3.12")
+  [ssh] = dry_run(
+    "setup",
+    "k2-v5e",
+    *WHERE,
+    "--git-url=https://example.com/kosmos-jax.git",
+    "--git-ref=v0.1 rc",
+    "--python=python3.12",
+  )
   script = script_of(ssh)
-  assert ("git clone -q https://example.com/kosmos-jax.git \"$K/src\" && "
-          "git -C \"$K/src\" checkout -q 'v0.1 rc'") in script
+  assert (
+    'git clone -q https://example.com/kosmos-jax.git "$K/src" && '
+    "git -C \"$K/src\" checkout -q 'v0.1 rc'"
+  ) in script
   assert 'python3.12 -m venv "$K/venv"' in script
 
 
 def test_readme_examples(tmp_path):
   """Every tpu.py command in tpu/README.md runs, in dry-run mode."""
   readme = (ROOT / "tpu" / "README.md").read_text()
-  lines = [line for block in re.findall(r"```bash\n(.*?)```", readme, re.S)
-           for line in block.splitlines() if "tpu/tpu.py " in line]
+  lines = [
+    line
+    for block in re.findall(r"```bash\n(.*?)```", readme, re.S)
+    for line in block.splitlines()
+    if "tpu/tpu.py " in line
+  ]
   assert len(lines) >= 10
   for line in lines:
     words = shlex.split(line)
@@ -131,10 +219,21 @@ def test_readme_examples(tmp_path):
 
 def test_delete_logs_stop():
   assert dry_run("delete", "k2-v5e", *WHERE) == [
-      ["gcloud", "compute", "tpus", "tpu-vm", "delete", "k2-v5e", *WHERE, "--quiet"]]
+    ["gcloud", "compute", "tpus", "tpu-vm", "delete", "k2-v5e", *WHERE, "--quiet"]
+  ]
   assert dry_run("delete", "k2-v5p", *WHERE, "--queued") == [
-      ["gcloud", "compute", "tpus", "queued-resources", "delete", "k2-v5p", *WHERE, "--force",
-       "--quiet"]]
+    [
+      "gcloud",
+      "compute",
+      "tpus",
+      "queued-resources",
+      "delete",
+      "k2-v5p",
+      *WHERE,
+      "--force",
+      "--quiet",
+    ]
+  ]
   [logs] = dry_run("logs", "k2-v5e", *WHERE, "--worker=3", "--lines=20")
   assert "--worker=3" in logs and 'tail -n 20 "$HOME/kosmos-jax/logs/train.log"' in logs[-1]
   assert "kill -TERM" in script_of(dry_run("stop", "k2-v5e", *WHERE)[0])
@@ -147,7 +246,15 @@ def test_overrides_only_where_a_trainer_runs():
 def test_watch_dry_run_prints_one_recovery():
   cmds = dry_run("watch", *V5E, *TRAIN, "--queued")
   assert [step(c) for c in cmds] == [
-      "pack", "qr-describe", "qr-delete", "qr-create", "probe", "scp", "install", "launch"]
+    "pack",
+    "qr-describe",
+    "qr-delete",
+    "qr-create",
+    "probe",
+    "scp",
+    "install",
+    "launch",
+  ]
   assert "--spot" in cmds[3] and "--format=value(state.state)" in cmds[1]
   for ssh in cmds[4], *cmds[6:]:
     script_of(ssh)
@@ -185,8 +292,9 @@ class Worker:
     if mode:
       (self.home / "mode").write_text(mode)
     env = dict(os.environ, HOME=str(self.home))
-    return subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True,
-                          timeout=30, check=False)
+    return subprocess.run(
+      ["bash", "-c", script], env=env, capture_output=True, text=True, timeout=30, check=False
+    )
 
   def state(self, probe):
     out = self.run(probe).stdout.split()
@@ -218,7 +326,11 @@ def test_worker_scripts_launch_probe_stop(tmp_path):
   assert worker.run(install).returncode == 1 and (tmp_path / "kosmos-jax" / "src").exists()
   # The trainer's arguments survive the printed command's quoting and the worker's shell.
   assert (tmp_path / "argv").read_text().splitlines() == [
-      "train", "--multihost", *TRAIN, "XLA_FLAGS=--a=1 --b"]
+    "train",
+    "--multihost",
+    *TRAIN,
+    "XLA_FLAGS=--a=1 --b",
+  ]
 
   # stop: the trainer exits 0 after its SIGTERM, and the run is marked interrupted, not done.
   assert "SIGTERM sent" in worker.run(stop).stdout
@@ -241,8 +353,10 @@ def test_worker_logs_are_prefixed_with_the_host(tmp_path):
   (worker.logs / "train.log").write_text("step 1\nstep 2\nstep 3\n")
   [logs] = dry_run("logs", "k2-v5e", *WHERE, "--lines=2")
   host = subprocess.run(["hostname"], capture_output=True, text=True, check=True).stdout.strip()
-  assert worker.run(logs[-1][len("--command="):]).stdout.splitlines() == [
-      f"{host}: step 2", f"{host}: step 3"]
+  assert worker.run(logs[-1][len("--command=") :]).stdout.splitlines() == [
+    f"{host}: step 2",
+    f"{host}: step 3",
+  ]
 
 
 # --- the watchdog against a fake gcloud ----------------------------------------------------
@@ -288,73 +402,143 @@ def fake_gcloud(tmp_path):
   def run(*args, states=("READY",), probes=("none",), create_exits=("0",), **env):
     for name, queue in (("states", states), ("probes", probes), ("create_exits", create_exits)):
       (tmp_path / name).write_text("\n".join(queue))
-    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}",
-               FAKE_GCLOUD_DIR=str(tmp_path), TMPDIR=str(tmp_path), **env)
+    env = dict(
+      os.environ,
+      PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+      FAKE_GCLOUD_DIR=str(tmp_path),
+      TMPDIR=str(tmp_path),
+      **env,
+    )
     result = tpu(*args, env=env)
     log = tmp_path / "calls.jsonl"
     calls = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
     log.unlink(missing_ok=True)
     return result, calls
+
   return run
 
 
 def test_watch_recovers_from_preemption(fake_gcloud, tmp_path):
   result, calls = fake_gcloud(
-      "watch", *V5E, *TRAIN, "--interval=0", "--delete-when-done",
-      states=["READY", "PREEMPTED", "READY"], probes=["running,running", "none,none", "0,0"])
+    "watch",
+    *V5E,
+    *TRAIN,
+    "--interval=0",
+    "--delete-when-done",
+    states=["READY", "PREEMPTED", "READY"],
+    probes=["running,running", "none,none", "0,0"],
+  )
   assert result.returncode == 0, result.stderr
   assert [step(c) for c in calls] == [
-      "describe", "probe",                 # training runs
-      "describe", "delete", "create",      # preempted: a new spot VM
-      "describe", "probe", "scp", "install", "launch",  # READY, nothing there: set up, relaunch
-      "describe", "probe", "delete"]       # every trainer exited 0: done, TPU deleted
+    "describe",
+    "probe",  # training runs
+    "describe",
+    "delete",
+    "create",  # preempted: a new spot VM
+    "describe",
+    "probe",
+    "scp",
+    "install",
+    "launch",  # READY, nothing there: set up, relaunch
+    "describe",
+    "probe",
+    "delete",
+  ]  # every trainer exited 0: done, TPU deleted
   assert calls[4][-1] == "--spot" and calls[4][5] == "k2-v5e"
   assert "k2-v5e: PREEMPTED" in result.stderr
   # The checkout is packed once, at the start, without the venv or git data.
   with tarfile.open(tmp_path / "kosmos-jax-k2-v5e.tar.gz") as tar:
     names = set(tar.getnames())
   assert {"./setup.py", "./tpu/train_worker.sh", "./configs/kosmos2.py"} <= names
-  assert not any(n.startswith(("./.venv", "./.git/")) or "__pycache__" in n or ".egg-info" in n
-                 for n in names)
+  assert not any(
+    n.startswith(("./.venv", "./.git/")) or "__pycache__" in n or ".egg-info" in n for n in names
+  )
 
 
 def test_watch_queued_resource_suspended(fake_gcloud):
   result, calls = fake_gcloud(
-      "watch", *V5E, *TRAIN, "--queued", "--git-url=https://example.com/k.git", "--interval=0",
-      states=["SUSPENDED", "WAITING_FOR_RESOURCES", "ACTIVE"], probes=["none", "interrupted", "0"])
+    "watch",
+    *V5E,
+    *TRAIN,
+    "--queued",
+    "--git-url=https://example.com/k.git",
+    "--interval=0",
+    states=["SUSPENDED", "WAITING_FOR_RESOURCES", "ACTIVE"],
+    probes=["none", "interrupted", "0"],
+  )
   assert result.returncode == 0, result.stderr
   assert [step(c) for c in calls] == [
-      "qr-describe", "qr-delete", "qr-create", "qr-describe",
-      "qr-describe", "probe", "install", "launch",
-      "qr-describe", "probe", "launch",   # interrupted (e.g. maintenance): relaunch only
-      "qr-describe", "probe"]             # done; the TPU is kept without --delete-when-done
+    "qr-describe",
+    "qr-delete",
+    "qr-create",
+    "qr-describe",
+    "qr-describe",
+    "probe",
+    "install",
+    "launch",
+    "qr-describe",
+    "probe",
+    "launch",  # interrupted (e.g. maintenance): relaunch only
+    "qr-describe",
+    "probe",
+  ]  # done; the TPU is kept without --delete-when-done
   assert calls[1][-2:] == ["--force", "--quiet"]
   assert "--node-id=k2-v5e" in calls[2] and "--spot" in calls[2]
 
 
 def test_watch_creates_a_missing_tpu_and_retries_without_capacity(fake_gcloud):
-  result, calls = fake_gcloud("watch", *V5E, *TRAIN, "--git-url=u", "--interval=0",
-                              states=["NOT_FOUND", "NOT_FOUND", "READY"], probes=["none", "0"],
-                              create_exits=["1", "0"])
+  result, calls = fake_gcloud(
+    "watch",
+    *V5E,
+    *TRAIN,
+    "--git-url=u",
+    "--interval=0",
+    states=["NOT_FOUND", "NOT_FOUND", "READY"],
+    probes=["none", "0"],
+    create_exits=["1", "0"],
+  )
   assert result.returncode == 0, result.stderr
   assert [step(c) for c in calls] == [
-      "describe", "create", "describe", "create", "describe", "probe", "install", "launch",
-      "describe", "probe"]
+    "describe",
+    "create",
+    "describe",
+    "create",
+    "describe",
+    "probe",
+    "install",
+    "launch",
+    "describe",
+    "probe",
+  ]
   assert "retrying" in result.stderr
 
 
 def test_watch_stops_when_a_trainer_fails(fake_gcloud):
-  result, calls = fake_gcloud("watch", *V5E, *TRAIN, "--git-url=u", "--interval=0",
-                              "--delete-when-done", states=["READY"], probes=["0,3,0,0"])
+  result, calls = fake_gcloud(
+    "watch",
+    *V5E,
+    *TRAIN,
+    "--git-url=u",
+    "--interval=0",
+    "--delete-when-done",
+    states=["READY"],
+    probes=["0,3,0,0"],
+  )
   assert result.returncode == 1
   assert [step(c) for c in calls] == ["describe", "probe"]  # the TPU is kept for debugging
   assert "t1v-n-w-1: 3" in result.stderr and "training failed" in result.stderr
 
 
 def test_dry_run_runs_nothing(fake_gcloud, tmp_path):
-  for args in (["create", *V5E], ["setup", *V5E[:3]], ["watch", *V5E, *TRAIN],
-               ["launch", *V5E[:3], *TRAIN], ["logs", *V5E[:3]], ["stop", *V5E[:3]],
-               ["delete", *V5E[:3]]):
+  for args in (
+    ["create", *V5E],
+    ["setup", *V5E[:3]],
+    ["watch", *V5E, *TRAIN],
+    ["launch", *V5E[:3], *TRAIN],
+    ["logs", *V5E[:3]],
+    ["stop", *V5E[:3]],
+    ["delete", *V5E[:3]],
+  ):
     flagged, calls = fake_gcloud(*args, "--dry-run")
     assert flagged.returncode == 0 and calls == [], flagged.stderr
     by_env, calls = fake_gcloud(*args, DRY_RUN="1")

@@ -1,32 +1,34 @@
 """The train step: it learns, accumulates exactly, skips non-finite steps, shards exactly."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 from flax import nnx
 from flax.core import spmd
 
-from tests.helpers.batches import packed_batch
 from kosmos_jax import config as config_lib
+from kosmos_jax import sharding
 from kosmos_jax.models.kosmos import Kosmos2
 from kosmos_jax.train import optim
-from kosmos_jax import sharding
 from kosmos_jax.train import step as step_lib
+from tests.helpers.batches import packed_batch
 
 NO_DROPOUT = ["model.text.dropout=0.0", "model.text.attention_dropout=0.0"]
 
 
 def _setup(overrides=()):
-  config = config_lib.load("configs/tiny.py", ["batch_size=4", "seq_len=32",
-                                               "optim.warmup_steps=2", "optim.learning_rate=3e-3",
-                                               *overrides])
+  config = config_lib.load(
+    "configs/tiny.py",
+    ["batch_size=4", "seq_len=32", "optim.warmup_steps=2", "optim.learning_rate=3e-3", *overrides],
+  )
   model = Kosmos2(config.model, rngs=nnx.Rngs(config.seed))
   graphdef = nnx.graphdef(model)
   tx = optim.optimizer(config.optim, config.total_steps)
   state = step_lib.init_state(model, tx, config.seed)
-  train_step = step_lib.make_train_step(graphdef, tx, accumulation=config.accumulation,
-                                        max_bad_steps=config.max_bad_steps)
+  train_step = step_lib.make_train_step(
+    graphdef, tx, accumulation=config.accumulation, max_bad_steps=config.max_bad_steps
+  )
   return config, state, train_step
 
 
@@ -51,14 +53,16 @@ def test_loss_counts_weighted_targets_only():
   assert float(sums["weight"]) == 2.0 and float(sums["correct"]) == 1.0
   lse = np.log(9 + np.exp(5.0))
   np.testing.assert_allclose(float(sums["loss"]), (lse - 5.0) + np.log(10), rtol=1e-6)
-  np.testing.assert_allclose(float(sums["z_loss"]), 1e-4 * (lse ** 2 + np.log(10) ** 2), rtol=1e-5)
+  np.testing.assert_allclose(float(sums["z_loss"]), 1e-4 * (lse**2 + np.log(10) ** 2), rtol=1e-5)
 
 
 def test_loss_gradient_matches_softmax_cross_entropy():
   rng = np.random.default_rng(0)
   logits = jnp.asarray(rng.normal(size=(2, 5, 11)) * 3, jnp.float32)
-  batch = dict(targets=jnp.asarray(rng.integers(0, 11, (2, 5))),
-               loss_weights=jnp.asarray(rng.integers(0, 2, (2, 5)), jnp.float32))
+  batch = dict(
+    targets=jnp.asarray(rng.integers(0, 11, (2, 5))),
+    loss_weights=jnp.asarray(rng.integers(0, 2, (2, 5)), jnp.float32),
+  )
   z = 1e-3
 
   def ours(x):
@@ -68,7 +72,7 @@ def test_loss_gradient_matches_softmax_cross_entropy():
   def reference(x):
     xent = optax.softmax_cross_entropy_with_integer_labels(x, batch["targets"])
     lse = jax.nn.logsumexp(x, axis=-1)
-    return ((xent + z * lse ** 2) * batch["loss_weights"]).sum()
+    return ((xent + z * lse**2) * batch["loss_weights"]).sum()
 
   np.testing.assert_allclose(ours(logits), reference(logits), rtol=1e-6)
   np.testing.assert_allclose(jax.grad(ours)(logits), jax.grad(reference)(logits), atol=1e-6)
@@ -108,17 +112,27 @@ def test_non_finite_step_is_skipped_and_counted():
 
 def test_frozen_layers_do_not_move():
   config, state, train_step = _setup(
-      ['optim.freeze=["vision_model/(?!layers/).*", "vision_model/layers/.*@:-1"]'])
+    ['optim.freeze=["vision_model/(?!layers/).*", "vision_model/layers/.*@:-1"]']
+  )
   before = jax.tree.map(np.asarray, nnx.to_pure_dict(state.params))
   state, _ = jax.jit(train_step)(state, packed_batch(config))
   state, _ = jax.jit(train_step)(state, packed_batch(config, seed=1))
   after = nnx.to_pure_dict(state.params)
   vision, vision0 = after["vision_model"], before["vision_model"]
   np.testing.assert_array_equal(vision["pre_layrnorm"]["scale"], vision0["pre_layrnorm"]["scale"])
-  np.testing.assert_array_equal(vision["layers"]["fc1"]["kernel"][0], vision0["layers"]["fc1"]["kernel"][0])
-  assert np.abs(vision["layers"]["fc1"]["kernel"][-1] - vision0["layers"]["fc1"]["kernel"][-1]).max() > 0
-  assert np.abs(after["text_model"]["layers"]["fc1"]["kernel"] -
-                before["text_model"]["layers"]["fc1"]["kernel"]).max() > 0
+  np.testing.assert_array_equal(
+    vision["layers"]["fc1"]["kernel"][0], vision0["layers"]["fc1"]["kernel"][0]
+  )
+  assert (
+    np.abs(vision["layers"]["fc1"]["kernel"][-1] - vision0["layers"]["fc1"]["kernel"][-1]).max() > 0
+  )
+  assert (
+    np.abs(
+      after["text_model"]["layers"]["fc1"]["kernel"]
+      - before["text_model"]["layers"]["fc1"]["kernel"]
+    ).max()
+    > 0
+  )
 
 
 def test_weight_decay_skips_norms_and_biases():
@@ -136,8 +150,9 @@ def test_weight_decay_skips_norms_and_biases():
 
 def test_sharded_8_devices_equals_one_device():
   """data=2, fsdp=2, tensor=2 on 8 host devices gives the single-device losses."""
-  config, state, train_step = _setup(NO_DROPOUT + ["batch_size=8", "mesh.data=2",
-                                                   "mesh.fsdp=2", "mesh.tensor=2"])
+  config, state, train_step = _setup(
+    NO_DROPOUT + ["batch_size=8", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
+  )
   batches = [packed_batch(config, seed=s) for s in range(5)]
   single = jax.jit(train_step)
   ref_state, ref_losses = state, []
@@ -149,11 +164,14 @@ def test_sharded_8_devices_equals_one_device():
   assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
   rules = sharding.rules_of(config)
   state_sharding = sharding.train_state_shardings(state, mesh, rules)
-  batch_sharding = {k: sharding.batch_sharding(mesh, rules, v.shape)
-                    for k, v in batches[0].items()}
+  batch_sharding = {k: sharding.batch_sharding(mesh, rules, v.shape) for k, v in batches[0].items()}
   with jax.set_mesh(mesh), spmd.logical_axis_rules(rules):
-    sharded = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
-                      out_shardings=(state_sharding, None), donate_argnums=0)
+    sharded = jax.jit(
+      train_step,
+      in_shardings=(state_sharding, batch_sharding),
+      out_shardings=(state_sharding, None),
+      donate_argnums=0,
+    )
     state = jax.device_put(state, state_sharding)
     losses = []
     for batch in batches:

@@ -1,4 +1,5 @@
 """The training job: metrics, exact resume, preemption, kill -9, another mesh."""
+
 import json
 import os
 import signal
@@ -16,8 +17,14 @@ from kosmos_jax.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 12
-OVERRIDES = [f"total_steps={STEPS}", "log_every=1", "checkpoint_every=4", "batch_size=4",
-             "seq_len=64", "mesh.fsdp=1"]
+OVERRIDES = [
+  f"total_steps={STEPS}",
+  "log_every=1",
+  "checkpoint_every=4",
+  "batch_size=4",
+  "seq_len=64",
+  "mesh.fsdp=1",
+]
 
 
 def _config(extra=()):
@@ -31,8 +38,17 @@ def _losses(workdir):
 
 
 def _spawn(workdir, extra=()):
-  cmd = [sys.executable, "-m", "kosmos_jax.commands", "train", "--config", "configs/tiny.py",
-         "--workdir", str(workdir), *[f"--config.{o}" for o in [*OVERRIDES, *extra]]]
+  cmd = [
+    sys.executable,
+    "-m",
+    "kosmos_jax.commands",
+    "train",
+    "--config",
+    "configs/tiny.py",
+    "--workdir",
+    str(workdir),
+    *[f"--config.{o}" for o in [*OVERRIDES, *extra]],
+  ]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
   return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
@@ -40,7 +56,10 @@ def _spawn(workdir, extra=()):
 def _wait_for_step(workdir, step, proc, timeout=300):
   deadline = time.time() + timeout
   while time.time() < deadline:
-    if os.path.exists(os.path.join(workdir, "metrics.jsonl")) and max(_losses(workdir), default=0) >= step:
+    if (
+      os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+      and max(_losses(workdir), default=0) >= step
+    ):
       return
     assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
     time.sleep(0.2)
@@ -60,8 +79,16 @@ def test_metrics_are_logged(reference):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
   assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-  for key in ("loss", "accuracy", "grad_norm", "learning_rate", "tokens_per_s", "mfu",
-              "skipped_steps", "dropped/records_dropped"):
+  for key in (
+    "loss",
+    "accuracy",
+    "grad_norm",
+    "learning_rate",
+    "tokens_per_s",
+    "mfu",
+    "skipped_steps",
+    "dropped/records_dropped",
+  ):
     assert key in rows[-1], key
   assert result["step"] == STEPS and 0 < result["mfu"] < 1
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
@@ -70,14 +97,18 @@ def test_metrics_are_logged(reference):
 
 def _send_sigterm_at(workdir, step):
   """A preemption notice from outside, once `step` is logged."""
+
   def watch():
     deadline = time.time() + 300
-    while not (os.path.exists(os.path.join(workdir, "metrics.jsonl"))
-               and max(_losses(workdir), default=0) >= step):
+    while not (
+      os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+      and max(_losses(workdir), default=0) >= step
+    ):
       if time.time() > deadline:
         return
       time.sleep(0.05)
     os.kill(os.getpid(), signal.SIGTERM)
+
   thread = threading.Thread(target=watch, daemon=True)
   thread.start()
   return thread
@@ -122,17 +153,35 @@ def test_restores_onto_another_mesh_and_back(reference, tmp_path):
   losses = _losses(workdir)
   ref = _losses(reference[0])
   # Sharded and single-device runs differ only in float summation order.
-  np.testing.assert_allclose([losses[s] for s in range(1, STEPS + 1)],
-                             [ref[s] for s in range(1, STEPS + 1)], rtol=1e-4)
+  np.testing.assert_allclose(
+    [losses[s] for s in range(1, STEPS + 1)], [ref[s] for s in range(1, STEPS + 1)], rtol=1e-4
+  )
 
 
 def test_a_vocabulary_mismatch_names_the_keys(tmp_path):
   # Ids past the model's vocabulary would be clamped by the embedding lookup.
-  with pytest.raises(ValueError, match="model.text.vocab_size is 1000 but mixture 'shapes32_mix' has 1155"):
+  with pytest.raises(
+    ValueError, match="model.text.vocab_size is 1000 but mixture 'shapes32_mix' has 1155"
+  ):
     trainer.train(_config(["model.text.vocab_size=1000"]), str(tmp_path), devices=jax.devices()[:1])
   # The location init writes the last rows: padding would misplace them.
-  with pytest.raises(ValueError, match="location_init='sincos2d' needs model.text.vocab_size = the 1155"):
-    trainer.train(_config(["model.text.location_init=sincos2d"]), str(tmp_path), devices=jax.devices()[:1])
-  with pytest.raises(ValueError, match="num_patches_per_side is 16 but mixture 'shapes32_mix' has a 32 x 32"):
-    trainer.train(_config(["model.text.location_init=sincos2d", "model.text.vocab_size=1155",
-                           "model.text.num_patches_per_side=16"]), str(tmp_path), devices=jax.devices()[:1])
+  with pytest.raises(
+    ValueError, match="location_init='sincos2d' needs model.text.vocab_size = the 1155"
+  ):
+    trainer.train(
+      _config(["model.text.location_init=sincos2d"]), str(tmp_path), devices=jax.devices()[:1]
+    )
+  with pytest.raises(
+    ValueError, match="num_patches_per_side is 16 but mixture 'shapes32_mix' has a 32 x 32"
+  ):
+    trainer.train(
+      _config(
+        [
+          "model.text.location_init=sincos2d",
+          "model.text.vocab_size=1155",
+          "model.text.num_patches_per_side=16",
+        ]
+      ),
+      str(tmp_path),
+      devices=jax.devices()[:1],
+    )
