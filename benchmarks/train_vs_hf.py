@@ -25,6 +25,7 @@ from flax import nnx
 from benchmarks.common import MID_HF_CONFIG, same_weights, timed_pair
 from kosmos_jax.config import experiment_config
 from kosmos_jax.train import mfu, optim
+from kosmos_jax.train import state as state_lib
 from kosmos_jax.train import step as step_lib
 from tests.helpers.hf_reference import grounded_batch
 
@@ -82,7 +83,7 @@ def main():
 
   cfg = experiment_config(ours.config.as_configdict())
   tx = optim.optimizer(cfg.optim, 1000)
-  state = step_lib.init_state(ours, tx, seed=0)
+  state = state_lib.create(nnx.state(ours, nnx.Param), tx, seed=0)
   train_step = jax.jit(step_lib.make_train_step(nnx.graphdef(ours), tx), donate_argnums=0)
   jax_batch = jax.device_put(_our_batch(batch))
   holder = [state]

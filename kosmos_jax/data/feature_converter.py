@@ -4,16 +4,8 @@ Task features (preprocessors.py): `targets` (`<s> ... </s>`), `loss_weights`,
 `image_mask`, `images` [k, 3, S, S]. Task feature lengths: `targets` = L tokens
 per row, `images` = N images per row.
 
-Model features, one row each (the keyword arguments of models/kosmos.py):
-  input_ids                   int32 [L]  tokens[:-1] of each packed sequence, pad 1 after
-  targets                     int32 [L]  tokens[1:]: the token each position predicts
-  loss_weights                float32 [L] weights of the predicted tokens, 0 on padding
-  segment_ids                 int32 [L]  1, 2, ... per packed sequence, 0 = padding
-  position_ids                int32 [L]  per sequence 2, 3, ... (fairseq: pad_id + 1
-                                         onwards, as decoder.positions_from_ids); pads 1
-  image_embeds_position_mask  int32 [L]  1 on image slots
-  pixel_values                float32 [N, 3, S, S]  the row's images in slot order,
-                                         zero images after them (never referenced)
+Model features: the packed training batch, one row each, as
+kosmos_jax/models/batch.py lays it out (names, dtypes, shapes, meaning).
 Packing is greedy and in order: a sequence goes into the current row if its
 tokens and images fit, else the row is emitted and a new one starts. The model
 keeps packed sequences apart through `segment_ids` (attention) and
@@ -25,10 +17,12 @@ from collections.abc import Mapping
 import seqio
 import tensorflow as tf
 
+from kosmos_jax.models import batch as batch_lib
 from kosmos_jax.processing import vocab as vocab_lib
 
 _Spec = seqio.FeatureConverter.FeatureSpec
-_TOKEN_FEATURES = ("input_ids", "targets", "loss_weights", "image_embeds_position_mask")
+# Per-token features that a sequence brings (packing adds segment and position ids).
+_TOKEN_FEATURES = tuple(k for k in batch_lib.TOKEN_FEATURES if k not in batch_lib.PACKING_FEATURES)
 
 
 class MultimodalFeatureConverter(seqio.FeatureConverter):
@@ -41,13 +35,13 @@ class MultimodalFeatureConverter(seqio.FeatureConverter):
     "images": _Spec(tf.float32, rank=4),
   }
   MODEL_FEATURES = {
-    "input_ids": _Spec(tf.int32),
-    "targets": _Spec(tf.int32),
-    "loss_weights": _Spec(tf.float32),
-    "image_embeds_position_mask": _Spec(tf.int32),
-    "pixel_values": _Spec(tf.float32, rank=4),
+    k: _Spec(tf.as_dtype(dtype), rank=4 if k in batch_lib.IMAGE_FEATURES else 1)
+    for k, dtype in batch_lib.FEATURES.items()
+    if k not in batch_lib.PACKING_FEATURES
   }
-  PACKING_FEATURE_DTYPES = {"segment_ids": tf.int32, "position_ids": tf.int32}
+  PACKING_FEATURE_DTYPES = {
+    k: tf.as_dtype(batch_lib.FEATURES[k]) for k in batch_lib.PACKING_FEATURES
+  }
 
   def __init__(self, pack: bool = True, pad_id: int = vocab_lib.PAD_ID):
     super().__init__(pack=pack, apply_length_check=False)
@@ -69,7 +63,7 @@ class MultimodalFeatureConverter(seqio.FeatureConverter):
 
   def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> dict[str, int]:
     length = task_feature_lengths["targets"]
-    lengths = {k: length for k in (*_TOKEN_FEATURES, "segment_ids", "position_ids")}
+    lengths = {k: length for k in batch_lib.TOKEN_FEATURES}
     return dict(lengths, pixel_values=task_feature_lengths["images"])
 
   def _convert_features(
@@ -107,7 +101,7 @@ class MultimodalFeatureConverter(seqio.FeatureConverter):
     empty_row = dict(
       {
         k: tf.zeros([0], tf.float32 if k == "loss_weights" else tf.int32)
-        for k in (*_TOKEN_FEATURES, "segment_ids", "position_ids")
+        for k in batch_lib.TOKEN_FEATURES
       },
       images=tf.raw_ops.EmptyTensorList(
         element_shape=image_list_shape, max_num_elements=-1, element_dtype=tf.float32

@@ -7,16 +7,15 @@ The plan of a pod run is checked before the pod exists: per-chip memory
 import dataclasses
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
 from flax.core import spmd
 from jax.experimental import topologies
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from kosmos_jax import sharding
-from kosmos_jax.models import build
+from kosmos_jax.models import batch as batch_lib
 from kosmos_jax.train import optim
+from kosmos_jax.train import state as state_lib
 from kosmos_jax.train import step as step_lib
 
 # HBM per chip in GiB (Cloud TPU documentation).
@@ -41,48 +40,29 @@ class CompileReport:
 
 
 def abstract_batch(config) -> dict:
-  """ShapeDtypeStructs of one global training batch."""
-  b, length, n = config.batch_size, config.seq_len, config.images_per_row
-  v = config.model.vision
-  ints = lambda: jax.ShapeDtypeStruct((b, length), jnp.int32)
-  batch = dict(
-    input_ids=ints(),
-    targets=ints(),
-    segment_ids=ints(),
-    position_ids=ints(),
-    image_embeds_position_mask=ints(),
-    loss_weights=jax.ShapeDtypeStruct((b, length), jnp.float32),
-  )
-  if n:
-    batch["pixel_values"] = jax.ShapeDtypeStruct(
-      (b, n, v.num_channels, v.image_size, v.image_size), jnp.float32
-    )
-  return batch
+  """ShapeDtypeStructs of one global training batch (the layout of models/batch.py)."""
+  return {
+    k: jax.ShapeDtypeStruct(shape, dtype)
+    for k, (shape, dtype) in batch_lib.shapes_of(config).items()
+  }
 
 
 def compile_train_step(config, devices, topology_name: str = "") -> tuple[object, CompileReport]:
   """Lowers and compiles the sharded train step for `devices`; returns (compiled, report)."""
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.rules_of(config)
-  model = build.abstract_model(config.model)
-  graphdef, params = nnx.split(model, nnx.Param)
   tx = optim.optimizer(config.optim, config.total_steps)
-  state = jax.eval_shape(
-    lambda p: step_lib.TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=p,
-      opt_state=tx.init(p),
-      rng=jax.random.key(0),
-      skipped=jnp.zeros((), jnp.int32),
-      bad_in_a_row=jnp.zeros((), jnp.int32),
-    ),
-    params,
-  )
+  # The trainer's own state and step: the plan is for the program it runs.
+  graphdef, state = state_lib.abstract(config.model, tx, config.seed)
   state_sharding = sharding.train_state_shardings(state, mesh, rules)
   batch = abstract_batch(config)
   batch_sharding = {k: sharding.batch_sharding(mesh, rules, v.shape) for k, v in batch.items()}
   train_step = step_lib.make_train_step(
-    graphdef, tx, accumulation=config.accumulation, z_loss=config.z_loss
+    graphdef,
+    tx,
+    accumulation=config.accumulation,
+    z_loss=config.z_loss,
+    max_bad_steps=config.max_bad_steps,
   )
   with jax.set_mesh(mesh), spmd.logical_axis_rules(rules):
     compiled = (

@@ -1,50 +1,19 @@
 """The train step: masked next-token loss, gradient accumulation, AdamW, skip on non-finite.
 
-A batch is a dict of arrays with a leading batch axis, as the feature converter
-(kosmos_jax/data/feature_converter.py) writes it: `input_ids`, `targets` (the
-token each position predicts), `loss_weights` (of those predictions; 0 on
-prompts, image slots and padding), `segment_ids` (0 = padding), `position_ids`,
-`image_embeds_position_mask`, and optionally `pixel_values` [b, images, C, H, W].
+A batch is a dict of arrays in the layout of `models/batch.py` (what the
+feature converter writes); the model reads its `MODEL_INPUTS`, the loss its
+`targets` and `loss_weights`. The state is `train/state.py`'s.
 """
 
 from collections.abc import Callable
-from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-MODEL_INPUTS = (
-  "input_ids",
-  "segment_ids",
-  "position_ids",
-  "image_embeds_position_mask",
-  "pixel_values",
-)
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any  # nnx.State of the model's Params
-  opt_state: Any
-  rng: jax.Array
-  skipped: jax.Array  # non-finite steps so far
-  bad_in_a_row: jax.Array
-
-
-def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -> TrainState:
-  params = nnx.state(model, nnx.Param)
-  return TrainState(
-    step=jnp.zeros((), jnp.int32),
-    params=params,
-    opt_state=tx.init(params),
-    rng=jax.random.key(seed),
-    skipped=jnp.zeros((), jnp.int32),
-    bad_in_a_row=jnp.zeros((), jnp.int32),
-  )
+from kosmos_jax.models.batch import MODEL_INPUTS
+from kosmos_jax.train.state import TrainState
 
 
 def token_loss(logits: jax.Array, batch: dict, z_loss: float = 0.0):

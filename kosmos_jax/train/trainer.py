@@ -13,7 +13,6 @@ import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 import tqdm
@@ -28,9 +27,9 @@ from kosmos_jax.checkpoints import loading
 from kosmos_jax.checkpoints import orbax as orbax_ckpt
 from kosmos_jax.data import loader
 from kosmos_jax.eval import rec
-from kosmos_jax.models import build
 from kosmos_jax.models.kosmos import Kosmos2
 from kosmos_jax.train import mfu, optim
+from kosmos_jax.train import state as state_lib
 from kosmos_jax.train import step as step_lib
 
 
@@ -71,9 +70,10 @@ def _init_params(config, abstract_params, mesh, rules):
   shardings = sharding.state_shardings(abstract_params, mesh, rules)
   if config.init_from:
     model = loading.from_pretrained(config.init_from, **_numerics(config))
-    return jax.device_put(nnx.state(model), shardings)
+    return jax.device_put(nnx.state(model, nnx.Param), shardings)
   init = jax.jit(
-    lambda: nnx.state(Kosmos2(config.model, rngs=nnx.Rngs(config.seed))), out_shardings=shardings
+    lambda: nnx.state(Kosmos2(config.model, rngs=nnx.Rngs(config.seed)), nnx.Param),
+    out_shardings=shardings,
   )
   with jax.set_mesh(mesh), spmd.logical_axis_rules(rules):
     return init()
@@ -135,8 +135,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
     )
 
   tx = optim.optimizer(config.optim, config.total_steps)
-  graphdef, abstract_params = nnx.split(build.abstract_model(config.model))
-  abstract_state = jax.eval_shape(lambda p: _new_state(p, tx, config.seed), abstract_params)
+  graphdef, abstract_state = state_lib.abstract(config.model, tx, config.seed)
   state_sharding = sharding.train_state_shardings(abstract_state, mesh, rules)
 
   loader.register_user_tasks(config.data)
@@ -178,9 +177,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
     logging.info("resumed from step %d", start)
   else:
     start = 0
-    params = _init_params(config, abstract_params, mesh, rules)
+    params = _init_params(config, abstract_state.params, mesh, rules)
     with jax.set_mesh(mesh), spmd.logical_axis_rules(rules):
-      state = jax.jit(lambda p: _new_state(p, tx, config.seed), out_shardings=state_sharding)(
+      state = jax.jit(lambda p: state_lib.create(p, tx, config.seed), out_shardings=state_sharding)(
         params
       )
     del params
@@ -278,18 +277,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
   manager.wait_until_finished()
   writer.flush()
   return last
-
-
-def _new_state(params, tx, seed: int) -> step_lib.TrainState:
-  zero = jnp.zeros((), jnp.int32)
-  return step_lib.TrainState(
-    step=zero,
-    params=params,
-    opt_state=tx.init(params),
-    rng=jax.random.PRNGKey(seed),
-    skipped=zero,
-    bad_in_a_row=zero,
-  )
 
 
 def _save_args(state, iterator):

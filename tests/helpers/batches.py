@@ -2,20 +2,20 @@
 
 import numpy as np
 
+from kosmos_jax.models import batch as batch_lib
+
 
 def packed_batch(config, seed: int = 0, batch_size: int | None = None) -> dict:
   """Rows of two packed sequences, `<s> <image> slots </image> text </s>` then
   `<s> text </s>`, shifted into input_ids/targets as the converter does."""
   rng = np.random.default_rng(seed)
   b = batch_size or config.batch_size
-  length, m = config.seq_len, config.model
+  m = config.model
   latents, vocab = m.latent_query_num, m.text.vocab_size
-  rows = {
-    k: np.zeros((b, length), np.int32)
-    for k in ("input_ids", "targets", "segment_ids", "position_ids", "image_embeds_position_mask")
-  }
+  v = m.vision
+  shapes = batch_lib.shapes(b, config.seq_len, config.images_per_row, v.image_size, v.num_channels)
+  rows = {k: np.zeros(shape, dtype) for k, (shape, dtype) in shapes.items()}
   rows["input_ids"][:], rows["position_ids"][:] = 1, 1
-  rows["loss_weights"] = np.zeros((b, length), np.float32)
   for r in range(b):
     image = [0, vocab - 3, *range(4, 4 + latents), vocab - 2]
     first = image + [*rng.integers(100, vocab - 3, rng.integers(3, 8)), 2]
@@ -32,6 +32,6 @@ def packed_batch(config, seed: int = 0, batch_size: int | None = None) -> dict:
       rows["loss_weights"][r, at + first_loss : at + n] = 1.0
       at += n
     rows["image_embeds_position_mask"][r, 2 : 2 + latents] = 1
-  v = m.vision
-  pixels = rng.standard_normal((b, config.images_per_row, 3, v.image_size, v.image_size))
-  return dict(rows, pixel_values=pixels.astype(np.float32))
+  if "pixel_values" in rows:
+    rows["pixel_values"][:] = rng.standard_normal(rows["pixel_values"].shape)
+  return rows

@@ -2,9 +2,15 @@
 
 import json
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from kosmos_jax import commands
+from kosmos_jax import config as config_lib
+from kosmos_jax.data import loader
+from kosmos_jax.train import aot, optim
+from kosmos_jax.train import state as state_lib
 
 
 @pytest.mark.parametrize("attention", ["xla", "pallas"])
@@ -45,3 +51,27 @@ def test_a_plan_that_does_not_fit_fails_loudly(capsys):
         "--config.images_per_row=0",
       ]
     )
+
+
+def test_the_plan_is_for_the_batches_and_state_the_trainer_has():
+  """aot compiles for the loader's batch layout (models/batch.py) and the
+  trainer's state (train/state.py): same names, shapes and dtypes."""
+  config = config_lib.load("configs/tiny.py", ["batch_size=2", "seq_len=64"])
+  ds = loader.dataset(
+    config.data.mixture,
+    "train",
+    seq_len=config.seq_len,
+    images_per_row=config.images_per_row,
+    batch_size=config.batch_size,
+    seed=0,
+  )
+  real = next(loader.numpy_batches(iter(ds)))
+  planned = aot.abstract_batch(config)
+  assert {k: (v.shape, v.dtype) for k, v in real.items()} == {
+    k: (s.shape, s.dtype) for k, s in planned.items()
+  }
+  tx = optim.optimizer(config.optim, config.total_steps)
+  _, state = state_lib.abstract(config.model, tx, config.seed)
+  # A raw uint32 key, which Orbax checkpoints as a plain array.
+  assert state.rng.dtype == jnp.uint32 and state.rng.shape == (2,)
+  assert state.opt_state is not None and jax.tree.leaves(state.params)

@@ -11,6 +11,7 @@ from kosmos_jax import config as config_lib
 from kosmos_jax import sharding
 from kosmos_jax.models.kosmos import Kosmos2
 from kosmos_jax.train import optim
+from kosmos_jax.train import state as state_lib
 from kosmos_jax.train import step as step_lib
 from tests.helpers.batches import packed_batch
 
@@ -25,7 +26,7 @@ def _setup(overrides=()):
   model = Kosmos2(config.model, rngs=nnx.Rngs(config.seed))
   graphdef = nnx.graphdef(model)
   tx = optim.optimizer(config.optim, config.total_steps)
-  state = step_lib.init_state(model, tx, config.seed)
+  state = state_lib.create(nnx.state(model, nnx.Param), tx, config.seed)
   train_step = step_lib.make_train_step(
     graphdef, tx, accumulation=config.accumulation, max_bad_steps=config.max_bad_steps
   )
