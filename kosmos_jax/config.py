@@ -13,8 +13,12 @@ import sys
 
 import ml_collections
 
-from kosmos_jax import sharding
+from kosmos_jax import errors, sharding
 from kosmos_jax.train import optim
+
+
+class ConfigError(errors.UserError):
+  """A config file that cannot be loaded, or an override that does not fit it."""
 
 
 def experiment_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -69,15 +73,15 @@ def load(path: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
   `mesh.data=4`, `attention=pallas` and `model.dtype=bfloat16` all work.
   """
   if not os.path.isfile(path) or not path.endswith(".py"):
-    raise FileNotFoundError(f"config file {path!r} not found")
+    raise ConfigError(f"config file {path!r} not found (a configs/NAME.py file)")
   module = _import_file(path)
   if not hasattr(module, "get_config"):
-    raise ValueError(f"{path}: a config file must define get_config()")
+    raise ConfigError(f"{path}: a config file must define get_config()")
   config = module.get_config()
   for item in overrides:
     key, sep, raw = item.partition("=")
     if not sep:
-      raise ValueError(f"config override {item!r} is not key=value")
+      raise ConfigError(f"config override {item!r} is not key=value")
     _set(config, key, raw)
   return config
 
@@ -108,21 +112,30 @@ def _import_file(path: str):
 
 
 def _set(config: ml_collections.ConfigDict, key: str, raw: str) -> None:
+  """Sets `key` (dotted) to `raw` parsed as the type of the value it replaces."""
   *parents, leaf = key.split(".")
   node = config
-  for p in parents:
-    if p not in node:
-      raise KeyError(f"config override {key!r}: no key {p!r}")
-    node = node[p]
-  if leaf not in node:
-    raise KeyError(f"config override {key!r}: no key {leaf!r}")
+  for depth, name in enumerate([*parents, leaf]):
+    if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+      where = ".".join(parents[:depth]) or "the config"
+      known = ", ".join(sorted(node)) if isinstance(node, ml_collections.ConfigDict) else "none"
+      raise ConfigError(f"config override {key!r}: {where} has no key {name!r} (keys: {known})")
+    if depth < len(parents):
+      node = node[name]
   current = node[leaf]
   if isinstance(current, bool):
     if raw.lower() not in ("true", "false", "1", "0"):
-      raise ValueError(f"config override {key!r}: {raw!r} is not a boolean")
+      raise ConfigError(f"config override {key!r}: {raw!r} is not a boolean (true or false)")
     value = raw.lower() in ("true", "1")
   elif isinstance(current, (int, float)):
-    value = type(current)(raw)
+    try:
+      value = type(current)(raw)
+    except ValueError:
+      kind = type(current).__name__
+      raise ConfigError(
+        f"config override {key!r}: {raw!r} is not {'an' if kind == 'int' else 'a'} {kind} "
+        f"(the config has {current!r})"
+      ) from None
   elif isinstance(current, str):
     value = raw
   else:

@@ -17,7 +17,7 @@ PACKAGE = ROOT / "kosmos_jax"
 # config has) gathers the defaults of train and sharding, so it sits above
 # train, beside the demo; the commands use them all.
 LAYERS = (
-  ("heap", "kernels", "sharding", "search", "processing"),
+  ("errors", "heap", "kernels", "sharding", "search", "processing"),
   ("models",),
   ("checkpoints", "data"),
   ("eval",),

@@ -21,6 +21,7 @@ import safetensors
 import safetensors.numpy
 import tqdm
 
+from kosmos_jax import errors
 from kosmos_jax.models.config import model_config
 
 # Buffers some checkpoints carry; they are derived, never learned.
@@ -32,8 +33,8 @@ _TIED_HEAD = "text_model.lm_head.weight"
 _EMBED = "text_model.model.embed_tokens.weight"
 
 
-class ConversionError(ValueError):
-  pass
+class ConversionError(errors.UserError):
+  """A checkpoint that does not convert: the message names the file or keys."""
 
 
 # --------------------------------------------------------------------------- config

@@ -8,9 +8,10 @@ answer at once.
 """
 
 import argparse
+import os
 import sys
 
-from kosmos_jax import heap
+from kosmos_jax import errors, heap
 from kosmos_jax.commands import aot, convert, data, demo, generate, summary, train
 
 # In the order `kosmos-jax --help` lists them.
@@ -35,7 +36,7 @@ def _split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
       if not sep:
         value = next(it, None)
         if value is None:
-          raise SystemExit(f"{arg}: missing value")
+          raise SystemExit(f"argument {arg}: expected a value ({arg}=VALUE)")
       overrides.append(f"{key}={value}")
     else:
       rest.append(arg)
@@ -52,16 +53,68 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _import_tensorflow_quietly() -> None:
+  """Imports TensorFlow with the process's stderr closed, and hides GPUs from it.
+
+  Its native libraries log while they load ("Could not find cuda drivers on
+  your machine" on every CPU host, oneDNN notes), before absl logging is set
+  up, so TF_CPP_MIN_LOG_LEVEL does not reach them; looking for GPUs logs a
+  failed cuInit. TensorFlow only runs the input pipeline, which must leave
+  the accelerators to JAX (big_vision does the same), so its device list is
+  settled here too. A failed import still raises after stderr is back.
+  """
+  if "tensorflow" in sys.modules:
+    return
+  sys.stderr.flush()
+  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  try:
+    os.dup2(devnull, 2)
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    tf.config.set_visible_devices([], "GPU")
+  except ImportError:
+    pass  # machines without TensorFlow run what does not need it
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
+
+
+def _fail(command: str, message: str):
+  """One line on stderr, exit status 2 (argparse's convention for usage errors)."""
+  prog = f"kosmos-jax {command}" if command else "kosmos-jax"
+  print(f"{prog}: error: {message}", file=sys.stderr)
+  error = SystemExit(message)  # str(error) is the message, for callers of main()
+  error.code = 2
+  raise error from None
+
+
 def main(argv: list[str] | None = None) -> None:
+  """Runs one command. Errors in what the user gave (a missing file, a bad
+  argument, config key or value, a refused checkpoint) end in one line naming
+  it and exit status 2; anything else is a bug and keeps its traceback."""
   argv = sys.argv[1:] if argv is None else argv
-  argv, overrides = _split_config_overrides(argv)
+  command = next((a for a in argv if a in COMMANDS), "")
+  try:
+    argv, overrides = _split_config_overrides(argv)
+  except SystemExit as e:
+    _fail(command, str(e.code))
   args = build_parser().parse_args(argv)
   module = COMMANDS[args.command]
   if overrides and not getattr(module, "TAKES_CONFIG", False):
-    raise SystemExit(f"kosmos-jax {args.command} takes no --config.* overrides: {overrides}")
+    _fail(args.command, f"takes no --config.* overrides, got {overrides}")
   if getattr(module, "KEEPS_FREED_MEMORY", False):
     heap.keep_freed_memory()  # before jax or tf.data start a thread
-  module.run(args, overrides)
+  if getattr(module, "USES_TENSORFLOW", False):
+    _import_tensorflow_quietly()
+  try:
+    module.run(args, overrides)
+  except SystemExit as e:
+    if isinstance(e.code, str):
+      _fail(args.command, e.code)
+    raise
+  except (errors.UserError, FileNotFoundError, NotADirectoryError) as e:
+    _fail(args.command, str(e))
 
 
 if __name__ == "__main__":

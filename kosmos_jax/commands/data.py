@@ -1,6 +1,7 @@
 """`kosmos-jax data inspect`: examples of a seqio task or mixture, decoded."""
 
 TAKES_CONFIG = True
+USES_TENSORFLOW = True  # seqio tasks, the vocabulary
 
 
 def add_parser(sub) -> None:
@@ -22,15 +23,14 @@ def add_parser(sub) -> None:
     help="configs/NAME.py: registers the tasks on your files (data.spm_model_file, "
     "data.data_dir) and trims to its seq_len and images_per_row",
   )
-  inspect_cmd.set_defaults(error=inspect_cmd.error)
 
 
 def run(args, overrides) -> None:
-  """Argument errors exit 2, as argparse's own do."""
+  """Prints the examples; a bad argument is a one-line error (exit status 2)."""
   if args.num < 1:
-    args.error(f"argument --num: must be at least 1, got {args.num}")
+    raise SystemExit(f"argument --num: must be at least 1, got {args.num}")
   if overrides and not args.config:
-    args.error(f"--config.* overrides need --config: {overrides}")
+    raise SystemExit(f"--config.* overrides need --config: {overrides}")
   from kosmos_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from kosmos_jax.data import inspect as data_inspect  # pylint: disable=g-import-not-at-top
   from kosmos_jax.data import loader  # pylint: disable=g-import-not-at-top
@@ -51,9 +51,9 @@ def run(args, overrides) -> None:
         "--config.data.spm_model_file=.. --config.data.data_dir=..)"
       )
     )
-    args.error(f"argument NAME: {e}{hint}")
+    raise SystemExit(f"argument NAME: {e}{hint}") from None
   if args.split not in splits:
-    args.error(
+    raise SystemExit(
       f"argument --split: {args.split!r} is not a split of {args.name} "
       f"(splits: {', '.join(splits)})"
     )

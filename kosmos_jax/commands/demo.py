@@ -1,6 +1,7 @@
 """`kosmos-jax demo`: train configs/shapes.py from scratch on CPU and show what it learned."""
 
 TAKES_CONFIG = True
+USES_TENSORFLOW = True  # seqio tasks, the vocabulary
 KEEPS_FREED_MEMORY = True
 
 

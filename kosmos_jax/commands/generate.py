@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 
+USES_TENSORFLOW = True  # the processor's vocabulary
 DEFAULT_PROMPT = "<grounding>An image of"
 # The reference's greedy captioning budget (reference/kosmos2.md 1.11).
 DEFAULT_MAX_NEW_TOKENS = 128

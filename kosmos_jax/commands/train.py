@@ -3,6 +3,7 @@
 import json
 
 TAKES_CONFIG = True
+USES_TENSORFLOW = True  # seqio tasks, the vocabulary
 KEEPS_FREED_MEMORY = True
 
 
