@@ -1,9 +1,10 @@
 """`from_pretrained`: a model from a Hugging Face snapshot, a converted
 checkpoint or a trainer workdir, and the sidecar files that travel with it.
 
-What a directory is gets decided here, once (`checkpoint_kind`).
+What a directory is gets decided here, once (`locate`).
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -36,31 +37,39 @@ def copy_sidecars(src: str, dst: str) -> list[str]:
   return copied
 
 
-def split_step(path: str) -> tuple[str, int | None]:
-  """`workdir@1200` -> (`workdir`, 1200); any other path -> (path, None)."""
-  head, sep, tail = os.fspath(path).rpartition("@")
-  if sep and tail.isdigit() and not os.path.exists(path):
-    return head, int(tail)
-  return os.fspath(path), None
+@dataclasses.dataclass(frozen=True)
+class Location:
+  """A checkpoint directory and what kind it is, decided once (`locate`)."""
+
+  path: str
+  kind: str  # "hf" (a snapshot), "orbax" (converted) or "workdir" (a trainer's)
+  step: int | None = None  # of a workdir; None: its latest
 
 
-def checkpoint_kind(path: str) -> str:
-  """ "workdir" (a trainer's), "orbax" (converted) or "hf" (a snapshot);
-  anything else is an error naming the path."""
-  path, step = split_step(path)
+def locate(path: "str | os.PathLike | Location") -> Location:
+  """What `path` holds: a trainer workdir (`WORKDIR` or `WORKDIR@STEP`), one
+  of our converted checkpoints, or a Hugging Face snapshot; anything else is
+  an error naming the path."""
+  if isinstance(path, Location):
+    return path
+  path = os.fspath(path)
+  head, sep, tail = path.rpartition("@")
+  step = int(tail) if sep and tail.isdigit() and not os.path.exists(path) else None
+  if step is not None:
+    path = head
   if orbax_ckpt.is_workdir(path):
-    return "workdir"
+    return Location(path, "workdir", step)
   if step is not None:
     raise FileNotFoundError(
-      f"{path}: `@{step}` names a step, but this is not a trainer "
-      "workdir (config.json + checkpoints/)"
+      f"{path}: `@{step}` names a training step, but this is not a trainer workdir "
+      "(config.json + checkpoints/)"
     )
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path}: not a directory")
   if orbax_ckpt.is_checkpoint(path):
-    return "orbax"
+    return Location(path, "orbax")
   if os.path.isfile(os.path.join(path, "config.json")):
-    return "hf"
+    return Location(path, "hf")
   raise FileNotFoundError(
     f"{path}: neither a Hugging Face snapshot (config.json), a kosmos-jax "
     "checkpoint (kosmos_config.json) nor a trainer workdir "
@@ -68,15 +77,14 @@ def checkpoint_kind(path: str) -> str:
   )
 
 
-def model_config(path: str) -> ml_collections.ConfigDict:
+def model_config(path: "str | Location") -> ml_collections.ConfigDict:
   """The model config of any checkpoint `from_pretrained` reads, without its weights."""
-  kind = checkpoint_kind(path)
-  path, _ = split_step(path)
-  if kind == "workdir":
-    return orbax_ckpt.load_workdir_config(path).model
-  if kind == "orbax":
-    return orbax_ckpt.load_config(path)
-  with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+  where = locate(path)
+  if where.kind == "workdir":
+    return orbax_ckpt.load_workdir_config(where.path).model
+  if where.kind == "orbax":
+    return orbax_ckpt.load_config(where.path)
+  with open(os.path.join(where.path, "config.json"), encoding="utf-8") as f:
     return hf.config_from_hf(json.load(f))
 
 
@@ -97,7 +105,11 @@ def read_generation_config(path: str) -> ml_collections.FrozenConfigDict:
 
 
 def from_pretrained(
-  path: str, *, allow_pickle: bool = False, progress: bool = False, **config_overrides
+  path: "str | os.PathLike | Location",
+  *,
+  allow_pickle: bool = False,
+  progress: bool = False,
+  **config_overrides,
 ) -> Kosmos2:
   """Loads a Kosmos-2 model from any of our three kinds of directory.
 
@@ -114,19 +126,20 @@ def from_pretrained(
   The directory's `generation_config.json`, if any, becomes
   `model.generation_config`: the defaults of `model.generate`.
   """
-  kind = checkpoint_kind(path)
-  path, step = split_step(path)
-  config = model_config(path)
+  where = locate(path)
+  config = model_config(where)
   config.update(config_overrides)
-  if kind == "workdir":
-    _, params = orbax_ckpt.load_workdir_params(path, build.abstract_params(config), step)
-  elif kind == "orbax":
-    params = orbax_ckpt.load_params(path, build.abstract_params(config))
+  if where.kind == "workdir":
+    _, params = orbax_ckpt.load_workdir_params(
+      where.path, build.abstract_params(config), where.step
+    )
+  elif where.kind == "orbax":
+    params = orbax_ckpt.load_params(where.path, build.abstract_params(config))
   else:
-    _, tensors = hf.read_hf_dir(path, allow_pickle=allow_pickle, progress=progress)
+    _, tensors = hf.read_hf_dir(where.path, allow_pickle=allow_pickle, progress=progress)
     params = hf.hf_to_params(
       tensors, config, expected_shapes=build.abstract_params(config), progress=progress
     )
   model = build.model_from_params(config, params)
-  model.generation_config = read_generation_config(path)
+  model.generation_config = read_generation_config(where.path)
   return model

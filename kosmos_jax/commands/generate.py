@@ -183,18 +183,20 @@ def run(args, overrides) -> None:
   del overrides
   from kosmos_jax.checkpoints import loading  # pylint: disable=g-import-not-at-top
 
-  check_processor_files(loading.split_step(args.checkpoint)[0])
+  try:
+    where = loading.locate(args.checkpoint)  # the kind of checkpoint, decided once
+  except FileNotFoundError as e:
+    raise SystemExit(f"--checkpoint {e}") from None
+  check_processor_files(where.path)
   from kosmos_jax.processing import processor as processor_lib  # pylint: disable=g-import-not-at-top
   from kosmos_jax.processing import visualize  # pylint: disable=g-import-not-at-top
 
-  processor = processor_lib.Processor.from_pretrained(args.checkpoint)
+  processor = processor_lib.Processor.from_pretrained(where.path)
   pictures = [read_image(path, i) for i, path in enumerate(args.image)]
-  try:
-    config = loading.model_config(args.checkpoint)
-  except FileNotFoundError as e:
-    raise SystemExit(f"--checkpoint {e}") from e
+  # The model config alone first: the prompt is checked before any weights load.
+  config = loading.model_config(where)
   inputs = build_inputs(processor, pictures, args.prompt, args.box, config.text.max_positions)
-  model = loading.from_pretrained(args.checkpoint, dtype=args.dtype)
+  model = loading.from_pretrained(where, dtype=args.dtype)
   max_new = (
     args.max_new_tokens or model.generation_config.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS
   )

@@ -1,0 +1,70 @@
+"""from_pretrained: one decision of what a directory is, and a trainer workdir as a checkpoint."""
+
+import os
+import pathlib
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+import kosmos_jax
+from kosmos_jax import config as config_lib
+from kosmos_jax.checkpoints import loading
+from kosmos_jax.checkpoints import orbax as orbax_ckpt
+from kosmos_jax.models import build
+from kosmos_jax.train import optim, trainer
+from kosmos_jax.train import state as state_lib
+from tests.helpers.hf_reference import random_hf_model
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """A tiny training run with checkpoints at steps 1 and 2."""
+  path = tmp_path_factory.mktemp("run")
+  overrides = ["total_steps=2", "checkpoint_every=1", "log_every=1", "batch_size=2"]
+  overrides += ["seq_len=64", "mesh.fsdp=1", "optim.warmup_steps=1"]
+  config = config_lib.load(str(ROOT / "configs/tiny.py"), overrides)
+  trainer.train(config, str(path), devices=jax.devices()[:1])
+  return path
+
+
+def _params(model) -> dict:
+  return jax.tree.map(np.asarray, build.params_of(model))
+
+
+def test_a_workdir_loads_its_latest_step_like_a_full_restore(workdir):
+  config = orbax_ckpt.load_workdir_config(workdir)
+  tx = optim.optimizer(config.optim, config.total_steps)
+  _, abstract = state_lib.abstract(config.model, tx, config.seed)
+  # The whole train state, as a resumed run reads it.
+  with orbax_ckpt.checkpoint_manager(workdir, read_only=True) as manager:
+    full = manager.restore(
+      2, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+    ).state
+  want = jax.tree.map(np.asarray, nnx.to_pure_dict(full.params))
+  got = _params(kosmos_jax.from_pretrained(str(workdir)))
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  # An earlier step by name.
+  first = _params(kosmos_jax.from_pretrained(f"{workdir}@1"))
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(got)))
+
+
+def test_locate_decides_once_and_names_what_is_wrong(workdir, tmp_path):
+  assert loading.locate(str(workdir)) == loading.Location(str(workdir), "workdir", None)
+  assert loading.locate(f"{workdir}@1") == loading.Location(str(workdir), "workdir", 1)
+  hf_dir = tmp_path / "hf"
+  random_hf_model("a", seed=0).save_pretrained(hf_dir)
+  assert loading.locate(hf_dir).kind == "hf"
+  assert loading.model_config(hf_dir).text.depth == loading.model_config(str(hf_dir)).text.depth
+  with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 7 \(steps: 1, 2\)"):
+    kosmos_jax.from_pretrained(f"{workdir}@7")
+  with pytest.raises(FileNotFoundError, match="not a trainer workdir"):
+    loading.locate(f"{hf_dir}@3")
+  with pytest.raises(FileNotFoundError, match="neither a Hugging Face snapshot"):
+    loading.locate(tmp_path)
+  with pytest.raises(FileNotFoundError, match="not a directory"):
+    loading.locate(os.path.join(tmp_path, "missing"))
