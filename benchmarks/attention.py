@@ -1,7 +1,7 @@
 """Attention forward+backward TFLOP/s on a GPU: ours (Pallas Triton), cuDNN, XLA.
 
 One JSON line per (implementation, sequence length); then one line per cache
-length for decode (XLA, which kernels.decode_attention uses on GPU).
+length for decode (the XLA path every generation step takes).
 Needs a GPU; exits with a message otherwise.
 Run: `.venv/bin/python -m benchmarks.attention [--head-dim 128 ...]`.
 """
@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from benchmarks.common import timed
 from kosmos_jax import kernels
+from kosmos_jax.models import attention
 
 
 def attention_fn(impl, causal):
@@ -84,16 +85,22 @@ def run_decode(args, dtype):
   batch = args.decode_batch
   for max_length in args.seq_lens:
     keys = jax.random.split(jax.random.PRNGKey(1), 3)
-    q = jax.random.normal(keys[0], (batch, args.heads, args.head_dim), dtype)
+    q = jax.random.normal(keys[0], (batch, 1, args.heads, args.head_dim), dtype)
     cache_shape = (batch, max_length, args.heads, args.head_dim)
     k, v = (jax.random.normal(key, cache_shape, dtype) for key in keys[1:])
-    # Half-full caches, as mid-generation.
-    lengths = jnp.full((batch,), max_length // 2, jnp.int32)
-    # On GPU kernels.decode_attention is this XLA path (no Triton decode
-    # kernel): the line says how close XLA gets to the HBM bandwidth.
-    step = jax.jit(kernels.decode_attention)
-    jax.block_until_ready(step(q, k, v, lengths))
-    seconds, _ = timed(lambda: jax.block_until_ready(step(q, k, v, lengths)), args.repeats)
+    # Half-full caches, as mid-generation: written slots have segment id 1.
+    written = (jnp.arange(max_length) < max_length // 2).astype(jnp.int32)
+    kv_segment_ids = jnp.broadcast_to(written, (batch, max_length))
+    segment_ids = jnp.ones((batch, 1), jnp.int32)
+    # The call a generation step makes per layer (models/layers.py, cached):
+    # the line says how close XLA gets to the HBM bandwidth.
+    step = jax.jit(
+      lambda q, k, v: attention.attention(
+        q, k, v, causal=False, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids
+      )
+    )
+    jax.block_until_ready(step(q, k, v))
+    seconds, _ = timed(lambda: jax.block_until_ready(step(q, k, v)), args.repeats)
     # Bytes of the valid half of the K and V caches.
     moved = 2 * batch * (max_length // 2) * args.heads * args.head_dim
     moved *= jnp.dtype(dtype).itemsize

@@ -1,14 +1,7 @@
 """Pallas attention kernels (TPU Mosaic and GPU Triton) and their references."""
 
-from kosmos_jax.kernels.decode import decode_attention
 from kosmos_jax.kernels.flash import flash_attention
-from kosmos_jax.kernels.reference import attention_reference, decode_reference
+from kosmos_jax.kernels.reference import attention_reference
 from kosmos_jax.kernels.tiling import BlockSizes
 
-__all__ = [
-  "BlockSizes",
-  "attention_reference",
-  "decode_attention",
-  "decode_reference",
-  "flash_attention",
-]
+__all__ = ["BlockSizes", "attention_reference", "flash_attention"]

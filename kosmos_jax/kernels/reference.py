@@ -47,24 +47,6 @@ def attention_reference(q, k, v, *, causal=True, segment_ids=None, sm_scale=None
   return _masked_attention(q, k, v, mask, sm_scale)
 
 
-def decode_reference(q, k_cache, v_cache, lengths, *, sm_scale=None):
-  """One query per row against a KV cache; keys j < lengths[b] are valid.
-
-  Args:
-    q: [batch, heads, head_dim], the newest token's query.
-    k_cache: [batch, max_length, heads, head_dim].
-    v_cache: [batch, max_length, heads, head_dim].
-    lengths: [batch] ints, number of valid cache entries per row.
-    sm_scale: logit scale, default head_dim ** -0.5.
-
-  Returns:
-    [batch, heads, head_dim] in q.dtype; rows with length 0 are 0.
-  """
-  valid = jnp.arange(k_cache.shape[1])[None, :] < lengths[:, None]
-  mask = valid[:, None, None, :]
-  return _masked_attention(q[:, None], k_cache, v_cache, mask, sm_scale)[:, 0]
-
-
 def _masked_attention(q, k, v, mask, sm_scale):
   """Softmax attention under a boolean [b, h, q, k] (broadcastable) mask."""
   if sm_scale is None:

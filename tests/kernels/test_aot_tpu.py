@@ -48,24 +48,3 @@ def test_forward_backward_compile_for_v5e(mesh, head_dim, causal):
   assert lowered.as_text().count("tpu_custom_call") == 3
   compiled = lowered.compile()
   assert compiled.memory_analysis() is not None
-
-
-def test_decode_compiles_for_v5e(mesh):
-  # Kosmos-2 decoder heads: 32 x 64, bfloat16 cache.
-  batch, max_length, heads, head_dim = 4, 2048, 32, 64
-  decode = jax.shard_map(
-    lambda q, k, v, lengths: kernels.decode_attention(q, k, v, lengths, backend="tpu"),
-    mesh=mesh,
-    in_specs=P("data"),
-    out_specs=P("data"),
-  )
-
-  def struct(shape, dtype):
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P("data")))
-
-  cache = struct((batch, max_length, heads, head_dim), jnp.bfloat16)
-  lowered = jax.jit(decode).lower(
-    struct((batch, heads, head_dim), jnp.bfloat16), cache, cache, struct((batch,), jnp.int32)
-  )
-  assert lowered.as_text().count("tpu_custom_call") == 1
-  lowered.compile()
