@@ -9,7 +9,14 @@ the run directory is cleared first), REC evaluation on the held-out pictures
   rec_NN.png      a held-out picture with each expression's predicted box,
                   labelled with its IoU against the reference box
   caption_NN.png  the same picture with the boxes of its grounded caption
-  summary.json    steps, wall times, loss curve, rec_accuracy, captions
+                  (captions of more pictures give the caption score,
+                  eval/shapes_captions.py)
+  summary.json    steps, wall times (and normalised to the slowest machine of
+                  our kind), loss curve, rec_accuracy, captions
+
+Machines of our kind differ about 3x in CPU speed, so the demo's budget is
+for the slowest: the whole wall time times (this machine's float32 matmul
+peak / 140 GFLOP/s) must stay within 15 minutes.
 """
 
 import json
@@ -21,11 +28,14 @@ import ml_collections
 
 from kosmos_jax.checkpoints import loading
 from kosmos_jax.data import loader
-from kosmos_jax.eval import rec
+from kosmos_jax.eval import rec, shapes_captions
 from kosmos_jax.processing import visualize
-from kosmos_jax.train import trainer
+from kosmos_jax.train import mfu, trainer
 
 CAPTION_PROMPT = "<grounding>an image of"  # the shapes captions' opening words
+# The slowest machine of our kind (float32 matmul peak) and the demo's budget there.
+REFERENCE_PEAK_FLOPS = 140e9
+BUDGET_S = 15 * 60
 
 
 def _curves(metrics_path: str) -> tuple[list, list]:
@@ -37,33 +47,35 @@ def _curves(metrics_path: str) -> tuple[list, list]:
   return losses, evals
 
 
-def _captions(model, processor, images: list, max_new_tokens: int) -> list[tuple[str, list]]:
+def _captions(model, processor, images: list, max_new_tokens: int, batch_size: int) -> list:
   """Greedy grounded captions: (clean text, entities) per image."""
-  inputs = processor(text=[CAPTION_PROMPT] * len(images), images=images)
-  out = model.generate(
-    inputs["input_ids"],
-    inputs["pixel_values"],
-    inputs["attention_mask"],
-    inputs["image_embeds_position_mask"],
-    max_new_tokens=max_new_tokens,
-    num_beams=1,
-    do_sample=False,
-  )
-  return [
-    processor.post_process_generation(processor.decode(ids, skip_special_tokens=True))
-    for ids in out
-  ]
+  results = []
+  for at in range(0, len(images), batch_size):
+    inputs = processor(text=[CAPTION_PROMPT] * len(images[at : at + batch_size]),
+                       images=images[at : at + batch_size])  # fmt: skip
+    out = model.generate(
+      inputs["input_ids"],
+      inputs["pixel_values"],
+      inputs["attention_mask"],
+      inputs["image_embeds_position_mask"],
+      max_new_tokens=max_new_tokens,
+      num_beams=1,
+      do_sample=False,
+    )
+    results += [
+      processor.post_process_generation(processor.decode(ids, skip_special_tokens=True))
+      for ids in out
+    ]
+  return results
 
 
-def _draw(out: str, predictions: list[rec.Prediction], pictures: int, captions_of) -> list[dict]:
-  """rec_NN.png and caption_NN.png for the first `pictures` held-out images."""
+def _draw(out: str, predictions: list[rec.Prediction], captions: dict, pictures: int) -> list:
+  """rec_NN.png and caption_NN.png for the first `pictures` captioned pictures."""
   by_key = {}
   for p in predictions:
     by_key.setdefault(p.example.key, []).append(p)
-  keys = list(by_key)[:pictures]
-  captions = captions_of([by_key[k][0].example.image for k in keys]) if keys else []
   drawn = []
-  for i, (key, (text, entities)) in enumerate(zip(keys, captions)):
+  for i, (key, (text, entities)) in enumerate(list(captions.items())[:pictures]):
     image = by_key[key][0].example.image
     answers = [
       (f"{p.example.expression}: IoU {p.iou:.2f}", (0, 0), [p.box])
@@ -91,10 +103,12 @@ def run(
   out: str,
   *,
   pictures: int = 8,
+  caption_images: int = 200,
   caption_tokens: int = 48,
   devices=None,
 ) -> dict:
   """Trains, evaluates and draws (see the module doc); returns the summary."""
+  peak = mfu.peak_flops()  # before the run: the cores are idle now
   start = time.perf_counter()
   os.makedirs(out, exist_ok=True)
   workdir = os.path.join(out, "train")
@@ -111,12 +125,19 @@ def run(
     model, processor, examples, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens
   )
   scores = rec.metrics(predictions)
+  # Grounded captions of the first `caption_images` held-out pictures, scored
+  # against the shapes each one has.
+  objects = shapes_captions.objects_by_picture(examples)
+  keys = list(objects)[:caption_images]
+  images = {e.key: e.image for e in examples}
+  texts = _captions(model, processor, [images[k] for k in keys], caption_tokens, cfg.batch_size)
+  captions = dict(zip(keys, texts))
+  scores.update(shapes_captions.score({k: e for k, (_, e) in captions.items()}, objects))
   eval_done = time.perf_counter()
-  drawn = _draw(
-    out, predictions, pictures, lambda images: _captions(model, processor, images, caption_tokens)
-  )
+  drawn = _draw(out, predictions, captions, pictures)
   end = time.perf_counter()
   losses, evals = _curves(os.path.join(workdir, "metrics.jsonl"))
+  normalised = (end - start) * peak / REFERENCE_PEAK_FLOPS
   summary = dict(
     mixture=config.data.mixture,
     rec_task=cfg.task,
@@ -127,6 +148,10 @@ def run(
     **scores,
     rec_images=len({e.key for e in examples}),
     wall_time_s=round(end - start, 1),
+    matmul_peak_gflops=round(peak / 1e9, 1),
+    normalised_wall_time_s=round(normalised, 1),
+    budget_s=BUDGET_S,
+    within_budget=normalised <= BUDGET_S,
     wall_time_split_s=dict(
       data=round(data_done - start, 1),
       train=round(train_done - data_done, 1),
@@ -150,9 +175,15 @@ def describe(summary: dict, out: str) -> str:
     f"REC accuracy (IoU >= 0.5) {summary['rec_accuracy']:.3f} "
     f"on {summary['rec_count']} expressions "
     f"of {summary['rec_images']} held-out pictures (mean IoU {summary['rec_mean_iou']:.3f})",
+    f"grounded captions right {summary['caption_score']:.3f} of {summary['caption_count']} "
+    "held-out pictures (real shapes, each once, boxes on them)",
     f"{summary['steps']} steps, loss {first[1]:.3f} (step {first[0]}) -> {last[1]:.3f}",
     f"wall time {summary['wall_time_s']:.0f} s: "
     + ", ".join(f"{k} {v:.0f} s" for k, v in split.items()),
+    f"on the slowest machine of our kind: {summary['normalised_wall_time_s']:.0f} s "
+    f"(this machine's matmul peak {summary['matmul_peak_gflops']:.0f} GFLOP/s vs "
+    f"{REFERENCE_PEAK_FLOPS / 1e9:.0f}); budget {summary['budget_s']} s"
+    + ("" if summary["within_budget"] else ": OVER BUDGET"),
   ]
   lines += [f"  {p['key']}: {p['caption']}" for p in summary["pictures"][:3]]
   lines.append(f"pictures and summary.json in {out}")

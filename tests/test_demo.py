@@ -43,8 +43,16 @@ def test_demo_writes_summary_and_pictures(tmp_path):
   summary = json.loads((out / "summary.json").read_text())
   assert summary["steps"] == 4 and [s for s, _ in summary["loss_curve"]] == [1, 2, 3, 4]
   assert 0.0 <= summary["rec_accuracy"] <= 1.0
+  assert 0.0 <= summary["caption_score"] <= 1.0 and summary["caption_count"] == 3
+  assert "grounded captions right" in proc.stdout
   assert summary["rec_images"] == 3 and summary["rec_count"] >= 3
   assert set(summary["wall_time_split_s"]) == {"data", "train", "eval", "pictures"}
+  # The wall time normalised to the slowest machine of our kind (140 GFLOP/s).
+  assert summary["matmul_peak_gflops"] > 10 and summary["budget_s"] == 900
+  normalised = summary["wall_time_s"] * summary["matmul_peak_gflops"] / 140
+  assert abs(summary["normalised_wall_time_s"] - normalised) <= 0.01 * normalised + 0.2
+  assert summary["within_budget"] == (summary["normalised_wall_time_s"] <= 900)
+  assert "on the slowest machine of our kind" in proc.stdout
   # The trainer's periodic hook scored REC too.
   assert "eval/rec_accuracy" in summary["evaluations"][-1]
   assert len(summary["pictures"]) == 2

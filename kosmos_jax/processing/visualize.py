@@ -48,7 +48,9 @@ def draw_entities(
       draw.rectangle(box, outline=color, width=line_width)
       label = phrase.strip() or "?"
       left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
-      tx, ty = box[0], max(0.0, box[1] - (bottom - top) - 4)
+      # Above the box's left corner, moved left where it would leave the picture.
+      tx = max(0.0, min(box[0], width - (right - left) - 4))
+      ty = max(0.0, box[1] - (bottom - top) - 4)
       draw.rectangle([tx, ty, tx + right - left + 4, ty + bottom - top + 4], fill=color)
       draw.text((tx + 2, ty + 2 - top), label, fill=(255, 255, 255), font=font)
   return picture
