@@ -82,14 +82,14 @@ def checkpoint_manager(
   workdir, *, keep: int | None = None, every: int | None = None, read_only: bool = False
 ) -> ocp.CheckpointManager:
   """The manager of `workdir/checkpoints`: asynchronous saves every `every`
-  steps, the last `keep` kept."""
-  options = ocp.CheckpointManagerOptions(
-    max_to_keep=keep,
-    save_interval_steps=every or 1,
-    read_only=read_only,
-    enable_async_checkpointing=not read_only,
-    create=not read_only,
-  )
+  steps, the last `keep` kept; `read_only` for restoring (it creates nothing).
+  Orbax's own read_only mode is not used: it warns on every open."""
+  if read_only:
+    options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
+  else:
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, save_interval_steps=every or 1, enable_async_checkpointing=True, create=True
+    )
   return ocp.CheckpointManager(as_path(workdir) / WORKDIR_CHECKPOINTS, options=options)
 
 
