@@ -19,7 +19,9 @@ generation draws with numpy and encodes with PIL (thousands per minute per core)
 deterministically, into a cache directory on first use.
 """
 
+import contextlib
 import dataclasses
+import fcntl
 import io
 import os
 import tempfile
@@ -212,10 +214,28 @@ def build(
   data_dir = data_dir or os.path.join(cache_dir(), "tfds")
   key = (data_dir, config if isinstance(config, str) else repr(config))
   if key not in _BUILT:
-    builder = KosmosShapes(config=config, data_dir=data_dir)
-    builder.download_and_prepare()
+    with _exclusive(data_dir, config if isinstance(config, str) else config.name):
+      builder = KosmosShapes(config=config, data_dir=data_dir)
+      builder.download_and_prepare()
     _BUILT[key] = builder
   return _BUILT[key]
+
+
+@contextlib.contextmanager
+def _exclusive(data_dir: str, name: str):
+  """Holds a lock file while one process prepares a config: two demo runs
+  started together both generated it and raced on TFDS's final rename
+  (FileExistsError). Local directories only; a bucket is prepared once, by hand."""
+  if "://" in data_dir:
+    yield
+    return
+  os.makedirs(data_dir, exist_ok=True)
+  with open(os.path.join(data_dir, f".kosmos_shapes-{name}.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def cache_dir() -> str:

@@ -1,6 +1,9 @@
 """The synthetic shapes dataset: deterministic, tight boxes, learnable REC, fast."""
 
 import io
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -72,3 +75,29 @@ def test_builder_and_vocabulary(tmp_path):
   ]
   ids = v1.encode("the red circle is left of the blue square.")
   assert 3 not in ids and v1.decode(ids) == "the red circle is left of the blue square."
+
+
+def test_processes_preparing_one_config_at_once_all_succeed(tmp_path):
+  """Demo runs started together raced on TFDS's final rename (FileExistsError)."""
+  code = (
+    "import sys\n"
+    "from kosmos_jax.data import shapes\n"
+    "config = shapes.ShapesConfig(name='race', image_size=32, num_train=1500, num_test=10)\n"
+    "builder = shapes.build(sys.argv[1], config)\n"
+    "print(builder.info.splits['train'].num_examples)\n"
+  )
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", code, str(tmp_path)],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )  # fmt: skip
+    for _ in range(3)
+  ]
+  for proc in procs:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert out.split()[-1] == "1500"
