@@ -4,7 +4,7 @@ One JSON line per batch size: the jitted step (configs/shapes.py, AdamW,
 donated state) on real loader batches, the model's matmul FLOP/s against the
 machine's float32 matmul peak, and the loader's time per batch on its own.
 The demo's budget is normalised to a 140 GFLOP/s peak (README, "Two commands").
-Run: `.venv/bin/python -m benchmarks.demo_step [--batch-sizes 8 16 32]`.
+Run: `.venv/bin/python -m benchmarks.demo_step [--batch-sizes 8 16 32] [--set KEY=VALUE ..]`.
 """
 
 import argparse
@@ -65,14 +65,18 @@ def main():
   parser.add_argument("--config", default="configs/shapes.py")
   parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16, 32])
   parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument(
+    "--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. seq_len=96"
+  )
   args = parser.parse_args()
-  base = config_lib.load(args.config)
+  base = config_lib.load(args.config, args.set)
   loader.register_user_tasks(base.data)
   peak = mfu.peak_flops()
   for batch_size in args.batch_sizes:
-    config = config_lib.load(args.config, [f"batch_size={batch_size}"])
+    config = config_lib.load(args.config, [*args.set, f"batch_size={batch_size}"])
     result = measure(config, args.repeats)
-    print(json.dumps(dict(config=args.config, matmul_peak_gflops=round(peak / 1e9, 1), **result)))
+    record = dict(config=args.config, overrides=args.set, matmul_peak_gflops=round(peak / 1e9, 1))
+    print(json.dumps(dict(record, **result)))
 
 
 if __name__ == "__main__":
