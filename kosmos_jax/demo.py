@@ -49,24 +49,15 @@ def _curves(metrics_path: str) -> tuple[list, list]:
 
 def _captions(model, processor, images: list, max_new_tokens: int, batch_size: int) -> list:
   """Greedy grounded captions: (clean text, entities) per image."""
-  results = []
-  for at in range(0, len(images), batch_size):
-    inputs = processor(text=[CAPTION_PROMPT] * len(images[at : at + batch_size]),
-                       images=images[at : at + batch_size])  # fmt: skip
-    out = model.generate(
-      inputs["input_ids"],
-      inputs["pixel_values"],
-      inputs["attention_mask"],
-      inputs["image_embeds_position_mask"],
-      max_new_tokens=max_new_tokens,
-      num_beams=1,
-      do_sample=False,
-    )
-    results += [
-      processor.post_process_generation(processor.decode(ids, skip_special_tokens=True))
-      for ids in out
-    ]
-  return results
+  decoded = rec.greedy_decode(
+    model,
+    processor,
+    [CAPTION_PROMPT] * len(images),
+    images,
+    batch_size=batch_size,
+    max_new_tokens=max_new_tokens,
+  )
+  return [processor.post_process_generation(text) for text in decoded]
 
 
 def _draw(out: str, predictions: list[rec.Prediction], captions: dict, pictures: int) -> list:

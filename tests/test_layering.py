@@ -7,8 +7,6 @@ dodges the import-time cost, not the dependency.
 import ast
 import pathlib
 
-import pytest
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "kosmos_jax"
 
@@ -94,9 +92,3 @@ def test_lazy_imports_say_why():
     and not any("Lazy" in text for text in before)
   ]
   assert not silent, "\n".join(silent)
-
-
-@pytest.mark.parametrize("unit", ["processing", "search", "sharding", "kernels"])
-def test_the_bottom_layer_knows_no_model(unit):
-  found = [(m, n) for m, _, n, _, _ in edges() if _unit(m) == unit and _unit(n) == "models"]
-  assert not found

@@ -129,17 +129,14 @@ def from_pretrained(
   where = locate(path)
   config = model_config(where)
   config.update(config_overrides)
+  abstract = build.abstract_params(config)
   if where.kind == "workdir":
-    _, params = orbax_ckpt.load_workdir_params(
-      where.path, build.abstract_params(config), where.step
-    )
+    params = orbax_ckpt.load_workdir_params(where.path, abstract, where.step)
   elif where.kind == "orbax":
-    params = orbax_ckpt.load_params(where.path, build.abstract_params(config))
+    params = orbax_ckpt.load_params(where.path, abstract)
   else:
     _, tensors = hf.read_hf_dir(where.path, allow_pickle=allow_pickle, progress=progress)
-    params = hf.hf_to_params(
-      tensors, config, expected_shapes=build.abstract_params(config), progress=progress
-    )
+    params = hf.hf_to_params(tensors, config, expected_shapes=abstract, progress=progress)
   model = build.model_from_params(config, params)
   model.generation_config = read_generation_config(where.path)
   return model

@@ -108,9 +108,9 @@ def load_workdir_config(path) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(file.read_text()))
 
 
-def load_workdir_params(path, abstract_params, step: int | None = None) -> tuple[int, dict]:
-  """(step, parameters) of a trainer checkpoint (default: the latest step),
-  on the default device. Only the parameters are read: the optimizer state
+def load_workdir_params(path, abstract_params, step: int | None = None) -> dict:
+  """The parameters of a trainer checkpoint (default: the latest step), on the
+  default device. Only the parameters are read: the optimizer state
   and data iterator stay on disk."""
   with checkpoint_manager(path, read_only=True) as manager:
     steps = sorted(manager.all_steps())
@@ -136,4 +136,4 @@ def load_workdir_params(path, abstract_params, step: int | None = None) -> tuple
     )
     restored = manager.restore(step, args=ocp.args.Composite(state=restore))
   is_variable = lambda x: isinstance(x, dict) and set(x) == {"value"}
-  return step, jax.tree.map(lambda v: v["value"], restored.state["params"], is_leaf=is_variable)
+  return jax.tree.map(lambda v: v["value"], restored.state["params"], is_leaf=is_variable)

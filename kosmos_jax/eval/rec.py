@@ -87,14 +87,43 @@ def predict(
   max_new_tokens: int = 8,
 ) -> list[Prediction]:
   """Greedy answers, `batch_size` prompts at a time."""
-  batch_size = max(1, min(batch_size, len(examples)))
   side = processor.vocab.num_patches_per_side
+  decoded = greedy_decode(
+    model,
+    processor,
+    [prompt(e.expression) for e in examples],
+    [e.image for e in examples],
+    batch_size=batch_size,
+    max_new_tokens=max_new_tokens,
+  )
   predictions = []
-  for start in range(0, len(examples), batch_size):
-    chunk = list(examples[start : start + batch_size])
+  for example, raw in zip(examples, decoded):
+    text = processor.post_process_generation(raw, cleanup_and_extract=False)
+    box = first_box(text, side)
+    predictions.append(
+      Prediction(example, text, box, 0.0 if box is None else boxes_lib.iou(box, example.box))
+    )
+  return predictions
+
+
+def greedy_decode(
+  model,
+  processor: processor_lib.Processor,
+  prompts: Sequence[str],
+  images: Sequence,
+  *,
+  batch_size: int,
+  max_new_tokens: int,
+) -> list[str]:
+  """Greedy generations for (prompt, image) pairs, decoded without special
+  tokens, `batch_size` pairs at a time."""
+  batch_size = max(1, min(batch_size, len(prompts)))
+  texts = []
+  for start in range(0, len(prompts), batch_size):
+    rows = list(range(start, min(start + batch_size, len(prompts))))
     # A short last batch is filled with copies: every batch has one compiled shape.
-    rows = chunk + chunk[-1:] * (batch_size - len(chunk))
-    inputs = processor(text=[prompt(e.expression) for e in rows], images=[e.image for e in rows])
+    rows += rows[-1:] * (batch_size - len(rows))
+    inputs = processor(text=[prompts[i] for i in rows], images=[images[i] for i in rows])
     out = model.generate(
       inputs["input_ids"],
       inputs["pixel_values"],
@@ -104,15 +133,8 @@ def predict(
       num_beams=1,
       do_sample=False,
     )
-    for example, ids in zip(chunk, out):
-      text = processor.post_process_generation(
-        processor.decode(ids, skip_special_tokens=True), cleanup_and_extract=False
-      )
-      box = first_box(text, side)
-      predictions.append(
-        Prediction(example, text, box, 0.0 if box is None else boxes_lib.iou(box, example.box))
-      )
-  return predictions
+    texts += [processor.decode(ids, skip_special_tokens=True) for ids in out]
+  return texts[: len(prompts)]
 
 
 def metrics(predictions: Iterable[Prediction]) -> dict[str, float]:

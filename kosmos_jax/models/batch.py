@@ -52,11 +52,3 @@ def shapes(
     image = (batch_size, images_per_row, num_channels, image_size, image_size)
     out.update({k: (image, dtype) for k, dtype in IMAGE_FEATURES.items()})
   return out
-
-
-def shapes_of(config) -> dict[str, tuple[tuple[int, ...], type]]:
-  """`shapes` of an experiment config's global batch."""
-  v = config.model.vision
-  return shapes(
-    config.batch_size, config.seq_len, config.images_per_row, v.image_size, v.num_channels
-  )

@@ -41,10 +41,11 @@ class CompileReport:
 
 def abstract_batch(config) -> dict:
   """ShapeDtypeStructs of one global training batch (the layout of models/batch.py)."""
-  return {
-    k: jax.ShapeDtypeStruct(shape, dtype)
-    for k, (shape, dtype) in batch_lib.shapes_of(config).items()
-  }
+  v = config.model.vision
+  shapes = batch_lib.shapes(
+    config.batch_size, config.seq_len, config.images_per_row, v.image_size, v.num_channels
+  )
+  return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()}
 
 
 def compile_train_step(config, devices, topology_name: str = "") -> tuple[object, CompileReport]:
