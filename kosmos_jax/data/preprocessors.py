@@ -209,6 +209,7 @@ def referring(
   num_image_tokens: int = vocab_lib.NUM_IMAGE_TOKENS,
   strict: bool = False,
   stats: quality.DataStats | None = None,
+  per_image: bool = False,
 ) -> tf.data.Dataset:
   """Referring-expression comprehension, one example per (expression, box).
 
@@ -217,7 +218,17 @@ def referring(
   prompt (no loss, `</image>` included) and `<object><patch_index_a><patch_index_b></object></s>`
   as the target: the REC prompt of the official evaluation (reference 2.7).
   Images get the square transform: a crop could cut the referent.
+
+  `per_image`: one example per picture instead, its expressions in a seeded
+  random order, each `<phrase>{expression}</phrase>` (no loss) followed by its
+  `<object>..</object>` (loss), after one `<grounding>`. The first expression
+  is the evaluation's prompt exactly; the picture and its slots are paid once
+  for all its expressions (see `_referring_per_image`).
   """
+  if per_image:
+    return _referring_per_image(
+      dataset, vocab, image_size, quantizer, num_image_tokens, strict, stats
+    )
 
   @tf.autograph.experimental.do_not_convert
   def per_expression(x):
@@ -286,6 +297,72 @@ def referring(
   dataset = (stats or quality.default_stats()).count_input(dataset.flat_map(per_expression))
   dataset = dataset.map(example, num_parallel_calls=tf.data.AUTOTUNE)
   return _errors_tolerated(dataset, strict)
+
+
+def _object_ids(vocab, boxes: tf.Tensor, quantizer: str) -> tf.Tensor:
+  """`<object><patch_index_a><patch_index_b></object>` per box: int32 [n, 4]."""
+  pairs = tf_text.quantize_boxes(boxes, vocab.num_patches_per_side, quantizer)
+  n = tf.shape(boxes)[0]
+  tag = lambda name: tf.fill([n, 1], vocab.tag_id(name))
+  return tf.concat([tag("<object>"), pairs + vocab.patch_index_id(0), tag("</object>")], 1)
+
+
+def _referring_per_image(dataset, vocab, image_size, quantizer, num_image_tokens, strict, stats):
+  """`referring(per_image=True)`: a record is a picture. An expression that is
+  blank or whose box is unusable is left out (counted by reason); a picture
+  left with none, or whose image is bad, is dropped."""
+  stats = stats or quality.default_stats()
+
+  @tf.autograph.experimental.do_not_convert
+  def example(x, seed):
+    with tf.control_dependencies([stats.input_counted()]):
+      image_issues = tf_image.check_image_bytes(x["image"])
+    drop = tf.reduce_any(image_issues > 0)
+    pixels = tf_image.normalize(_decode_checked(x["image"], ~drop, image_size, "square")[0])
+    expressions, text_issues = tf_text.repair_utf8(x["expressions"])
+    boxes = tf.reshape(tf.cast(x["boxes"], tf.float32), [-1, 4])
+    n = tf.shape(boxes)[0]
+    # Each box as a one-character GrIT span of its own expression, so that it
+    # gets the same checks as a single-expression example.
+    rows = tf.concat([tf.zeros([n, 1]), tf.ones([n, 1]), boxes, tf.ones([n, 1])], 1)
+    _, boxes, kept, box_issues = tf_text.clean_spans(rows, tf.range(n), tf.ones([n], tf.int32), 0.0)
+    blank = tf_text.is_blank(expressions)
+    keep = ~tf.gather(blank, kept)
+    kept, boxes = tf_text.select(keep, kept, boxes)
+    order = tf.argsort(tf.random.stateless_uniform(tf.shape(kept), seed))
+    kept, boxes = tf.gather(kept, order), tf.gather(boxes, order)
+    phrases = vocab.encode_plain_tf(tf.gather(expressions, kept))
+    k = tf.shape(kept)[0]
+    dense = lambda ids: tf.RaggedTensor.from_tensor(tf.cast(ids, tf.int32))
+    tag = lambda name: dense(tf.fill([k, 1], vocab.tag_id(name)))
+    pieces = [
+      tag("<phrase>"),
+      phrases,
+      tag("</phrase>"),
+      dense(_object_ids(vocab, boxes, quantizer)),
+    ]
+    ids = tf.concat(pieces, 1)
+    weights = tf.concat([tf.zeros_like(p) for p in pieces[:3]] + [tf.ones_like(pieces[3])], 1)
+    image_ids, image_weights, image_mask = tf_text.image_part(vocab, num_image_tokens)
+    ids, weights = ids.flat_values, weights.flat_values
+    out = tf_text.join(
+      tf_text.token_part(vocab.bos_id, weight=0),
+      (image_ids, tf.zeros_like(image_weights), image_mask),
+      tf_text.token_part(vocab.tag_id("<grounding>"), weight=0),
+      (ids, weights, tf.zeros_like(ids)),
+      tf_text.token_part(vocab.eos_id),
+    )
+    out.update(key=x["key"], images=pixels[None])
+    issues = (
+      image_issues
+      + tf.reduce_sum(text_issues, 0)
+      + tf.reduce_sum(box_issues, 0)
+      + quality.issue("text_empty", tf.reduce_sum(tf.cast(blank, tf.int32)))
+    )
+    return quality.with_issues(out, issues, drop | tf.equal(k, 0))
+
+  mapped = tf.autograph.experimental.do_not_convert(seqio.map_over_dataset(example, num_seeds=1))
+  return _errors_tolerated(mapped(dataset), strict)
 
 
 def documents(

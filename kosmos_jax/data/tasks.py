@@ -64,7 +64,9 @@ def _register_mixture(name: str, rates: dict[str, int]):
   seqio.MixtureRegistry.add(name, list(rates.items()))
 
 
-def _family_preprocessors(vocab, image_size, num_image_tokens, strict, transform, **grit):
+def _family_preprocessors(
+  vocab, image_size, num_image_tokens, strict, transform, rec_per_image=False, **grit
+):
   common = dict(vocab=vocab, image_size=image_size)
   images = dict(common, num_image_tokens=num_image_tokens, strict=strict)
   return {
@@ -74,7 +76,7 @@ def _family_preprocessors(vocab, image_size, num_image_tokens, strict, transform
     ],
     "grit": [functools.partial(preprocessors.image_text, transform=transform, **grit, **images)],
     "interleaved": [functools.partial(preprocessors.documents, transform=transform, **images)],
-    "rec": [functools.partial(preprocessors.referring, **images)],
+    "rec": [functools.partial(preprocessors.referring, per_image=rec_per_image, **images)],
   }
 
 
@@ -195,12 +197,16 @@ def register_shapes_tasks(
   config: str | dict | shapes.ShapesConfig | None = None,
   strict: bool = False,
   rates: dict[str, float] | None = None,
+  use_box_prob: float = 0.5,
+  rec_per_image: bool = False,
 ) -> None:
   """`{prefix}_{text,caption,grit,interleaved,rec}` and `{prefix}_mix` on the
   shapes TFDS dataset (config named after `image_size` unless given); splits
   "train" and "validation" (the held-out "test" split). The inference
   ("square") transform keeps every box whole. `rates` (by family) default to
-  `SHAPES_RATES`. A dict `config` holds the fields of a `ShapesConfig`."""
+  `SHAPES_RATES`. A dict `config` holds the fields of a `ShapesConfig`.
+  `use_box_prob`: the grit task's chance of grounding a caption;
+  `rec_per_image`: one rec example per picture (`preprocessors.referring`)."""
   if isinstance(config, dict):
     config = shapes.ShapesConfig(**config)
   vocab = shapes.shapes_vocabulary(num_patches_per_side)
@@ -210,7 +216,8 @@ def register_shapes_tasks(
     num_image_tokens,
     strict,
     "square",
-    use_box_prob=0.5,
+    rec_per_image=rec_per_image,
+    use_box_prob=use_box_prob,
     phrase_mode="expression",
     score_threshold=0.65,
   )

@@ -387,3 +387,75 @@ def test_strict_mode_names_the_record(vocab):
     )
   with pytest.raises(tf.errors.InvalidArgumentError, match="image_truncated"):
     _run([_record("cut", encode(picture(), "JPEG")[:100])], vocab, strict=True)
+
+
+def _referring(records, vocab, per_image, seed=0):
+  spec = dict(
+    key=tf.TensorSpec([], tf.string),
+    image=tf.TensorSpec([], tf.string),
+    expressions=tf.TensorSpec([None], tf.string),
+    boxes=tf.TensorSpec([None, 4], tf.float32),
+  )
+  stats = quality.DataStats()
+  ds = tf.data.Dataset.from_generator(lambda: iter(records), output_signature=spec)
+  with seqio.utils.map_seed_manager(seed):
+    ds = preprocessors.referring(
+      ds, vocab, image_size=16, num_image_tokens=SLOTS, stats=stats, per_image=per_image
+    )
+  return list(quality.filter_and_count(ds, stats).as_numpy_iterator()), stats.as_dict()
+
+
+def _runs(x, start):
+  """The tokens from `start` on, cut where the loss weight changes: prompt, target, .."""
+  ids, weights = x["targets"][start:].tolist(), x["loss_weights"][start:].tolist()
+  runs = [[ids[0]]]
+  for i in range(1, len(ids)):
+    if weights[i] != weights[i - 1]:
+      runs.append([])
+    runs[-1].append(ids[i])
+  return runs
+
+
+def test_referring_per_image_pays_the_picture_once(vocab):
+  expressions = [b"ba", b"be bi", b"bo"]
+  boxes = [[0.1, 0.1, 0.4, 0.4], [0.5, 0.2, 0.9, 0.6], [0.0, 0.6, 0.3, 1.0]]
+  record = dict(
+    key="k",
+    image=encode(picture()),
+    expressions=np.array(expressions, object),
+    boxes=np.array(boxes, np.float32),
+  )
+  head = 3 + SLOTS  # <s> <image> slots </image>
+  singles, _ = _referring([record], vocab, per_image=False)
+  (joined,), counts = _referring([record], vocab, per_image=True)
+  assert counts["records_in"] == 1 and joined["images"].shape == (1, 3, 16, 16)
+  np.testing.assert_array_equal(joined["images"][0], singles[0]["images"][0])
+  # The picture once, `<grounding>`, then each expression's prompt and target
+  # as the single-expression examples have them (theirs after `<grounding>`),
+  # in a seeded order, and `</s>` last with the final target.
+  assert joined["targets"][: head + 1].tolist() == singles[0]["targets"][: head + 1].tolist()
+  single_pairs = sorted((tuple(r[0][1:]), tuple(r[1][:4])) for r in map(_runs, singles, [head] * 3))
+  runs = _runs(joined, head + 1)
+  assert sorted((tuple(runs[i]), tuple(runs[i + 1][:4])) for i in (0, 2, 4)) == single_pairs
+  assert len(runs) == 6 and runs[-1][-1] == vocab.eos_id
+  assert joined["loss_weights"].sum() == 3 * 4 + 1
+  first = {
+    tuple(_runs(_referring([record], vocab, True, seed)[0][0], head + 1)[0]) for seed in range(8)
+  }
+  assert len(first) > 1  # which expression comes first varies with the seed
+
+
+def test_referring_per_image_leaves_out_bad_expressions(vocab):
+  record = dict(
+    key="k",
+    image=encode(picture()),
+    expressions=np.array([b" ", b"ba", b"be"], object),
+    boxes=np.array([[0.1, 0.1, 0.4, 0.4], [0.5, 0.5, 0.5, 0.9], [0.2, 0.2, 0.6, 0.6]], np.float32),
+  )
+  bad = dict(record, key="bad", image=b"junk", expressions=np.array([b"bo"], object))
+  (x,), counts = _referring(
+    [record, dict(bad, boxes=np.array([[0, 0, 1, 1]], np.float32))], vocab, True
+  )
+  assert x["loss_weights"].sum() == 4 + 1  # only "be" is left
+  assert counts["text_empty"] == 1 and counts["box_empty"] == 1
+  assert counts["image_unknown_format"] == 1 and counts["records_in"] == 2

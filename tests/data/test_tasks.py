@@ -120,3 +120,33 @@ def test_shapes_tasks(tmp_path):
       .as_numpy_iterator()
     )
     assert rows and rows[0]["pixel_values"].shape == (2, 3, 32, 32)
+
+
+def test_shapes_tasks_options(tmp_path):
+  """`rec_per_image`: one rec example per picture; `use_box_prob=1`: every grit caption grounded."""
+  config = shapes.ShapesConfig(name="tasks", image_size=32, num_train=9, num_test=3)
+  tasks.register_shapes_tasks(
+    prefix="otest",
+    image_size=32,
+    num_image_tokens=8,
+    data_dir=str(tmp_path),
+    config=config,
+    use_box_prob=1.0,
+    rec_per_image=True,
+  )
+  lengths = {"targets": 128, "images": 1}
+  rec = seqio.get_mixture_or_task("otest_rec")
+  vocab = rec.output_features["targets"].vocabulary
+  examples = list(rec.get_dataset(lengths, shuffle=False).as_numpy_iterator())
+  assert len(examples) == 9  # one per picture
+  for x in examples:
+    record = shapes.make_example("train", int(x["key"].decode().split("-")[1]), 32)
+    text = vocab.detokenize(x["targets"], skip_special_tokens=False)
+    names = record["objects"]["expression"]
+    assert text.count("<grounding>") == 1 and all(f"<phrase> {n}</phrase>" in text for n in names)
+    assert x["loss_weights"].sum() == 4 * len(names) + 1
+  grit = seqio.get_mixture_or_task("otest_grit").get_dataset(lengths, shuffle=False)
+  texts = [
+    vocab.detokenize(x["targets"], skip_special_tokens=False) for x in grit.as_numpy_iterator()
+  ]
+  assert len(texts) == 9 and all("<grounding>" in t and "<object>" in t for t in texts)
