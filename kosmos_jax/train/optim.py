@@ -29,6 +29,10 @@ def optim_config() -> ml_collections.ConfigDict:
       # CLIP except its last block: "vision_model/(?!layers/).*",
       # "vision_model/layers/.*@:-1".
       freeze=[],
+      # "REGEX=FACTOR" over parameter paths: the update (learning rate and
+      # weight decay alike) of matching parameters times FACTOR, the first
+      # match counting, e.g. "vision_model/.*=3" trains the ViT 3x faster.
+      lr_multipliers=[],
     )
   )
 
@@ -99,8 +103,40 @@ def _freeze(patterns) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
+def _parse_multipliers(specs) -> list[tuple[re.Pattern, float]]:
+  parsed = []
+  for spec in specs:
+    regex, _, factor = spec.rpartition("=")
+    try:
+      parsed.append((re.compile(regex), float(factor)))
+    except (re.error, ValueError) as e:
+      raise ValueError(f"optim.lr_multipliers entry {spec!r}: expected 'REGEX=FACTOR' ({e})") from e
+    if not regex:
+      raise ValueError(f"optim.lr_multipliers entry {spec!r}: expected 'REGEX=FACTOR'")
+  return parsed
+
+
+def _scale_by_path(specs) -> optax.GradientTransformation:
+  """Multiplies each update by the factor of the first `lr_multipliers` regex
+  that matches its path (1 when none does); factors are Python floats, so
+  XLA folds them into the update."""
+  parsed = _parse_multipliers(specs)
+
+  def factor(path) -> float:
+    name = path_name(path)
+    return next((f for regex, f in parsed if regex.fullmatch(name)), 1.0)
+
+  def update(updates, state, params=None):
+    del params
+    scaled = jax.tree_util.tree_map_with_path(lambda p, u: u * factor(p), updates)
+    return scaled, state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
 def optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
-  """freeze -> clip(global norm) -> AdamW (decay on weights only) -> freeze.
+  """freeze -> clip(global norm) -> AdamW (decay on weights only) -> per-path
+  learning-rate multipliers -> freeze.
 
   Frozen gradients are zeroed before clipping, so they do not count in the
   norm, and frozen updates after AdamW, so weight decay leaves them alone too.
@@ -114,6 +150,8 @@ def optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
     mask=lambda p: jax.tree_util.tree_map_with_path(_decays, p),
   )
   chain = [optax.clip_by_global_norm(cfg.clip_norm), adamw]
+  if cfg.get("lr_multipliers"):
+    chain.append(_scale_by_path(list(cfg.lr_multipliers)))
   if cfg.freeze:
     freeze = _freeze(list(cfg.freeze))
     chain = [freeze, *chain, freeze]

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 from flax.core import spmd
 
@@ -147,6 +148,35 @@ def test_weight_decay_skips_norms_and_biases():
   assert not np.asarray(flat["text_model/layer_norm/scale"]).any()
   assert not np.asarray(flat["text_model/layers/fc1/bias"]).any()
   assert np.asarray(flat["text_model/layers/fc1/kernel"]).any()
+
+
+def test_lr_multipliers_scale_matching_updates():
+  config, state, _ = _setup(["optim.weight_decay=0.1"])
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), state.params)
+
+  def updates(multipliers):
+    config.optim.lr_multipliers = multipliers
+    tx = optim.optimizer(config.optim, 10)
+    opt_state = tx.init(state.params)
+    for _ in range(3):  # past warmup
+      out, opt_state = tx.update(grads, opt_state, state.params)
+    return {
+      optim.path_name(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(out)[0]
+    }
+
+  base = updates([])
+  scaled = updates(["vision_model/.*=3", "vision_model/post_layernorm/.*=0", ".*fc1/kernel=0.5"])
+  for name, value in base.items():
+    if name.startswith("vision_model/"):
+      want = 3 * value  # the first match counts: post_layernorm's 0 comes too late
+    elif name.endswith("fc1/kernel"):
+      want = 0.5 * value
+    else:
+      want = value
+    np.testing.assert_allclose(scaled[name], want, rtol=1e-6, err_msg=name)
+  assert np.abs(base["vision_model/post_layernorm/scale"]).max() > 0
+  with pytest.raises(ValueError, match="'vision_model': expected 'REGEX=FACTOR'"):
+    updates(["vision_model"])
 
 
 def test_sharded_8_devices_equals_one_device():
