@@ -4,7 +4,7 @@ One JSON line per batch size: the jitted step (configs/shapes.py, AdamW,
 donated state) on real loader batches, the model's matmul FLOP/s against the
 machine's float32 matmul peak, and the loader's time per batch on its own.
 The demo's budget is normalised to a 140 GFLOP/s peak (README, "Two commands").
-Run: `.venv/bin/python -m benchmarks.demo_step [--batch-sizes 8 16 32] [--set KEY=VALUE ..]`.
+Run: `.venv/bin/python -m benchmarks.demo_step [--batch-sizes 4 8 16] [--set KEY=VALUE ..]`.
 """
 
 import argparse
@@ -63,7 +63,7 @@ def measure(config, repeats: int) -> dict:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", default="configs/shapes.py")
-  parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16, 32])
+  parser.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 8, 16])
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument(
     "--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. seq_len=96"
