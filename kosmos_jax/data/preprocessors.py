@@ -201,6 +201,14 @@ def image_text(
   return dataset.unbatch()
 
 
+def _object_ids(vocab, boxes: tf.Tensor, quantizer: str) -> tf.Tensor:
+  """`<object><patch_index_a><patch_index_b></object>` per box: int32 [n, 4]."""
+  pairs = tf_text.quantize_boxes(boxes, vocab.num_patches_per_side, quantizer)
+  n = tf.shape(boxes)[0]
+  tag = lambda name: tf.fill([n, 1], vocab.tag_id(name))
+  return tf.concat([tag("<object>"), pairs + vocab.patch_index_id(0), tag("</object>")], 1)
+
+
 def referring(
   dataset: tf.data.Dataset,
   vocab: vocab_lib.KosmosVocabulary,
@@ -254,18 +262,7 @@ def referring(
     # The box as a one-character GrIT span, so that it gets the same checks.
     rows = tf.concat([tf.constant([[0.0, 1.0]]), x["box"][None], tf.constant([[1.0]])], 1)
     spans, boxes, _, box_issues = tf_text.clean_spans(rows, [0], [1], 0.0)
-    pairs = tf.concat(
-      [
-        [vocab.tag_id("<object>")],
-        tf.reshape(
-          tf_text.quantize_boxes(boxes, vocab.num_patches_per_side, quantizer)
-          + vocab.patch_index_id(0),
-          [-1],
-        ),
-        [vocab.tag_id("</object>")],
-      ],
-      0,
-    )
+    pairs = tf.reshape(_object_ids(vocab, boxes, quantizer), [-1])
     prompt = tf.concat(
       [
         [vocab.tag_id("<grounding>"), vocab.tag_id("<phrase>")],
@@ -297,14 +294,6 @@ def referring(
   dataset = (stats or quality.default_stats()).count_input(dataset.flat_map(per_expression))
   dataset = dataset.map(example, num_parallel_calls=tf.data.AUTOTUNE)
   return _errors_tolerated(dataset, strict)
-
-
-def _object_ids(vocab, boxes: tf.Tensor, quantizer: str) -> tf.Tensor:
-  """`<object><patch_index_a><patch_index_b></object>` per box: int32 [n, 4]."""
-  pairs = tf_text.quantize_boxes(boxes, vocab.num_patches_per_side, quantizer)
-  n = tf.shape(boxes)[0]
-  tag = lambda name: tf.fill([n, 1], vocab.tag_id(name))
-  return tf.concat([tag("<object>"), pairs + vocab.patch_index_id(0), tag("</object>")], 1)
 
 
 def _referring_per_image(dataset, vocab, image_size, quantizer, num_image_tokens, strict, stats):

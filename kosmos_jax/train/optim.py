@@ -150,7 +150,7 @@ def optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
     mask=lambda p: jax.tree_util.tree_map_with_path(_decays, p),
   )
   chain = [optax.clip_by_global_norm(cfg.clip_norm), adamw]
-  if cfg.get("lr_multipliers"):
+  if cfg.lr_multipliers:
     chain.append(_scale_by_path(list(cfg.lr_multipliers)))
   if cfg.freeze:
     freeze = _freeze(list(cfg.freeze))
