@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell sha1sum setup.py | cut -c1-12)
 # Tests run on CPU (tests/conftest.py forces 8 host devices for the mesh tests).
 TEST_ENV := JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=3
 
-.PHONY: test lint format demo venv clean
+.PHONY: test lint format demo venv clean java
 
 venv: $(STAMP)
 
@@ -17,8 +17,14 @@ $(STAMP): setup.py
 	rm -f $(VENV)/.installed-* && touch $@
 
 # Format and lint first (about a second): a style slip fails before the slow tests.
-test: lint
+test: lint java
 	$(TEST_ENV) $(PY) -m pytest -q tests
+
+# The caption metrics' PTB tokenizer and METEOR are Java programs (pycocoevalcap).
+# Without Java they fall back to a Python tokenizer and no METEOR, and their tests skip.
+java:
+	@command -v java >/dev/null || { apt-get update -qq && apt-get install -y -qq \
+	  --no-install-recommends default-jre-headless >/dev/null; } || echo "no java: METEOR not tested"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .

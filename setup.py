@@ -27,6 +27,9 @@ INSTALL_REQUIRES = [
   "pyarrow==26.0.1",
   "clu==0.0.12",
   "tensorboard==2.21.0",
+  # COCO caption metrics (BLEU, METEOR, ROUGE-L, CIDEr); its tokenizer and METEOR need Java.
+  "pycocoevalcap==1.2",
+  "pycocotools==2.0.11",
 ]
 
 EXTRAS_REQUIRE = {
