@@ -55,3 +55,22 @@ def test_timed_reports_the_median():
   calls = []
   median, times = common.timed(lambda: calls.append(1), 5)
   assert len(calls) == len(times) == 5 and min(times) <= median <= max(times)
+
+
+def test_eval_vs_hf_runs_at_a_tiny_size():
+  import json  # pylint: disable=g-import-not-at-top
+
+  proc = subprocess.run(
+    [sys.executable, "-m", "benchmarks.eval_vs_hf", "--tiny"],
+    cwd=ROOT,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+  assert [line["benchmark"] for line in lines] == ["eval_vs_hf/rec", "eval_vs_hf/classification"]
+  assert all(line["ours_s"] > 0 and line["hf_s"] > 0 for line in lines)
+  assert all(line["matmul_peak_gflops"] > 0 for line in lines)
+  assert lines[1]["max_abs_diff"] < 1e-3  # both sides score the same names alike
