@@ -93,8 +93,11 @@ def get_config():
     rec_per_image=True,
   )
   config.data.mixture = "shapes_demo_mix"
-  config.rec.task = "shapes_demo_rec"
-  config.rec.num_images = 500
+  # The demo's REC score (held-out pictures of the mixture's REC task); the
+  # trainer runs it too when eval_every is set.
+  config.evaluators.rec = dict(
+    task="seqio_rec", seqio_task="shapes_demo_rec", split="validation", num=500, batch_size=64
+  )
   config.batch_size = 4
   config.seq_len = 128
   config.images_per_row = 3

@@ -25,7 +25,9 @@ def get_config():
     )
   )
   config.data.mixture = "shapes32_mix"  # 32 px pictures, 8 image slots
-  config.rec.task = "shapes32_rec"
+  config.evaluators.rec = dict(
+    task="seqio_rec", seqio_task="shapes32_rec", split="validation", num=100, batch_size=64
+  )
   config.batch_size = 8
   config.seq_len = 128
   config.total_steps = 20

@@ -40,8 +40,12 @@ def experiment_config(model: ml_collections.ConfigDict) -> ml_collections.Config
   config.log_every = 10
   config.checkpoint_every = 500
   config.eval_every = 0  # 0: no periodic evaluation
-  # Run every `eval_every` steps besides the eval loss: "rec" (kosmos_jax/eval/rec.py).
-  config.evaluators = []
+  # Run every `eval_every` steps besides the eval loss: name -> dict(task=
+  # a kosmos_jax/eval/tasks.py name, split, num, batch_size, and the task's data
+  # arguments), e.g. rec=dict(task="seqio_rec", seqio_task="shapes_rec",
+  # split="validation", num=100) or refcoco=dict(task="refcoco",
+  # annotations=".../finetune_refcoco_val.json", image_dir=".../train2014").
+  config.evaluators = {}
   config.keep_checkpoints = 3
   config.max_bad_steps = 5  # non-finite steps in a row before the job stops
   config.init_from = ""  # a HF snapshot or kosmos-jax checkpoint to fine-tune
@@ -54,11 +58,6 @@ def experiment_config(model: ml_collections.ConfigDict) -> ml_collections.Config
     eval_batches=4,
     spm_model_file="",
     data_dir="",
-  )
-  # Referring-expression comprehension: the seqio task whose source gives
-  # (image, expressions, boxes) records, and how much of its split to score.
-  config.rec = dict(
-    task="shapes_rec", split="validation", num_images=100, batch_size=64, max_new_tokens=8
   )
   config.optim = optim.optim_config()
   config.mesh = sharding.mesh_config()

@@ -1,17 +1,20 @@
 """`kosmos-jax demo`: train a Kosmos-2 from scratch on the shapes mixture, then measure and show it.
 
-Five timed phases: startup (from `started`: imports, the config and the
+Six timed phases: startup (from `started`: imports, the config and the
 matmul peak's measurement), data (the synthetic pictures are generated on first use,
 and the held-out REC examples read), training (`trainer.train`, from scratch:
 the run directory is cleared first), REC evaluation on the held-out pictures
-(`eval/rec.py`), and pictures (grounded captions of a few of them). Writes into
-`out`:
+(the `rec` evaluator of the config, `eval/rec.py`) and grounded captions,
+benchmarks (held-out pictures exported in the real benchmarks' files,
+`data/export.py`, and scored by `kosmos-jax eval`'s code) and pictures. Writes
+into `out`:
   train/          the training run: checkpoints, config.json, metrics.jsonl
   rec_NN.png      a held-out picture with each expression's predicted box,
                   labelled with its IoU against the reference box
   caption_NN.png  the same picture with the boxes of its grounded caption
                   (captions of more pictures give the caption score,
                   eval/shapes_captions.py)
+  benchmarks/     per benchmark: the exported files, predictions and metrics.json
   summary.json    steps, wall times (and normalised to the slowest machine of
                   our kind), loss curve, rec_accuracy, captions
 
@@ -28,8 +31,10 @@ import time
 import ml_collections
 
 from kosmos_jax.checkpoints import loading
-from kosmos_jax.data import loader
-from kosmos_jax.eval import rec, shapes_captions
+from kosmos_jax.data import export, loader
+from kosmos_jax.eval import boxes as boxes_lib
+from kosmos_jax.eval import rec, runner, shapes_captions
+from kosmos_jax.eval import tasks as eval_tasks
 from kosmos_jax.processing import visualize
 from kosmos_jax.train import mfu, trainer
 
@@ -37,6 +42,14 @@ CAPTION_PROMPT = "<grounding>an image of"  # the shapes captions' opening words
 # The slowest machine of our kind (float32 matmul peak) and the demo's budget there.
 REFERENCE_PEAK_FLOPS = 140e9
 BUDGET_S = 15 * 60
+# Each benchmark's headline metric, printed by `describe`.
+BENCHMARKS = {
+  "refcoco": "accuracy",
+  "flickr30k_entities": "R@1",
+  "coco_caption": "CIDEr",
+  "vqav2": "accuracy",
+  "imagenet_zeroshot": "top1",
+}
 
 
 def _curves(metrics_path: str) -> tuple[list, list]:
@@ -61,20 +74,21 @@ def _captions(model, processor, images: list, max_new_tokens: int, batch_size: i
   return [processor.post_process_generation(text) for text in decoded]
 
 
-def _draw(out: str, predictions: list[rec.Prediction], captions: dict, pictures: int) -> list:
-  """rec_NN.png and caption_NN.png for the first `pictures` captioned pictures."""
+def _draw(out: str, examples, answers: dict, captions: dict, side: int, pictures: int) -> list:
+  """rec_NN.png and caption_NN.png for the first `pictures` captioned pictures;
+  `answers`: example index -> the REC prediction (prompt and continuation)."""
   by_key = {}
-  for p in predictions:
-    by_key.setdefault(p.example.key, []).append(p)
+  for i, e in enumerate(examples):
+    if i in answers:
+      box = rec.first_box(answers[i], side)
+      iou = 0.0 if box is None else boxes_lib.iou(box, e.box)
+      by_key.setdefault(e.key, []).append((e, answers[i], box, iou))
   drawn = []
   for i, (key, (text, entities)) in enumerate(list(captions.items())[:pictures]):
-    image = by_key[key][0].example.image
-    answers = [
-      (f"{p.example.expression}: IoU {p.iou:.2f}", (0, 0), [p.box])
-      for p in by_key[key]
-      if p.box is not None
-    ]
-    visualize.draw_entities(image, answers).save(os.path.join(out, f"rec_{i:02d}.png"))
+    image = by_key[key][0][0].image
+    labels = [(f"{e.expression}: IoU {iou:.2f}", (0, 0), [box]) for e, _, box, iou in by_key[key]]
+    labels = [label for label in labels if label[2][0] is not None]
+    visualize.draw_entities(image, labels).save(os.path.join(out, f"rec_{i:02d}.png"))
     visualize.draw_entities(image, entities).save(os.path.join(out, f"caption_{i:02d}.png"))
     drawn.append(
       dict(
@@ -82,12 +96,30 @@ def _draw(out: str, predictions: list[rec.Prediction], captions: dict, pictures:
         caption=text,
         entities=[[e[0], [list(b) for b in e[2]]] for e in entities],
         rec=[
-          dict(expression=p.example.expression, output=p.text, iou=round(p.iou, 4))
-          for p in by_key[key]
+          dict(expression=e.expression, output=answer, iou=round(iou, 4))
+          for e, answer, _, iou in by_key[key]
         ],
       )
     )
   return drawn
+
+
+def _benchmarks(model, processor, out: str, num: int, image_size: int, batch_size: int) -> dict:
+  """Each benchmark's metrics on `num` held-out pictures exported in its real files."""
+  results = {}
+  for fmt, task_name in zip(export.FORMATS, BENCHMARKS):
+    exported = export.export(fmt, os.path.join(out, fmt, "data"), num, image_size)
+    assert exported.task == task_name, (exported.task, task_name)
+    task = eval_tasks.get(exported.task)
+    args = dict(exported.args)
+    if "num_patches_per_side" in task.data_args():
+      args["num_patches_per_side"] = processor.vocab.num_patches_per_side
+    dataset = task.load(exported.split, None, **args)
+    metrics, _ = runner.evaluate(
+      model, processor, task, dataset, out=os.path.join(out, fmt), batch_size=batch_size
+    )
+    results[exported.task] = metrics
+  return results
 
 
 def run(
@@ -96,6 +128,7 @@ def run(
   *,
   pictures: int = 8,
   caption_images: int = 200,
+  benchmark_pictures: int = 100,
   caption_tokens: int = 48,
   devices=None,
   started: float | None = None,
@@ -112,35 +145,45 @@ def run(
   os.makedirs(out, exist_ok=True)
   workdir = os.path.join(out, "train")
   shutil.rmtree(workdir, ignore_errors=True)
-  cfg = config.rec
+  spec = dict(config.evaluators.rec)
+  if spec.pop("task") != "seqio_rec":
+    raise ValueError("the demo's `evaluators.rec` must be a seqio_rec evaluator")
+  batch_size = spec.pop("batch_size", 64)
   loader.register_user_tasks(config.data)
-  examples = rec.task_examples(cfg.task, cfg.split, cfg.num_images)
+  task = eval_tasks.get("seqio_rec")
+  dataset = task.load(spec.pop("split", "validation"), spec.pop("num", None), **spec)
+  examples = dataset.truth["examples"]
   data_done = time.perf_counter()
   trainer.train(config, workdir, devices)
   train_done = time.perf_counter()
   model = loading.from_pretrained(workdir)
-  processor = rec.processor_for(loader.vocabulary(cfg.task), model.config)
-  predictions = rec.predict(
-    model, processor, examples, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens
+  processor = rec.processor_for(loader.vocabulary(dataset.source), model.config)
+  scores, answers = runner.evaluate(
+    model, processor, task, dataset, out=os.path.join(out, "rec"), batch_size=batch_size
   )
-  scores = rec.metrics(predictions)
   # Grounded captions of the first `caption_images` held-out pictures, scored
   # against the shapes each one has.
   objects = shapes_captions.objects_by_picture(examples)
   keys = list(objects)[:caption_images]
   images = {e.key: e.image for e in examples}
-  texts = _captions(model, processor, [images[k] for k in keys], caption_tokens, cfg.batch_size)
+  texts = _captions(model, processor, [images[k] for k in keys], caption_tokens, batch_size)
   captions = dict(zip(keys, texts))
   scores.update(shapes_captions.score({k: e for k, (_, e) in captions.items()}, objects))
   eval_done = time.perf_counter()
-  drawn = _draw(out, predictions, captions, pictures)
+  size = model.config.vision.image_size
+  benchmarks = _benchmarks(
+    model, processor, os.path.join(out, "benchmarks"), benchmark_pictures, size, batch_size
+  )
+  benchmarks_done = time.perf_counter()
+  side = processor.vocab.num_patches_per_side
+  drawn = _draw(out, examples, answers, captions, side, pictures)
   end = time.perf_counter()
   losses, evals = _curves(os.path.join(workdir, "metrics.jsonl"))
   normalised = (end - start) * peak / REFERENCE_PEAK_FLOPS
   summary = dict(
     mixture=config.data.mixture,
-    rec_task=cfg.task,
-    rec_split=cfg.split,
+    rec_task=dataset.source,
+    rec_split=dataset.split,
     steps=config.total_steps,
     batch_size=config.batch_size,
     seq_len=config.seq_len,
@@ -156,8 +199,10 @@ def run(
       data=round(data_done - begin, 1),
       train=round(train_done - data_done, 1),
       eval=round(eval_done - train_done, 1),
-      pictures=round(end - eval_done, 1),
+      benchmarks=round(benchmarks_done - eval_done, 1),
+      pictures=round(end - benchmarks_done, 1),
     ),
+    benchmarks=benchmarks,
     loss_curve=losses,
     evaluations=evals,
     pictures=drawn,
@@ -177,6 +222,11 @@ def describe(summary: dict, out: str) -> str:
     f"of {summary['rec_images']} held-out pictures (mean IoU {summary['rec_mean_iou']:.3f})",
     f"grounded captions right {summary['caption_score']:.3f} of {summary['caption_count']} "
     "held-out pictures (real shapes, each once, boxes on them)",
+    "benchmark files of held-out pictures: "
+    + ", ".join(
+      f"{task} {metric} {summary['benchmarks'][task].get(metric, float('nan')):.3f}"
+      for task, metric in BENCHMARKS.items()
+    ),
     f"{summary['steps']} steps, loss {first[1]:.3f} (step {first[0]}) -> {last[1]:.3f}",
     f"wall time {summary['wall_time_s']:.0f} s: "
     + ", ".join(f"{k} {v:.0f} s" for k, v in split.items()),

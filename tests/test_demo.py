@@ -16,11 +16,10 @@ def test_demo_writes_summary_and_pictures(tmp_path):
     "batch_size=4",
     "seq_len=64",
     "images_per_row=2",
-    "rec.num_images=3",
-    "rec.batch_size=4",
+    "evaluators.rec.num=3",
+    "evaluators.rec.batch_size=4",
     "eval_every=4",
     "data.eval_batches=1",
-    "evaluators=['rec']",
   ]
   cmd = [
     sys.executable,
@@ -33,6 +32,8 @@ def test_demo_writes_summary_and_pictures(tmp_path):
     str(out),
     "--pictures",
     "2",
+    "--benchmark-pictures",
+    "4",
     *[f"--config.{o}" for o in overrides],
   ]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
@@ -46,7 +47,26 @@ def test_demo_writes_summary_and_pictures(tmp_path):
   assert 0.0 <= summary["caption_score"] <= 1.0 and summary["caption_count"] == 3
   assert "grounded captions right" in proc.stdout
   assert summary["rec_images"] == 3 and summary["rec_count"] >= 3
-  assert set(summary["wall_time_split_s"]) == {"startup", "data", "train", "eval", "pictures"}
+  assert set(summary["wall_time_split_s"]) == {
+    "startup",
+    "data",
+    "train",
+    "eval",
+    "benchmarks",
+    "pictures",
+  }
+  # Every benchmark read back from its exported files and scored.
+  assert set(summary["benchmarks"]) == {
+    "refcoco",
+    "flickr30k_entities",
+    "coco_caption",
+    "vqav2",
+    "imagenet_zeroshot",
+  }
+  assert summary["benchmarks"]["refcoco"]["count"] > 0
+  assert 0.0 <= summary["benchmarks"]["flickr30k_entities"]["R@1"] <= 1.0
+  assert "benchmark files of held-out pictures" in proc.stdout
+  assert (out / "benchmarks" / "refcoco" / "predictions.txt").exists()
   # The clock starts with the command: imports count.
   assert summary["wall_time_split_s"]["startup"] > 0.5
   # The wall time normalised to the slowest machine of our kind (140 GFLOP/s).
@@ -56,7 +76,7 @@ def test_demo_writes_summary_and_pictures(tmp_path):
   assert summary["within_budget"] == (summary["normalised_wall_time_s"] <= 900)
   assert "on the slowest machine of our kind" in proc.stdout
   # The trainer's periodic hook scored REC too.
-  assert "eval/rec_accuracy" in summary["evaluations"][-1]
+  assert "eval/rec/rec_accuracy" in summary["evaluations"][-1]
   assert len(summary["pictures"]) == 2
   for i in range(2):
     assert (out / f"rec_{i:02d}.png").stat().st_size > 0

@@ -1,4 +1,5 @@
-"""`kosmos-jax data inspect`: examples of a seqio task or mixture, decoded."""
+"""`kosmos-jax data inspect`: examples of a seqio task or mixture, decoded;
+`kosmos-jax data export-shapes`: held-out shapes pictures in a benchmark's files."""
 
 TAKES_CONFIG = True
 USES_TENSORFLOW = True  # seqio tasks, the vocabulary
@@ -24,9 +25,38 @@ def add_parser(sub) -> None:
     "data.data_dir) and trims to its seq_len and images_per_row",
   )
 
+  export_cmd = dsub.add_parser(
+    "export-shapes",
+    help="held-out shapes pictures with annotations in a real benchmark's files, for "
+    "`kosmos-jax eval`",
+  )
+  export_cmd.add_argument(
+    "--format",
+    required=True,
+    choices=("refcoco", "flickr30k_entities", "coco_caption", "vqav2", "imagefolder"),
+  )
+  export_cmd.add_argument("--out", required=True, help="directory to write into")
+  export_cmd.add_argument("--num", type=int, default=100, help="pictures (default 100)")
+  export_cmd.add_argument(
+    "--image-size", type=int, default=64, help="picture side in pixels (default 64, the demo's)"
+  )
+
+
+def _export(args) -> None:
+  if args.num < 1 or args.image_size < 16:
+    raise SystemExit("--num must be at least 1 and --image-size at least 16")
+  from kosmos_jax.data import export  # pylint: disable=g-import-not-at-top
+
+  exported = export.export(args.format, args.out, args.num, args.image_size)
+  print(f"{exported.command()} --checkpoint CHECKPOINT --out DIR")
+
 
 def run(args, overrides) -> None:
   """Prints the examples; a bad argument is a one-line error (exit status 2)."""
+  if args.data_command == "export-shapes":
+    if overrides:
+      raise SystemExit(f"export-shapes takes no --config.* overrides: {overrides}")
+    return _export(args)
   if args.num < 1:
     raise SystemExit(f"argument --num: must be at least 1, got {args.num}")
   if overrides and not args.config:

@@ -21,6 +21,12 @@ def add_parser(sub) -> None:
   demo_cmd.add_argument("--config", default="configs/shapes.py", help="configs/NAME.py")
   demo_cmd.add_argument("--out", default="demo_out", help="pictures, summary.json, train/")
   demo_cmd.add_argument("--pictures", type=int, default=8, help="held-out pictures to draw")
+  demo_cmd.add_argument(
+    "--benchmark-pictures",
+    type=int,
+    default=100,
+    help="held-out pictures exported per benchmark format and scored",
+  )
 
 
 def run(args, overrides) -> None:
@@ -28,5 +34,11 @@ def run(args, overrides) -> None:
   from kosmos_jax import demo  # pylint: disable=g-import-not-at-top
 
   config = config_lib.load(args.config, overrides)
-  summary = demo.run(config, args.out, pictures=args.pictures, started=STARTED)
+  summary = demo.run(
+    config,
+    args.out,
+    pictures=args.pictures,
+    benchmark_pictures=args.benchmark_pictures,
+    started=STARTED,
+  )
   print(demo.describe(summary, args.out))

@@ -31,7 +31,8 @@ def _box(text: str) -> tuple[float, float, float, float]:
   return box
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+  """argparse type: an integer >= 1."""
   if not text.isdigit() or int(text) < 1:
     raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
   return int(text)
@@ -62,10 +63,12 @@ def add_parser(sub) -> None:
   p.add_argument("--box", type=_box, help="x1,y1,x2,y2 in [0, 1]: describe this region (REG)")
   p.add_argument(
     "--max-new-tokens",
-    type=_positive,
+    type=positive_int,
     help=f"default: the checkpoint's generation config, else {DEFAULT_MAX_NEW_TOKENS}",
   )
-  p.add_argument("--num-beams", type=_positive, help="default: the checkpoint's generation config")
+  p.add_argument(
+    "--num-beams", type=positive_int, help="default: the checkpoint's generation config"
+  )
   p.add_argument(
     "--dtype",
     choices=("float32", "bfloat16"),

@@ -1,21 +1,24 @@
-"""Referring-expression comprehension (REC): which box does an expression name?
+"""Referring-expression comprehension (REC) on a seqio task's records (`seqio_rec`).
 
 As KOSMOS-2's evaluation (reference/kosmos2.md 2.7): the prompt is the image
 then `<grounding><phrase>{expression}</phrase>`; the model's greedy
 continuation (`<object><patch_index_a><patch_index_b></object>`) is parsed by
 `grounding.post_process_generation`, its first box is the answer, and the
 answer is right when its IoU with the reference box is at least 0.5. An output
-without a box counts as wrong.
+without a box counts as wrong. The records are any seqio task's whose source
+gives (image, expressions, boxes): the shapes tasks', for training-time
+evaluation; RefCOCO's files are `eval/refexp.py`'s.
 """
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import ml_collections
 import numpy as np
 
 from kosmos_jax.data import loader
 from kosmos_jax.eval import boxes as boxes_lib
+from kosmos_jax.eval import common
 from kosmos_jax.processing import grounding
 from kosmos_jax.processing import images as images_lib
 from kosmos_jax.processing import processor as processor_lib
@@ -29,18 +32,6 @@ class Example:
   expression: str
   box: grounding.Box  # normalized
   key: str = ""
-
-
-@dataclasses.dataclass(frozen=True)
-class Prediction:
-  example: Example
-  text: str  # the generated caption after `</image>`, markup kept
-  box: grounding.Box | None
-  iou: float
-
-  @property
-  def correct(self) -> bool:
-    return self.iou >= IOU_THRESHOLD
 
 
 def prompt(expression: str) -> str:
@@ -78,34 +69,6 @@ def task_examples(
   return examples
 
 
-def predict(
-  model,
-  processor: processor_lib.Processor,
-  examples: Sequence[Example],
-  *,
-  batch_size: int = 64,
-  max_new_tokens: int = 8,
-) -> list[Prediction]:
-  """Greedy answers, `batch_size` prompts at a time."""
-  side = processor.vocab.num_patches_per_side
-  decoded = greedy_decode(
-    model,
-    processor,
-    [prompt(e.expression) for e in examples],
-    [e.image for e in examples],
-    batch_size=batch_size,
-    max_new_tokens=max_new_tokens,
-  )
-  predictions = []
-  for example, raw in zip(examples, decoded):
-    text = processor.post_process_generation(raw, cleanup_and_extract=False)
-    box = first_box(text, side)
-    predictions.append(
-      Prediction(example, text, box, 0.0 if box is None else boxes_lib.iou(box, example.box))
-    )
-  return predictions
-
-
 def greedy_decode(
   model,
   processor: processor_lib.Processor,
@@ -137,33 +100,69 @@ def greedy_decode(
   return texts[: len(prompts)]
 
 
-def metrics(predictions: Iterable[Prediction]) -> dict[str, float]:
-  predictions = list(predictions)
-  n = max(len(predictions), 1)
+# --- The task interface (eval/common.py) --------------------------------------
+
+
+def load(
+  split: str = "validation",
+  num: int | None = None,
+  *,
+  seqio_task: str,
+  max_new_tokens: int = 8,
+  strict: bool = False,
+) -> common.Dataset:
+  """The (expression, box) queries of the first `num` pictures of a seqio task's split."""
+  del strict  # the records come from our own pipeline, which checks them
+  examples = task_examples(seqio_task, split, num)
+  queries = [
+    common.Query(f"{e.key}/{i}", e.image, prompt(e.expression)) for i, e in enumerate(examples)
+  ]
+  side = loader.vocabulary(seqio_task).num_patches_per_side
+  return common.Dataset(
+    "seqio_rec",
+    split,
+    queries,
+    truth=dict(examples=examples, num_patches_per_side=side),
+    decoding=common.Decoding(max_new_tokens=max_new_tokens),
+    source=seqio_task,
+  )
+
+
+def prediction(query: common.Query, continuation: str) -> str:
+  return query.prompt + continuation
+
+
+def write_predictions(path: str, dataset: common.Dataset, predictions) -> None:
+  common.write_hlines(path, len(dataset.queries), predictions)
+
+
+def read_predictions(path: str, dataset: common.Dataset) -> dict[int, str]:
+  return common.read_hlines(path, len(dataset.queries))
+
+
+def sums(dataset: common.Dataset, predictions) -> dict[str, float]:
+  side = dataset.truth["num_patches_per_side"]
+  out = dict(hits=0.0, iou=0.0, no_box=0.0, count=0.0)
+  for i, text in predictions.items():
+    box = first_box(text, side)
+    iou = 0.0 if box is None else boxes_lib.iou(box, dataset.truth["examples"][i].box)
+    out["hits"] += iou >= IOU_THRESHOLD
+    out["iou"] += iou
+    out["no_box"] += box is None
+    out["count"] += 1
+  return out
+
+
+def from_sums(dataset: common.Dataset, totals: dict[str, float]) -> dict[str, float]:
+  del dataset
+  n = max(totals["count"], 1.0)
   return {
-    "rec_accuracy": sum(p.correct for p in predictions) / n,
-    "rec_mean_iou": sum(p.iou for p in predictions) / n,
-    "rec_no_box": sum(p.box is None for p in predictions) / n,
-    "rec_count": len(predictions),
+    "rec_accuracy": totals["hits"] / n,
+    "rec_mean_iou": totals["iou"] / n,
+    "rec_no_box": totals["no_box"] / n,
+    "rec_count": totals["count"],
   }
 
 
-def evaluate_task(
-  model,
-  task: str,
-  split: str = "validation",
-  num_images: int | None = None,
-  batch_size: int = 64,
-  max_new_tokens: int = 8,
-) -> dict[str, float]:
-  """`metrics` of `model` on a task's split (the keys of config.rec)."""
-  processor = processor_for(loader.vocabulary(task), model.config)
-  return metrics(
-    predict(
-      model,
-      processor,
-      task_examples(task, split, num_images),
-      batch_size=batch_size,
-      max_new_tokens=max_new_tokens,
-    )
-  )
+def score(dataset: common.Dataset, predictions) -> dict[str, float]:
+  return from_sums(dataset, sums(dataset, predictions)) | common.skip_metrics(dataset, predictions)

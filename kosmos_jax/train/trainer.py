@@ -26,7 +26,8 @@ from kosmos_jax import sharding
 from kosmos_jax.checkpoints import loading
 from kosmos_jax.checkpoints import orbax as orbax_ckpt
 from kosmos_jax.data import loader
-from kosmos_jax.eval import rec
+from kosmos_jax.eval import rec, runner
+from kosmos_jax.eval import tasks as eval_tasks
 from kosmos_jax.models.kosmos import Kosmos2
 from kosmos_jax.train import mfu, optim
 from kosmos_jax.train import state as state_lib
@@ -262,7 +263,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
             "updates were skipped and the job stops (lower optim.learning_rate, check the data)"
           )
       if config.eval_every and done % config.eval_every == 0:
-        evaluation = evaluate(config, graphdef, state.params, mesh, rules)
+        evaluation = evaluate(config, graphdef, state.params, mesh, rules, workdir, done)
         if primary:
           _write_json_line(metrics_path, dict(step=done, **evaluation))
         writer.write_scalars(done, evaluation)
@@ -285,18 +286,41 @@ def _save_args(state, iterator):
   )
 
 
-def _evaluators(config, graphdef, params) -> dict:
-  """`config.evaluators` on the current parameters, as `eval/`-prefixed metrics."""
+# (evaluator name, split) -> its dataset, read once per process.
+_EVAL_DATASETS: dict = {}
+
+
+def _evaluators(config, graphdef, params, workdir, step: int) -> dict:
+  """`config.evaluators` on the current parameters, as `eval/<name>/<metric>`.
+
+  Each entry names a task of `eval/tasks.py` with its split, size, batch size
+  and data arguments; its predictions go to `workdir/eval/<name>/<step>/`.
+  """
+  if not config.evaluators:
+    return {}
+  model = nnx.merge(graphdef, params)
+  processor = rec.processor_for(loader.vocabulary(config.data.mixture), config.model)
   results = {}
-  for name in config.evaluators:
-    if name != "rec":
-      raise ValueError(f"unknown evaluator {name!r}; known: 'rec'")
-    model = nnx.merge(graphdef, params)
-    results.update({f"eval/{k}": v for k, v in rec.evaluate_task(model, **config.rec).items()})
+  for name, spec in config.evaluators.items():
+    spec = dict(spec)
+    task = eval_tasks.get(spec.pop("task"))
+    key = (name, json.dumps(spec, sort_keys=True, default=str))
+    batch_size = spec.pop("batch_size", 16)
+    if key not in _EVAL_DATASETS:
+      _EVAL_DATASETS[key] = task.load(spec.pop("split", "val"), spec.pop("num", None), **spec)
+    metrics, _ = runner.evaluate(
+      model,
+      processor,
+      task,
+      _EVAL_DATASETS[key],
+      out=os.path.join(os.fspath(workdir), "eval", name, str(step)),
+      batch_size=batch_size,
+    )
+    results.update({f"eval/{name}/{k}": v for k, v in metrics.items()})
   return results
 
 
-def evaluate(config, graphdef, params, mesh, rules) -> dict:
+def evaluate(config, graphdef, params, mesh, rules, workdir, step: int) -> dict:
   """Loss and token accuracy on `config.data.eval_batches` batches of the eval split,
   then `config.evaluators`."""
   ds = loader.dataset(
@@ -328,5 +352,5 @@ def evaluate(config, graphdef, params, mesh, rules) -> dict:
   return {
     "eval/loss": totals["loss"] / weight,
     "eval/accuracy": totals["correct"] / weight,
-    **_evaluators(config, graphdef, params),
+    **_evaluators(config, graphdef, params, workdir, step),
   }

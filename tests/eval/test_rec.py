@@ -1,5 +1,6 @@
 """REC scoring: IoU, parsing of generated text, the evaluator on a tiny model."""
 
+import json
 import os
 
 import numpy as np
@@ -9,7 +10,7 @@ from flax import nnx
 
 from kosmos_jax import config as config_lib
 from kosmos_jax.data import loader
-from kosmos_jax.eval import boxes, rec
+from kosmos_jax.eval import boxes, rec, runner, tasks
 from kosmos_jax.models.kosmos import Kosmos2
 from kosmos_jax.processing import grounding
 
@@ -120,30 +121,36 @@ def test_prompt_tokens_match_the_training_examples(examples, tiny):
 def test_oracle_answers_score_by_iou(examples, tiny):
   vocab = loader.vocabulary(TASK)
   processor = rec.processor_for(vocab, tiny.model)
+  dataset = rec.load("validation", 3, seqio_task=TASK)
+  assert [e.box for e in dataset.truth["examples"]] == [e.box for e in examples]
   far = (0.9, 0.9, 1.0, 1.0)
   answers = [e.box for e in examples[:-1]] + [None]
   answers[0] = far if boxes.iou(far, examples[0].box) < 0.5 else (0.0, 0.0, 0.1, 0.1)
-  predictions = rec.predict(_Oracle(vocab, answers), processor, examples, batch_size=2)
-  assert [p.example for p in predictions] == examples
-  assert [p.correct for p in predictions] == [False] + [True] * (len(examples) - 2) + [False]
-  assert predictions[-1].box is None and predictions[-1].iou == 0.0
-  scores = rec.metrics(predictions)
+  predictions, skipped = runner.predict(_Oracle(vocab, answers), processor, rec, dataset)
+  assert not skipped and sorted(predictions) == list(range(len(examples)))
+  assert predictions[0].startswith(rec.prompt(examples[0].expression) + "<object>")
+  assert rec.first_box(predictions[len(examples) - 1], vocab.num_patches_per_side) is None
+  scores = rec.score(dataset, predictions)
   assert scores["rec_accuracy"] == pytest.approx((len(examples) - 2) / len(examples))
   assert scores["rec_no_box"] == pytest.approx(1 / len(examples))
   assert scores["rec_count"] == len(examples)
+  # Summed over two "hosts" (halves of the predictions), the same metrics.
+  halves = [{i: t for i, t in predictions.items() if i % 2 == r} for r in (0, 1)]
+  sums = [rec.sums(dataset, h) for h in halves]
+  total = {k: sums[0][k] + sums[1][k] for k in sums[0]}
+  assert rec.from_sums(dataset, total) == rec.from_sums(dataset, rec.sums(dataset, predictions))
 
 
-def test_random_tiny_model_gives_one_answer_per_example(examples, tiny):
+def test_random_tiny_model_gives_one_answer_per_example(examples, tiny, tmp_path):
   model = Kosmos2(tiny.model, rngs=nnx.Rngs(0))
   processor = rec.processor_for(loader.vocabulary(TASK), tiny.model)
-  predictions = rec.predict(model, processor, examples, batch_size=2, max_new_tokens=4)
+  dataset = rec.load("validation", 3, seqio_task=TASK, max_new_tokens=4)
+  metrics, predictions = runner.evaluate(
+    model, processor, tasks.get("seqio_rec"), dataset, out=str(tmp_path), batch_size=2
+  )
   assert len(predictions) == len(examples)
-  for p, e in zip(predictions, examples):
-    assert p.text.startswith("<grounding><phrase>") and f"{e.expression}</phrase>" in p.text
-    assert 0.0 <= p.iou <= 1.0 and (p.box is None) == (p.iou == 0.0 and p.box is None)
-  assert set(rec.metrics(predictions)) == {
-    "rec_accuracy",
-    "rec_mean_iou",
-    "rec_no_box",
-    "rec_count",
-  }
+  for i, e in enumerate(examples):
+    assert predictions[i].startswith(f"<grounding><phrase>{e.expression}</phrase>")
+  assert {"rec_accuracy", "rec_mean_iou", "rec_no_box", "rec_count"} <= set(metrics)
+  assert rec.read_predictions(str(tmp_path / "predictions.txt"), dataset) == predictions
+  assert json.loads((tmp_path / "metrics.json").read_text()) == metrics

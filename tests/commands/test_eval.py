@@ -1,0 +1,62 @@
+"""`kosmos-jax eval` and `eval score` end to end: a tiny random snapshot on every task,
+read from held-out shapes pictures exported in each benchmark's real files."""
+
+import json
+
+import pytest
+
+from kosmos_jax import commands
+from kosmos_jax.data import export
+
+NUM = 6  # pictures per exported benchmark
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+  root = tmp_path_factory.mktemp("exported")
+  return {fmt: export.export(fmt, str(root / fmt), NUM, 64) for fmt in export.FORMATS}
+
+
+def _flags(files: export.Exported) -> list[str]:
+  flags = ["--task", files.task, "--split", files.split]
+  for key, value in files.args.items():
+    flags += ["--" + key.replace("_", "-"), value]
+  return flags
+
+
+def _last_json(capsys) -> dict:
+  return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("fmt", export.FORMATS)
+def test_eval_then_score_agree_on_every_task(fmt, exported, tiny_snapshot, tmp_path, capsys):
+  files = exported[fmt]
+  out = tmp_path / "out"
+  snap = str(tiny_snapshot / "snap")
+  commands.main(
+    ["eval", *_flags(files), "--checkpoint", snap, "--out", str(out), "--batch-size", "4", "--json"]
+  )
+  metrics = _last_json(capsys)
+  assert metrics == json.loads((out / "metrics.json").read_text())
+  assert metrics["count"] > 0
+  if fmt in ("refcoco", "flickr30k_entities"):  # pictures with the true and predicted boxes
+    assert len(list((out / "pictures").glob("*.png"))) == min(8, int(metrics["count"]))
+  predictions = next(p for p in out.iterdir() if p.name.startswith("predictions."))
+  commands.main(["eval", "score", *_flags(files), "--predictions", str(predictions), "--json"])
+  rescored = _last_json(capsys)
+  assert rescored == pytest.approx(metrics)
+
+
+def test_score_refuses_predictions_for_another_split(exported, tmp_path):
+  wrong = tmp_path / "p.txt"
+  wrong.write_text("H-0\t0.0\t<grounding><phrase>x</phrase>\n")
+  with pytest.raises(SystemExit, match="1 H-lines for"):
+    commands.main(["eval", "score", *_flags(exported["refcoco"]), "--predictions", str(wrong)])
+
+
+def test_a_data_argument_the_task_does_not_take_is_named(exported, tmp_path):
+  flags = _flags(exported["refcoco"]) + ["--questions", exported["vqav2"].args["questions"]]
+  predictions = tmp_path / "p.txt"
+  predictions.write_text("")
+  with pytest.raises(SystemExit, match="refcoco takes no --questions"):
+    commands.main(["eval", "score", *flags, "--predictions", str(predictions)])
