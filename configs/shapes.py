@@ -93,6 +93,9 @@ def get_config():
     rec_per_image=True,
   )
   config.data.mixture = "shapes_demo_mix"
+  # tf.data's autotuning thread made the end of the run wait 54-60 s in 2 of
+  # 3 runs (data/loader.py); the pipeline keeps up without it.
+  config.data.autotune = False
   # The demo's REC score (held-out pictures of the mixture's REC task); the
   # trainer runs it too when eval_every is set.
   config.evaluators.rec = dict(

@@ -58,6 +58,7 @@ def experiment_config(model: ml_collections.ConfigDict) -> ml_collections.Config
     eval_batches=4,
     spm_model_file="",
     data_dir="",
+    autotune=True,  # tf.data's autotuning (data/loader.py: off for small CPU runs)
   )
   config.optim = optim.optim_config()
   config.mesh = sharding.mesh_config()

@@ -114,6 +114,8 @@ def _benchmarks(model, processor, out: str, num: int, image_size: int, batch_siz
     args = dict(exported.args)
     if "num_patches_per_side" in task.data_args():
       args["num_patches_per_side"] = processor.vocab.num_patches_per_side
+    if "meteor" in task.data_args():
+      args["meteor"] = False  # its JVM's start costs ~5 s of the budget; CIDEr is the figure
     dataset = task.load(exported.split, None, **args)
     metrics, _ = runner.evaluate(
       model, processor, task, dataset, out=os.path.join(out, fmt), batch_size=batch_size
@@ -218,7 +220,7 @@ def describe(summary: dict, out: str) -> str:
   first, last = summary["loss_curve"][0], summary["loss_curve"][-1]
   lines = [
     f"REC accuracy (IoU >= 0.5) {summary['rec_accuracy']:.3f} "
-    f"on {summary['rec_count']} expressions "
+    f"on {summary['rec_count']:.0f} expressions "
     f"of {summary['rec_images']} held-out pictures (mean IoU {summary['rec_mean_iou']:.3f})",
     f"grounded captions right {summary['caption_score']:.3f} of {summary['caption_count']} "
     "held-out pictures (real shapes, each once, boxes on them)",

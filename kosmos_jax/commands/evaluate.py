@@ -115,6 +115,7 @@ def run(args, overrides) -> None:
   if not args.checkpoint or not args.out:
     raise SystemExit("eval needs --checkpoint and --out (or `eval score --predictions FILE`)")
   from kosmos_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from kosmos_jax import sharding  # pylint: disable=g-import-not-at-top
   from kosmos_jax.checkpoints import loading  # pylint: disable=g-import-not-at-top
   from kosmos_jax.data import loader  # pylint: disable=g-import-not-at-top
   from kosmos_jax.eval import pictures, runner  # pylint: disable=g-import-not-at-top
@@ -131,8 +132,18 @@ def run(args, overrides) -> None:
   # The data files are read before the weights load: a bad file fails fast.
   task, dataset = _load(args, processor.vocab.num_patches_per_side)
   model = loading.from_pretrained(where)
+  mesh = runner.local_mesh(args.batch_size)
+  if mesh is not None:
+    sharding.shard_model(model, mesh)
   metrics, predictions = runner.evaluate(
-    model, processor, task, dataset, out=args.out, batch_size=args.batch_size, progress=True
+    model,
+    processor,
+    task,
+    dataset,
+    out=args.out,
+    batch_size=args.batch_size,
+    progress=True,
+    mesh=mesh,
   )
   pictures.draw(dataset, predictions, os.path.join(args.out, "pictures"), num=8)
   _print(metrics, args.json)

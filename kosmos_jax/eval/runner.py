@@ -9,7 +9,9 @@ their means.
 """
 
 import collections
+import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -18,7 +20,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from kosmos_jax import errors
+from kosmos_jax import errors, sharding
 from kosmos_jax.checkpoints import loading
 from kosmos_jax.checkpoints import orbax as orbax_ckpt
 from kosmos_jax.data import loader
@@ -154,6 +156,15 @@ def _progress(done: int, total: int, elapsed: float) -> None:
   )
 
 
+def local_mesh(batch_size: int):
+  """A data-parallel mesh over this host's devices for batches of
+  `batch_size` (as many devices as divide it), or None with one device."""
+  n = math.gcd(jax.local_device_count(), batch_size)
+  if n == 1:
+    return None
+  return sharding.serving_mesh(data=n, tensor=1, devices=jax.local_devices()[:n])
+
+
 def process_sum(values: dict[str, float]) -> dict[str, float]:
   """`values` added over the processes (the same keys on each)."""
   if jax.process_count() == 1:
@@ -196,22 +207,26 @@ def evaluate(
   out: str | None = None,
   batch_size: int = 16,
   progress: bool = False,
+  mesh=None,
 ) -> tuple[dict[str, float], dict[int, str]]:
   """Predicts this process's share of the queries, then scores all of them.
 
   Returns the metrics and the predictions (on process 0; the others' are
   their own share). With `out`, process 0 writes the task's predictions file
-  there (`predictions.<ext>`) and `metrics.json`.
+  there (`predictions.<ext>`) and `metrics.json`. With `mesh` (`local_mesh`,
+  the model already on it), each batch is split over its `data` axis.
   """
   mine = range(jax.process_index(), len(dataset.queries), jax.process_count())
-  if hasattr(task, "classify"):  # scores candidates instead of generating
-    predictions, skipped = task.classify(
-      model, processor, dataset, batch_size=batch_size, indices=mine
-    )
-  else:
-    predictions, skipped = predict(
-      model, processor, task, dataset, batch_size=batch_size, indices=mine, progress=progress
-    )
+  with sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    if hasattr(task, "classify"):  # scores candidates instead of generating
+      # Both protocols: constrained (top1, top5) and beam-2 generation (top1_open).
+      predictions, skipped = task.classify(
+        model, processor, dataset, batch_size=batch_size, indices=mine, open_ended=True
+      )
+    else:
+      predictions, skipped = predict(
+        model, processor, task, dataset, batch_size=batch_size, indices=mine, progress=progress
+      )
   skipped = process_sum(
     {f"skipped/{r}": 0.0 for r in RUNTIME_SKIPS} | {f"skipped/{r}": n for r, n in skipped.items()}
   )

@@ -151,6 +151,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
     shuffle=config.data.shuffle,
     shard_index=jax.process_index(),
     num_shards=jax.process_count(),
+    autotune=config.data.autotune,
   )
   iterator = iter(ds)
 
