@@ -93,7 +93,8 @@ def _print(metrics: dict, as_json: bool) -> None:
     print(json.dumps(metrics, sort_keys=True))
     return
   for key, value in metrics.items():
-    print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    counted = key == "count" or "/" in key and key.split("/")[0] in ("count", "skipped")
+    print(f"{key}: {value:.0f}" if counted else f"{key}: {value:.4f}")
 
 
 def run(args, overrides) -> None:
