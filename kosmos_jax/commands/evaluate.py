@@ -31,7 +31,8 @@ DATA_ARGS = {
   "instances": "refcocog_reg with refs(umd).p: refer's instances.json",
   "class_names": "imagenet_zeroshot: one class name per line, in sorted folder order",
   "synset_map": "imagenet_zeroshot: LOC_synset_mapping.txt (synset, names)",
-  "train_annotations": "few-shot (--shots): the train split's annotation file",
+  "train_annotations": "few-shot (--shots): the train split's annotation file (REG, VQAv2)",
+  "train_questions": "vqav2 few-shot (--shots): the train split's questions file",
 }
 
 
@@ -50,7 +51,14 @@ def add_parser(sub) -> None:
   p.add_argument("--checkpoint", help="HF snapshot, converted checkpoint or trainer workdir")
   p.add_argument("--predictions", help="eval score: the predictions file")
   p.add_argument("--out", help="eval: the output directory")
-  p.add_argument("--shots", type=int, default=0, help="few-shot demonstrations per query")
+  p.add_argument(
+    "--shots",
+    type=int,
+    default=0,
+    help="few-shot: K demonstrations from the train split before each query, interleaved "
+    "(captions, vqav2, refcocog_reg)",
+  )
+  p.add_argument("--seed", type=int, default=0, help="draws the few-shot demonstrations")
   p.add_argument("--batch-size", type=generate.positive_int, default=16)
   p.add_argument("--strict", action="store_true", help="a bad record is an error, not a skip")
   p.add_argument("--json", action="store_true", help="the metrics as JSON on the last line")
@@ -78,7 +86,7 @@ def _load(args, num_patches_per_side: int):
   task = tasks.get(args.task)
   given = {k: getattr(args, k) for k in DATA_ARGS if getattr(args, k) is not None}
   if args.shots:
-    given["shots"] = args.shots
+    given["shots"], given["seed"] = args.shots, args.seed
   if "num_patches_per_side" in task.data_args():
     given["num_patches_per_side"] = num_patches_per_side
   for key, value in given.items():

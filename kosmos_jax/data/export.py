@@ -8,7 +8,8 @@ the same code as the real data:
   refcoco             finetune_refcoco_val.json (MDETR) + images/
   flickr30k_entities  final_flickr_separateGT_val.json (MDETR) + flickr30k_entities/
                       {val.txt, Sentences/, Annotations/} + images/
-  coco_caption        dataset_coco.json (Karpathy; every picture in "test") + images/test/
+  coco_caption        dataset_coco.json (Karpathy: the pictures in "test", up to 16
+                      training pictures in "train") + images/{test,train}/
   vqav2               v2_OpenEnded_mscoco_val2014_questions.json +
                       v2_mscoco_val2014_annotations.json + images/COCO_val2014_*.jpg
   imagefolder         images/<class>/*.jpg + class_names.txt (`num` pictures with
@@ -46,9 +47,9 @@ class Exported:
     return f"kosmos-jax eval --task {self.task} --split {self.split} {flags}"
 
 
-def _pictures(num: int, image_size: int, start: int):
+def _pictures(num: int, image_size: int, start: int, split: str = "test"):
   for index in range(start, start + num):
-    example = shapes.make_example("test", index, image_size)
+    example = shapes.make_example(split, index, image_size)
     names = [e.removeprefix("the ").split() for e in example["objects"]["expression"]]
     pixels = np.asarray(example["objects"]["bbox"]) * image_size
     objects = [
@@ -197,27 +198,30 @@ def export_flickr30k_entities(out: str, num: int, image_size: int, start: int = 
   return Exported("flickr30k_entities", "val", args)
 
 
-def export_coco_caption(out: str, num: int, image_size: int, start: int = 0) -> list[str]:
-  """Karpathy's `dataset_coco.json`, every picture in the test split. The
-  reference is the caption after its opening "an image of", which is the
-  captioning prompt's part."""
+def export_coco_caption(out: str, num: int, image_size: int, start: int = 0) -> Exported:
+  """Karpathy's `dataset_coco.json`: `num` held-out pictures in its test split
+  and up to 16 training pictures in its train split (few-shot demonstrations,
+  `--shots`). The reference is the caption after its opening "an image of",
+  which is the captioning prompt's part."""
   images = []
-  for index, example, _ in _pictures(num, image_size, start):
-    name = f"shapes_test_{index:06d}.jpg"
-    _write_image(os.path.join(out, "images", "test", name), example["image"])
-    raw = example["caption"].removeprefix("an image of ")
-    tokens = raw.replace(".", " ").split()
-    images.append(
-      dict(
-        filepath="test",
-        filename=name,
-        imgid=len(images),
-        split="test",
-        sentids=[len(images)],
-        sentences=[dict(tokens=tokens, raw=raw, imgid=len(images), sentid=len(images))],
-        cocoid=index,
+  for split, count, cocoid in (("test", num, 0), ("train", min(num, 16), 10**6)):
+    for index, example, _ in _pictures(count, image_size, start, split):
+      name = f"shapes_{split}_{index:06d}.jpg"
+      _write_image(os.path.join(out, "images", split, name), example["image"])
+      raw = example["caption"].removeprefix("an image of ")
+      tokens = raw.replace(".", " ").split()
+      n = len(images)
+      images.append(
+        dict(
+          filepath=split,
+          filename=name,
+          imgid=n,
+          split=split,
+          sentids=[n],
+          sentences=[dict(tokens=tokens, raw=raw, imgid=n, sentid=n)],
+          cocoid=cocoid + index,
+        )
       )
-    )
   path = os.path.join(out, "dataset_coco.json")
   _dump(path, dict(images=images, dataset="coco"))
   args = dict(annotations=path, image_dir=os.path.join(out, "images"))

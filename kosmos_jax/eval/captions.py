@@ -1,4 +1,4 @@
-"""Zero-shot captioning on the Karpathy splits of COCO and Flickr30k, scored by pycocoevalcap.
+"""Captioning on the Karpathy splits of COCO and Flickr30k, scored by pycocoevalcap.
 
 The model reads the image then `An image of` and continues with beam search
 (5 beams; KOSMOS-1 4.1.1, KOSMOS-2 4.3.1). The scored caption is the
@@ -14,6 +14,14 @@ come from the scored references, so score a whole split at once. SPICE is not
 computed: it downloads Stanford CoreNLP models on first use and fails on
 Java 17 (reference/evaluation.md 8).
 
+Few-shot (`shots=K`, KOSMOS-1 4.1.1: demonstrations "randomly sampled from the
+training set"): K images of the same file's Karpathy train split (with
+restval) come first, each with `An image of {caption}`, the caption being the
+record's first reference (its first `raw` sentence, stripped; the papers show
+the layout only in a figure, reference/evaluation.md 7, UNVERIFIED). They are
+drawn per query by `DemonstrationPool`, seeded with `seed` and the query's id,
+so a query's demonstrations do not depend on `num` or on the other queries.
+
 The PTB tokenizer and METEOR are Java programs (the jars run on OpenJDK 17).
 Without `java` on the PATH the scores are still computed, over
 `simple_tokenize`, without METEOR, and with a `no_java/simple_tokenizer` key
@@ -27,8 +35,11 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Hashable, Mapping, Sequence
+import zlib
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from typing import Any
 
+import numpy as np
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
@@ -168,6 +179,62 @@ def caption_metrics(
   return out
 
 
+# --- Few-shot demonstrations (captions and VQA) -------------------------------------
+
+
+def check_few_shot(shots, seed) -> None:
+  """`shots` and `seed` as `load` takes them, or a `UserError` naming the bad one."""
+  for name, value in (("shots", shots), ("seed", seed)):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+      raise errors.UserError(f"{name} must be an integer >= 0, got {value!r}")
+
+
+def query_number(key: str) -> int:
+  """A stable integer for a query id: the id itself when it is a number (COCO
+  ids, Flickr photo ids, question ids), else the CRC-32 of its UTF-8 text."""
+  return int(key) if key.isascii() and key.isdigit() else zlib.crc32(key.encode("utf-8"))
+
+
+class DemonstrationPool:
+  """The (image, text) pairs that few-shot demonstrations are drawn from.
+
+  `draw` takes `shots` distinct pairs for one query, in the order drawn, with
+  `np.random.default_rng([seed, query_number(key)])`; a pair with the query's
+  own image is never drawn.
+  """
+
+  def __init__(self, pairs: Iterable[tuple[Any, str]], source: str):
+    self.pairs = tuple(pairs)
+    self.source = source  # the file the pairs came from, for error messages
+    self._positions = collections.defaultdict(list)  # image -> its pairs' indices, ascending
+    for i, (image, _) in enumerate(self.pairs):
+      if isinstance(image, Hashable):
+        self._positions[image].append(i)
+
+  def __len__(self) -> int:
+    return len(self.pairs)
+
+  def draw(self, shots: int, seed: int, key: str, image: Any) -> tuple[tuple[Any, str], ...]:
+    if not shots:
+      return ()
+    own = self._positions.get(image, []) if isinstance(image, Hashable) else []
+    allowed = len(self.pairs) - len(own)
+    if allowed < shots:
+      raise errors.UserError(
+        f"{self.source}: {allowed} demonstrations other than query {key}'s image for {shots} shots"
+      )
+    rng = np.random.default_rng([seed, query_number(key)])
+    out = []
+    for n in rng.choice(allowed, size=shots, replace=False):
+      i = int(n)
+      for taken in own:  # the n-th index that is not the query's image
+        if i < taken:
+          break
+        i += 1
+      out.append(self.pairs[i])
+    return tuple(out)
+
+
 # --- Loading ---------------------------------------------------------------------
 
 
@@ -194,6 +261,27 @@ def _image(record, image_dir: str, coco: bool) -> tuple[str, str] | None:
   return os.path.splitext(filename)[0], os.path.join(image_dir, filename)
 
 
+def _continuing(sentence: str) -> str:
+  """A reference as the prompt's continuation: "A red bus." -> "a red bus."
+  ("An image of a red bus.", as the model is asked to go on)."""
+  return sentence[:1].lower() + sentence[1:]
+
+
+def _demonstration_pool(data: dict, image_dir: str, coco: bool, source: str) -> DemonstrationPool:
+  """Each train (and restval) image once, with `An image of {its first reference}`
+  (first letter lower-cased)."""
+  pairs, seen = [], set()
+  for record in data["images"]:
+    if not isinstance(record, dict) or record.get("split") not in ("train", "restval"):
+      continue
+    image, sentences = _image(record, image_dir, coco), _sentences(record)
+    if image is None or not sentences or not sentences[0].strip() or image[0] in seen:
+      continue
+    seen.add(image[0])
+    pairs.append((image[1], f"{PROMPT} {_continuing(sentences[0].strip())}"))
+  return DemonstrationPool(pairs, source)
+
+
 def load(
   split: str = "test",
   num: int | None = None,
@@ -203,6 +291,8 @@ def load(
   strict: bool = False,
   task: str = "coco_caption",
   meteor: bool = True,
+  shots: int = 0,
+  seed: int = 0,
 ) -> common.Dataset:
   """The images of one Karpathy split.
 
@@ -217,9 +307,15 @@ def load(
     task: "coco_caption" (ids: `cocoid`) or "flickr30k_caption" (ids: the
       file name's stem, the Flickr photo id).
     meteor: compute METEOR (False: the other metrics, ~5 s sooner).
+    shots: demonstrations per query, from the file's train split (with
+      restval): `An image of {first reference}` after the image, the image's
+      path made as the queries' are. Records of that split that do not parse
+      or have no (non-blank) first reference are left out of the draw.
+    seed: draws the demonstrations (with each query's id).
   """
   if task not in TASKS:
     raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
+  check_few_shot(shots, seed)
   try:
     with open(annotations, encoding="utf-8") as f:
       data = json.load(f)
@@ -229,9 +325,15 @@ def load(
     raise errors.UserError(f"{annotations}: not a Karpathy split file (no 'images' list)")
   if data.get("dataset", TASKS[task]) != TASKS[task]:
     raise errors.UserError(f"{annotations}: the {data['dataset']} file, not {TASKS[task]}'s")
+  coco = task == "coco_caption"
+  pool = _demonstration_pool(data, image_dir, coco, annotations) if shots else None
+  if pool is not None and len(pool) < shots:
+    raise errors.UserError(
+      f"{annotations}: {len(pool)} train images with a caption for shots={shots}"
+    )
   splits = {split, "restval"} if split == "train" else {split}
   records = [r for r in data["images"] if isinstance(r, dict) and r.get("split") in splits]
-  images = [_image(r, image_dir, task == "coco_caption") for r in records]
+  images = [_image(r, image_dir, coco) for r in records]
   skipped, queries, references, seen = collections.Counter(), [], [], set()
   for n, (record, image) in enumerate(zip(records[:num] if num is not None else records, images)):
     where = f"{annotations}: {split} image {n} ({record.get('filename')})"
@@ -244,7 +346,8 @@ def load(
       common.skip_or_raise(skipped, "image repeated", where, strict)
     else:
       seen.add(image[0])
-      queries.append(common.Query(image[0], image[1], PROMPT))
+      shown = pool.draw(shots, seed, image[0], image[1]) if pool is not None else ()
+      queries.append(common.Query(image[0], image[1], PROMPT, shown))
       references.append(sentences)
   truth = Truth(references, frozenset(image[0] for image in images if image), meteor)
   return common.Dataset(task, split, queries, truth, DECODING, skipped, source=annotations)

@@ -48,9 +48,16 @@ def processor_for(where: loading.Location, model_config) -> processor_lib.Proces
   return rec.processor_for(loader.vocabulary(data.mixture), model_config)
 
 
-def _read_image(query: common.Query) -> tuple[np.ndarray | None, str]:
-  """The query's picture, or None and why it cannot be used."""
-  image = query.image
+def _text_and_images(query: common.Query) -> tuple[str, list]:
+  """The query's text and images: the prompt after its image, or KOSMOS-1's
+  interleaved demonstrations then the prompt."""
+  if not query.demonstrations:
+    return query.prompt, [query.image]
+  return processor_lib.few_shot_prompt(query.demonstrations, query.image, query.prompt)
+
+
+def _read_image(image) -> tuple[np.ndarray | None, str]:
+  """The picture, or None and why it cannot be used."""
   if isinstance(image, (str, os.PathLike)) and not os.path.isfile(image):
     return None, "image file missing"
   try:
@@ -66,12 +73,13 @@ def _continuation(processor, ids: np.ndarray) -> str:
   return processor.decode(ids[: ids.index(eos)] if eos in ids else ids, skip_special_tokens=True)
 
 
-def _batches(lengths: dict[int, int], batch_size: int) -> list[list[int]]:
-  """Query indices grouped by prompt-length bucket, longest bucket first (the
-  slowest compile and the memory peak show at once), `batch_size` a batch."""
+def _batches(lengths: dict[int, int], images: dict[int, int], batch_size: int) -> list[list]:
+  """Query indices grouped by prompt-length bucket and number of images,
+  longest bucket first (the slowest compile and the memory peak show at
+  once), `batch_size` a batch."""
   buckets = collections.defaultdict(list)
   for i, n in lengths.items():
-    buckets[generation.bucket_length(n)].append(i)
+    buckets[generation.bucket_length(n), images[i]].append(i)
   return [
     rows[s : s + batch_size]
     for _, rows in sorted(buckets.items(), reverse=True)
@@ -91,49 +99,47 @@ def predict(
 ) -> tuple[dict[int, str], collections.Counter]:
   """The task's predictions (query index -> text) for `indices` (default all),
   and the queries skipped, by reason."""
-  for query in dataset.queries:
-    if query.demonstrations:
-      raise errors.UserError(
-        f"{dataset.task}: few-shot queries need interleaved image inputs, which the "
-        "processor does not build yet"
-      )
   indices = range(len(dataset.queries)) if indices is None else indices
   decoding = dataset.decoding
+  inputs = {i: _text_and_images(dataset.queries[i]) for i in indices}
   lengths = {
-    i: len(processor.vocab.encode(processor.prompt_text(dataset.queries[i].prompt, True)))
-    for i in indices
+    i: len(processor.vocab.encode(processor.prompt_text(text, len(images))))
+    for i, (text, images) in inputs.items()
   }
-  batches = _batches(lengths, batch_size)
+  batches = _batches(lengths, {i: len(images) for i, (_, images) in inputs.items()}, batch_size)
   predictions, skipped = {}, collections.Counter()
   start, done = time.perf_counter(), 0
   for batch in batches:
     rows, pictures = [], []
     for i in batch:
-      picture, reason = _read_image(dataset.queries[i])
-      if picture is None:
+      read = [_read_image(image) for image in inputs[i][1]]
+      reason = next((why for picture, why in read if picture is None), "")
+      if reason:
         skipped[reason] += 1
       else:
         rows.append(i)
-        pictures.append(picture)
+        pictures.append([picture for picture, _ in read])
     if rows:
       # A short batch is filled with copies: each bucket has one compiled shape.
-      fill = batch_size - len(rows)
-      inputs = processor(
-        text=[dataset.queries[i].prompt for i in rows] + [dataset.queries[rows[-1]].prompt] * fill,
-        images=pictures + pictures[-1:] * fill,
+      rows_filled = rows + rows[-1:] * (batch_size - len(rows))
+      pictures += pictures[-1:] * (batch_size - len(rows))
+      few_shot = len(pictures[0]) > 1  # one image per text keeps the flat layout
+      batch_inputs = processor(
+        text=[inputs[i][0] for i in rows_filled],
+        images=pictures if few_shot else [p[0] for p in pictures],
         padding_side="left",
       )
       out = model.generate(
-        inputs["input_ids"],
-        inputs["pixel_values"],
-        inputs["attention_mask"],
-        inputs["image_embeds_position_mask"],
+        batch_inputs["input_ids"],
+        batch_inputs["pixel_values"],
+        batch_inputs["attention_mask"],
+        batch_inputs["image_embeds_position_mask"],
         max_new_tokens=decoding.max_new_tokens,
         num_beams=decoding.num_beams,
         no_repeat_ngram_size=decoding.no_repeat_ngram_size,
         do_sample=False,
       )
-      new = out[:, inputs["input_ids"].shape[1] :]
+      new = out[:, batch_inputs["input_ids"].shape[1] :]
       for i, ids in zip(rows, new):
         predictions[i] = task.prediction(dataset.queries[i], _continuation(processor, ids))
     done += len(batch)

@@ -17,6 +17,15 @@ markup (KOSMOS-1 4.1.1, KOSMOS-2 4.3.1). The accuracy is GT-Vision-Lab/VQA's
 rounded to 2 decimals). test-dev and test-std have no public annotations: their
 results file is for the evaluation server, and `score` says there is nothing to
 score.
+
+Few-shot (`shots=K`, KOSMOS-1 4.1.1): K questions of another split, the train
+split as a rule (`train_questions`, `train_annotations`: the same files for
+train2014), come first, each its image then
+`Question: {question} Answer: {multiple_choice_answer}` (the papers show the
+layout only in a figure, reference/evaluation.md 7, UNVERIFIED). They are drawn
+per query by `captions.DemonstrationPool`, seeded with `seed` and the question
+id, so a query's demonstrations do not depend on `num` or on the other
+queries; no demonstration shows the query's own image.
 """
 
 import collections
@@ -28,7 +37,7 @@ import re
 from collections.abc import Mapping, Sequence
 
 from kosmos_jax import errors
-from kosmos_jax.eval import common
+from kosmos_jax.eval import captions, common
 from kosmos_jax.processing import grounding
 
 DECODING = common.Decoding(num_beams=1, max_new_tokens=10, stop_at_newline=True)
@@ -180,6 +189,37 @@ def _annotations_by_question(path: str, subtype: str, questions: str, strict: bo
   return by_id
 
 
+def _demonstration_pool(
+  train_questions: str, train_annotations: str, image_dir: str
+) -> captions.DemonstrationPool:
+  """Each train question that parses and has an annotation with a
+  `multiple_choice_answer`, with its image, in the questions file's order."""
+  data = _read_json(train_questions, "questions")
+  subtype = data.get("data_subtype")
+  if not isinstance(subtype, str):
+    raise errors.UserError(f"{train_questions}: no data_subtype (it names the images' files)")
+  answers = _annotations_by_question(
+    train_annotations, subtype, train_questions, False, collections.Counter()
+  )
+  folder = _image_folder(subtype)
+  pairs, seen = [], set()
+  for q in data["questions"]:
+    qid = q.get("question_id") if isinstance(q, dict) else None
+    ann = answers.get(qid) if isinstance(qid, int) else None
+    if (
+      qid in seen
+      or not isinstance(ann, dict)
+      or not isinstance(ann.get("multiple_choice_answer"), str)
+      or not isinstance(q.get("image_id"), int)
+      or not isinstance(q.get("question"), str)
+    ):
+      continue
+    seen.add(qid)
+    image = os.path.join(image_dir, f"COCO_{folder}_{q['image_id']:012d}.jpg")
+    pairs.append((image, f"Question: {q['question']} Answer: {ann['multiple_choice_answer']}"))
+  return captions.DemonstrationPool(pairs, train_questions)
+
+
 def load(
   split: str,
   num: int | None = None,
@@ -188,6 +228,10 @@ def load(
   annotations: str | None = None,
   image_dir: str,
   strict: bool = False,
+  shots: int = 0,
+  seed: int = 0,
+  train_questions: str | None = None,
+  train_annotations: str | None = None,
 ) -> common.Dataset:
   """The questions of `v2_OpenEnded_mscoco_<split>_questions.json`.
 
@@ -199,13 +243,44 @@ def load(
     annotations: `v2_mscoco_<split>_annotations.json`; None for test-dev and
       test, which have none (then `score` has nothing to score).
     image_dir: the folder of `COCO_<folder>_<image_id:012d>.jpg`, where folder
-      is the subtype (test-dev's images are test2015's).
+      is the subtype (test-dev's images are test2015's). With `shots`, the
+      demonstrations' images are looked for in the same folder, by the same
+      rule with the train files' subtype (`COCO_train2014_...jpg`): COCO's
+      names never clash, so one folder holds both (links to the val2014 and
+      train2014 files, say).
     strict: a record that does not parse is an error, not a skip.
+    shots: demonstrations per question, from `train_questions`.
+    seed: draws the demonstrations (with each question id).
+    train_questions: with `shots`, the questions file the demonstrations come
+      from (`v2_OpenEnded_mscoco_train2014_questions.json`). A question that
+      does not parse, or whose annotation has no `multiple_choice_answer`, is
+      left out of the draw.
+    train_annotations: with `shots`, its annotations file (the answers).
   """
+  captions.check_few_shot(shots, seed)
+  pool = None
+  if shots:
+    missing = [
+      name
+      for name, path in (
+        ("train_questions", train_questions),
+        ("train_annotations", train_annotations),
+      )
+      if path is None
+    ]
+    if missing:
+      raise errors.UserError(
+        f"shots={shots} needs {' and '.join(missing)}: the demonstrations' questions and "
+        "annotations files (train2014's)"
+      )
   data = _read_json(questions, "questions")
   subtype = data.get("data_subtype", split)
   if split not in (subtype, subtype.rstrip("0123456789")):
     raise errors.UserError(f"{questions}: questions of {subtype}, not of split {split!r}")
+  if shots:
+    pool = _demonstration_pool(train_questions, train_annotations, image_dir)
+    if len(pool) < shots:
+      raise errors.UserError(f"{train_questions}: {len(pool)} answered questions for shots={shots}")
   skipped = collections.Counter()
   truth = None
   if annotations is not None:
@@ -236,7 +311,8 @@ def load(
       continue
     seen.add(qid)
     image = os.path.join(image_dir, f"COCO_{folder}_{q['image_id']:012d}.jpg")
-    queries.append(common.Query(str(qid), image, f"Question: {q['question']} Answer:"))
+    shown = pool.draw(shots, seed, str(qid), image) if pool is not None else ()
+    queries.append(common.Query(str(qid), image, f"Question: {q['question']} Answer:", shown))
     per_query.append(None if truth is None else truth[qid])
   return common.Dataset(
     "vqav2", split, queries, Truth(per_query, ids), DECODING, skipped, source=questions

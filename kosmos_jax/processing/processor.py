@@ -21,6 +21,7 @@ from kosmos_jax.processing import images as images_lib
 from kosmos_jax.processing import vocab as vocab_lib
 
 _PHRASE_RE = re.compile(r"<phrase>.+?</phrase>")
+IMAGE = "<image>"  # in a text: where an image goes (interleaved inputs)
 # transformers' `clean_up_tokenization`, applied on decode when the tokenizer
 # config asks for it.
 _CLEANUPS = (
@@ -35,6 +36,14 @@ _CLEANUPS = (
   (" 've", "'ve"),
   (" 're", "'re"),
 )
+
+
+def few_shot_prompt(demonstrations, image, prompt: str) -> tuple[str, list]:
+  """KOSMOS-1's in-context input: `<image> {text} ... <image> {prompt}` and its
+  images, the (image, text) demonstrations first, in order."""
+  parts = [f"{IMAGE} {text.strip()}" for _, text in demonstrations]
+  parts.append(f"{IMAGE} {prompt.strip()}")
+  return " ".join(parts), [im for im, _ in demonstrations] + [image]
 
 
 def _read_json(path: str) -> dict:
@@ -147,12 +156,63 @@ class Processor:
     out.append(text[pos:])
     return "".join(out)
 
-  def prompt_text(self, text: str, with_image: bool, boxes=None) -> str:
-    """The string the tokenizer sees (without `<s>`)."""
+  def prompt_text(self, text: str, num_images: int, boxes=None) -> str:
+    """The string the tokenizer sees (without `<s>`).
+
+    Each `<image>` placeholder of `text` becomes `<image>`, the image's slots
+    and `</image>`; a text without placeholders and one image gets it first
+    (transformers' layout). `num_images` must match the placeholders.
+    """
     text = text.strip()
-    if with_image:
-      text = " ".join(["<image>"] * (self.num_image_tokens + 1) + ["</image>", text])
-    return self.insert_boxes(text, boxes)
+    if num_images == 1 and IMAGE not in text:
+      text = f"{IMAGE} {text}"
+    if text.count(IMAGE) != num_images:
+      raise ValueError(
+        f"{text.count(IMAGE)} {IMAGE} placeholders for {num_images} images in {text!r}"
+      )
+    block = " ".join([IMAGE] * (self.num_image_tokens + 1) + ["</image>"])
+    return self.insert_boxes(text.replace(IMAGE, block), boxes)
+
+  def _slot_mask(self, ids: list[int]) -> list[int]:
+    """1 at each image's slots (the ids after an `<image>` tag and before its
+    `</image>`), which get the slot ids; `ids` is changed in place."""
+    n, open_id, close_id = (
+      self.num_image_tokens,
+      self.vocab.tag_id(IMAGE),
+      self.vocab.tag_id("</image>"),
+    )
+    mask, i = [0] * len(ids), 0
+    while i < len(ids):
+      if (
+        ids[i] == open_id
+        and ids[i + 1 : i + n + 1] == [open_id] * n
+        and (i + n + 1 < len(ids) and ids[i + n + 1] == close_id)
+      ):
+        ids[i + 1 : i + n + 1] = vocab_lib.image_slot_ids(n)
+        mask[i + 1 : i + n + 1] = [1] * n
+        i += n + 2
+      else:
+        i += 1
+    return mask
+
+  def _stacked_pixels(self, per_text: list[list]) -> np.ndarray:
+    """(N, max images, 3, H, W): each text's images, zero images after them."""
+    width = max(map(len, per_text))
+    if not width:
+      raise ValueError("interleaved inputs need at least one image")
+    pixels = [images_lib.preprocess_images(e, self.image_options) if e else None for e in per_text]
+    shape = next(p for p in pixels if p is not None).shape[1:]
+    return np.stack(
+      [
+        np.concatenate(
+          [
+            p if p is not None else np.zeros((0, *shape), np.float32),
+            np.zeros((width - len(e), *shape), np.float32),
+          ]
+        )
+        for p, e in zip(pixels, per_text)
+      ]
+    )
 
   # --- call ----------------------------------------------------------------
 
@@ -170,7 +230,9 @@ class Processor:
 
     Args:
       text: a string or a list of strings.
-      images: an image or a list of images (one per text), see
+      images: an image, a list of images (one per text), or a list of lists
+        (each text's images, in the order of its `<image>` placeholders:
+        interleaved text and images, "<image> A duck. <image> A"); see
         `images_lib.to_rgb` for the accepted kinds.
       bboxes: for one text, a list with one entry per `<phrase>`: None, a box
         (tuple of 2 ints = patch indices, or 4 floats = normalized x1, y1, x2,
@@ -184,14 +246,25 @@ class Processor:
     Returns:
       `input_ids`, `attention_mask` (int64, (B, L); B = 1 for a single
       string, as transformers' `return_tensors="np"` gives), with images also
-      `image_embeds_position_mask` and `pixel_values` (float32, (N, 3, H, W)).
+      `image_embeds_position_mask` and `pixel_values` (float32, (N, 3, H, W),
+      or (N, max images, 3, H, W) when a text has `<image>` placeholders or
+      images come as lists; a row with fewer images is padded with zero
+      images, which no slot reads).
     """
     if text is None and images is None:
       raise ValueError("pass text, images or both")
     out = {}
     if images is not None:
       image_list = images if isinstance(images, list) else [images]
-      out["pixel_values"] = images_lib.preprocess_images(image_list, self.image_options)
+      strings = [text] if isinstance(text, str) else list(text or [])
+      interleaved = any(isinstance(e, list) for e in image_list) or any(IMAGE in t for t in strings)
+      if interleaved and isinstance(text, str) and not isinstance(image_list[0], list):
+        image_list = [image_list]  # one text: the list is its images
+      per_text = [e if isinstance(e, list) else [e] for e in image_list]
+      if interleaved:
+        out["pixel_values"] = self._stacked_pixels(per_text)
+      else:
+        out["pixel_values"] = images_lib.preprocess_images(image_list, self.image_options)
     if text is None:
       return out
 
@@ -215,8 +288,8 @@ class Processor:
 
     with_bos = add_special_tokens
     rows = []
-    for t, b in zip(texts, box_lists):
-      ids = self.vocab.encode(self.prompt_text(t, images is not None, b))
+    for i, (t, b) in enumerate(zip(texts, box_lists)):
+      ids = self.vocab.encode(self.prompt_text(t, 0 if images is None else len(per_text[i]), b))
       if with_bos:
         ids = [self.vocab.bos_id] + ids
       if add_special_tokens and add_eos_token:
@@ -225,16 +298,7 @@ class Processor:
 
     image_masks = None
     if images is not None:
-      start = int(with_bos) + 1  # after <s> and the real <image>
-      slots = vocab_lib.image_slot_ids(self.num_image_tokens)
-      image_masks = []
-      for ids in rows:
-        ids[start : start + self.num_image_tokens] = slots
-        image_masks.append(
-          [0] * start
-          + [1] * self.num_image_tokens
-          + [0] * (len(ids) - start - self.num_image_tokens)
-        )
+      image_masks = [self._slot_mask(ids) for ids in rows]
 
     side = padding_side or self.padding_side
     if side not in ("left", "right"):

@@ -60,3 +60,16 @@ def test_a_data_argument_the_task_does_not_take_is_named(exported, tmp_path):
   predictions.write_text("")
   with pytest.raises(SystemExit, match="refcoco takes no --questions"):
     commands.main(["eval", "score", *flags, "--predictions", str(predictions)])
+
+
+def test_few_shot_captions_run_interleaved(exported, tiny_snapshot, tmp_path, capsys):
+  """--shots 2: two training pictures with their captions before each query."""
+  files = exported["coco_caption"]
+  out = tmp_path / "out"
+  snap = str(tiny_snapshot / "snap")
+  flags = [*_flags(files), "--checkpoint", snap, "--out", str(out), "--batch-size", "2"]
+  commands.main(["eval", *flags, "--shots", "2", "--json"])
+  metrics = _last_json(capsys)
+  assert metrics["count"] == NUM and "CIDEr" in metrics
+  predictions = json.loads((out / "predictions.json").read_text())
+  assert sorted(p["image_id"] for p in predictions) == list(range(NUM))

@@ -185,3 +185,74 @@ def test_bad_records_are_counted_or_raised(tmp_path):
   (tmp_path / "bad.json").write_text("[]")
   with pytest.raises(errors.UserError, match="bad.json: not a Karpathy split file"):
     captions.load(annotations=str(tmp_path / "bad.json"), image_dir="/coco")
+
+
+# --- Few-shot ----------------------------------------------------------------------
+
+TRAIN = {  # cocoid -> captions of Karpathy train (odd ids) and restval (even ids) images
+  301: ["  A red bus. ", "A bus."],  # the first reference, stripped, is the demonstration's
+  302: ["A boat on a lake."],
+  303: ["A kite in the sky.", "Kites."],
+  304: ["Two zebras.", "Zebras grazing."],
+  305: ["A train at a station."],
+}
+# What the demonstrations may be: (image, `An image of {first reference}`), the
+# reference's first letter lower-cased ("An image of a red bus.").
+TRAIN_PAIRS = {
+  (
+    f"/coco/train2014/COCO_train2014_{k:012d}.jpg",
+    f"An image of {v[0].strip()[0].lower()}{v[0].strip()[1:]}",
+  )
+  for k, v in TRAIN.items()
+}
+
+
+@pytest.fixture
+def few_shot_file(tmp_path):
+  records = [_record(k, "test", v) for k, v in CAPTIONS.items()]
+  records += [_record(k, "restval" if k % 2 else "train", v, "train2014") for k, v in TRAIN.items()]
+  records += [_record(306, "train", ["   ", "A blank first reference."], "train2014")]
+  records += [_record(201, "val", ["A cat."])]
+  return _write(tmp_path, records)
+
+
+def test_few_shot_demonstrations_are_train_images_drawn_per_query(few_shot_file):
+  def load(split="test", num=None, **kwargs):
+    return captions.load(split, num, annotations=few_shot_file, image_dir="/coco", **kwargs)
+
+  data = load(shots=2, seed=0)
+  assert [q.key for q in data.queries] == ["101", "102", "103"]
+  for q in data.queries:
+    assert q.prompt == "An image of" and len(q.demonstrations) == 2
+    assert len(set(q.demonstrations)) == 2 and set(q.demonstrations) <= TRAIN_PAIRS
+  assert load(shots=2, seed=0).queries == data.queries  # deterministic
+  assert load(num=1, shots=2, seed=0).queries == data.queries[:1]  # per query, not per run
+  assert load(shots=2, seed=1).queries != data.queries
+  assert data.truth.references == load().truth.references  # few-shot changes no query
+
+
+def test_few_shot_never_shows_the_querys_own_image(few_shot_file):
+  train = captions.load("train", annotations=few_shot_file, image_dir="/coco", shots=4, seed=0)
+  assert [q.key for q in train.queries] == ["301", "302", "303", "304", "305", "306"]
+  pool = {image for image, _ in TRAIN_PAIRS}  # 306 is a query, not a demonstration
+  for q in train.queries[:5]:  # 5 train images with a caption: the 4 others, in a drawn order
+    assert {image for image, _ in q.demonstrations} == pool - {q.image}
+  assert len(train.queries[5].demonstrations) == 4
+  assert {image for image, _ in train.queries[5].demonstrations} < pool
+  with pytest.raises(errors.UserError, match="4 demonstrations other than query 301's image"):
+    captions.load("train", annotations=few_shot_file, image_dir="/coco", shots=5)
+
+
+def test_zero_shots_and_bad_few_shot_arguments(few_shot_file):
+  def load(**kwargs):
+    return captions.load(annotations=few_shot_file, image_dir="/coco", **kwargs)
+
+  assert all(q.demonstrations == () for q in load().queries)
+  assert load(shots=0, seed=5).queries == load().queries
+  assert load(shots=5).queries[0].demonstrations  # 306's blank first reference is left out
+  with pytest.raises(errors.UserError, match="5 train images with a caption for shots=6"):
+    load(shots=6)
+  with pytest.raises(errors.UserError, match="shots must be an integer >= 0, got -1"):
+    load(shots=-1)
+  with pytest.raises(errors.UserError, match="seed must be an integer >= 0, got -2"):
+    load(shots=1, seed=-2)

@@ -10,6 +10,7 @@ from kosmos_jax import config as config_lib
 from kosmos_jax.data import loader
 from kosmos_jax.eval import common, rec, runner
 from kosmos_jax.models import generation
+from kosmos_jax.processing import processor as processor_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TASK = "shapes32_rec"  # the tiny config's vocabulary
@@ -75,11 +76,44 @@ def test_predict_buckets_prompts_and_counts_skipped_images(processor, tmp_path):
   assert buckets[0] > buckets[1] == buckets[2]
 
 
-def test_predict_refuses_few_shot_until_interleaving_exists(processor):
-  query = common.Query("0", np.zeros((8, 8, 3), np.uint8), "x", demonstrations=(("a.jpg", "y"),))
-  dataset = common.Dataset("t", "val", [query], None, common.Decoding())
-  with pytest.raises(ValueError, match="few-shot"):
-    runner.predict(_Echo(processor.vocab), processor, _Task, dataset)
+class _CountImages:
+  """Answers each row with the location token numbered by its image slots."""
+
+  def __init__(self, vocab):
+    self.vocab, self.pixels = vocab, []
+
+  def generate(self, input_ids, pixel_values, attention_mask, image_embeds_position_mask, **kw):
+    self.pixels.append(pixel_values.shape)
+    new = [
+      [self.vocab.patch_index_id(int(m.sum())), self.vocab.eos_id]
+      for m in image_embeds_position_mask
+    ]
+    return np.concatenate([input_ids, np.array(new)], axis=1)
+
+
+def test_few_shot_queries_run_interleaved(processor):
+  """Demonstrations come first, each image with its own slots, one batch per image count."""
+  picture = np.full((8, 8, 3), 90, np.uint8)
+  demos = ((picture, "a red circle."), (picture, "a blue square."))
+  queries = [
+    common.Query("0", picture, "an image of", demonstrations=demos),
+    common.Query("1", picture, "an image of"),
+    common.Query("2", picture, "an image of", demonstrations=demos[:1]),
+  ]
+  dataset = common.Dataset("t", "val", queries, None, common.Decoding())
+  model = _CountImages(processor.vocab)
+  predictions, _ = runner.predict(model, processor, _Task, dataset, batch_size=2)
+  n = processor.num_image_tokens
+  assert predictions == {
+    0: f"0:<patch_index_{3 * n:04d}>",
+    1: f"1:<patch_index_{n:04d}>",
+    2: f"2:<patch_index_{2 * n:04d}>",
+  }
+  # Images per row: 1 in transformers' flat layout [b, C, H, W], else [b, n, C, H, W].
+  assert sorted(s[1] if len(s) == 5 else 1 for s in model.pixels) == [1, 2, 3]
+  text, images = processor_lib.few_shot_prompt(demos, picture, "an image of")
+  assert text == "<image> a red circle. <image> a blue square. <image> an image of"
+  assert len(images) == 3
 
 
 def test_hlines_round_trip_and_refuse_a_short_file(tmp_path):

@@ -221,3 +221,107 @@ def test_malformed_files_are_refused(tmp_path):
   _, a = _write(tmp_path / "test", "test2015", [], ANNOTATIONS)
   with pytest.raises(errors.UserError, match="annotations for test2015"):
     vqa.load("val", questions=q, annotations=a, image_dir="i")
+
+
+# --- Few-shot ----------------------------------------------------------------------
+
+TRAIN_QUESTIONS = [
+  {"image_id": 9, "question": "Is it sunny?", "question_id": 90},
+  {"image_id": 9, "question": "What is in the sky?", "question_id": 91},
+  {"image_id": 8, "question": "How many cats?", "question_id": 80},
+  {"image_id": 6, "question": "Why?", "question_id": 60},  # no multiple_choice_answer
+]
+TRAIN_ANNOTATIONS = [
+  _annotation(90, 9, "is it", "yes/no", ["yes"] * 10),
+  _annotation(91, 9, "what is", "other", ["clouds"] * 6 + ["sun"] * 4),
+  _annotation(80, 8, "how many", "number", ["2"] * 10),
+  {**_annotation(60, 6, "why", "other", ["because"] * 10), "multiple_choice_answer": None},
+]
+IMAGE_9, IMAGE_8 = (f"/coco/COCO_train2014_{i:012d}.jpg" for i in (9, 8))
+TRAIN_PAIRS = {
+  (IMAGE_9, "Question: Is it sunny? Answer: yes"),
+  (IMAGE_9, "Question: What is in the sky? Answer: clouds"),
+  (IMAGE_8, "Question: How many cats? Answer: 2"),
+}
+
+
+@pytest.fixture
+def files(tmp_path):
+  """The val files and the train files (the demonstrations')."""
+  val = _write(tmp_path, "val2014", QUESTIONS, ANNOTATIONS)
+  train = _write(tmp_path, "train2014", TRAIN_QUESTIONS, TRAIN_ANNOTATIONS)
+  return val, train
+
+
+def test_few_shot_demonstrations_are_train_questions_drawn_per_query(files):
+  (q, a), (tq, ta) = files
+
+  def load(num=None, **kwargs):
+    return vqa.load(
+      "val",
+      num,
+      questions=q,
+      annotations=a,
+      image_dir="/coco",
+      train_questions=tq,
+      train_annotations=ta,
+      **kwargs,
+    )
+
+  data = load(shots=2, seed=0)
+  assert [x.key for x in data.queries] == ["420", "421", "70"]
+  assert data.queries[0].image == "/coco/COCO_val2014_000000000042.jpg"
+  for x in data.queries:
+    assert len(x.demonstrations) == 2 and len(set(x.demonstrations)) == 2
+    assert set(x.demonstrations) <= TRAIN_PAIRS
+  assert load(shots=2, seed=0).queries == data.queries  # deterministic
+  assert load(num=1, shots=2, seed=0).queries == data.queries[:1]  # per query, not per run
+  assert load(shots=2, seed=1).queries != data.queries
+  assert all(x.demonstrations == () for x in load().queries)
+  assert load(shots=0, seed=3).queries == load().queries
+
+
+def test_few_shot_never_shows_the_querys_own_image(files):
+  _, (tq, ta) = files
+
+  def load(shots):
+    return vqa.load(
+      "train",
+      questions=tq,
+      annotations=ta,
+      image_dir="/coco",
+      shots=shots,
+      train_questions=tq,
+      train_annotations=ta,
+    )
+
+  data = load(1)
+  assert [x.key for x in data.queries] == ["90", "91", "80", "60"]
+  # 90 and 91 share image 9: their one demonstration can only be 80's.
+  assert [x.demonstrations for x in data.queries[:2]] == [
+    ((IMAGE_8, "Question: How many cats? Answer: 2"),)
+  ] * 2
+  assert data.queries[2].demonstrations[0][0] == IMAGE_9
+  with pytest.raises(errors.UserError, match="1 demonstrations other than query 90's image"):
+    load(2)
+
+
+def test_bad_few_shot_arguments_are_refused(files):
+  (q, a), (tq, ta) = files
+
+  def load(**kwargs):
+    return vqa.load("val", questions=q, annotations=a, image_dir="/coco", **kwargs)
+
+  with pytest.raises(errors.UserError, match="shots=1 needs train_questions and train_annotations"):
+    load(shots=1)
+  with pytest.raises(errors.UserError, match="shots=1 needs train_annotations:"):
+    load(shots=1, train_questions=tq)
+  # 60's annotation has no multiple_choice_answer: 3 questions to draw from.
+  with pytest.raises(errors.UserError, match="3 answered questions for shots=4"):
+    load(shots=4, train_questions=tq, train_annotations=ta)
+  with pytest.raises(errors.UserError, match="annotations for val2014, but .* is train2014"):
+    load(shots=1, train_questions=tq, train_annotations=a)
+  with pytest.raises(errors.UserError, match="shots must be an integer >= 0, got -1"):
+    load(shots=-1)
+  with pytest.raises(errors.UserError, match="seed must be an integer >= 0, got -1"):
+    load(shots=1, seed=-1, train_questions=tq, train_annotations=ta)
