@@ -58,7 +58,8 @@ def add_parser(sub) -> None:
     "--prompt",
     help=f"default {DEFAULT_PROMPT!r}; with --box the referring "
     "prompt '<phrase> It</phrase><object>..</object> is', or a prompt whose one "
-    "<phrase>..</phrase> the box is attached to",
+    "<phrase>..</phrase> the box is attached to; with <image> in it, one interleaved "
+    "text that takes the --image files in order ('<image> A red circle. <image> A')",
   )
   p.add_argument("--box", type=_box, help="x1,y1,x2,y2 in [0, 1]: describe this region (REG)")
   p.add_argument(
@@ -120,6 +121,14 @@ def build_inputs(processor, pictures, prompt: str | None, box, max_positions: in
   from kosmos_jax.processing import grounding  # pylint: disable=g-import-not-at-top
 
   bboxes = None
+  if prompt is not None and "<image>" in prompt:  # one interleaved text reads every image
+    if box is not None:
+      raise SystemExit("--box: not with an interleaved --prompt (one with <image> in it)")
+    try:
+      inputs = processor(text=[prompt], images=[list(pictures)])
+    except ValueError as e:
+      raise SystemExit(f"--prompt {prompt!r} with {len(pictures)} --image: {e}") from e
+    return _check_length(inputs, processor, max_positions)
   if box is not None and prompt is None:
     prompt = grounding.reg_prompt(box, processor.vocab.num_patches_per_side)
   elif box is not None:  # The box goes after the prompt's one phrase.
@@ -129,6 +138,10 @@ def build_inputs(processor, pictures, prompt: str | None, box, max_positions: in
     inputs = processor(text=[prompt] * len(pictures), images=list(pictures), bboxes=bboxes)
   except ValueError as e:
     raise SystemExit(f"--prompt {prompt!r}{'' if box is None else ' with --box'}: {e}") from e
+  return _check_length(inputs, processor, max_positions)
+
+
+def _check_length(inputs: dict, processor, max_positions: int) -> dict:
   length = inputs["input_ids"].shape[1]
   if length > max_positions:
     raise SystemExit(
@@ -207,8 +220,11 @@ def run(args, overrides) -> None:
   results = describe(processor, ids, inputs["input_ids"].shape[1])
   if args.out:
     os.makedirs(args.out, exist_ok=True)
-  paths = _picture_paths(args.image, args.out) if args.out else [None] * len(pictures)
-  for path, picture, image, result in zip(paths, pictures, args.image, results):
+  names = args.image
+  if len(results) < len(pictures):  # interleaved: one text, its boxes drawn on its last image
+    pictures, names = pictures[-1:], args.image[-1:]
+  paths = _picture_paths(names, args.out) if args.out else [None] * len(pictures)
+  for path, picture, image, result in zip(paths, pictures, names, results):
     result = dict(image=image, **result)
     if path:
       entities = [(e["phrase"], e["span"], e["boxes"]) for e in result["entities"]]

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from kosmos_jax.models import connector, decoder, generation, layers, vit
+from kosmos_jax.models import connector, decoder, generation, layers, scoring, vit
 
 
 @flax.struct.dataclass
@@ -118,6 +118,36 @@ class Kosmos2(nnx.Module):
     )
     logits = self.text_model(hidden, segment_ids=_as_array(segment_ids, jnp.int32), rng=r_dec)
     return KosmosOutput(logits=logits, image_embeds=image_embeds)
+
+  def score(
+    self,
+    input_ids: Any,
+    pixel_values: Any = None,
+    attention_mask: Any = None,
+    image_embeds_position_mask: Any = None,
+    *,
+    candidates,
+    batch_size: int = 128,
+  ) -> dict:
+    """Log-likelihoods of candidate continuations after each (left-padded)
+    prompt: `sum` and per-token `mean`, float32 [prompts, candidates].
+
+    The image and prompt run once; the candidates (token id lists, e.g. a
+    class name's tokens and `</s>`) then run in batches against the prompt's
+    KV cache (models/scoring.py): KOSMOS-1's zero-shot classification, or
+    Raven-style "Is it correct? Yes" scoring.
+    """
+    total = scoring.score_continuations(
+      self,
+      input_ids,
+      pixel_values,
+      attention_mask,
+      image_embeds_position_mask,
+      candidates,
+      batch_size=batch_size,
+    )
+    lengths = jnp.asarray([len(c) for c in candidates], jnp.float32)
+    return dict(sum=total, mean=total / lengths)
 
   def generate(
     self,

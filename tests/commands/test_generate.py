@@ -176,3 +176,25 @@ def test_random_ids_post_process_and_draw_without_raising(pair):
     text, entities = processor.post_process_generation(processor.decode(ids))
     assert isinstance(text, str)
     visualize.draw_entities(np.zeros((8, 8, 3), np.uint8), entities)
+
+
+def test_an_interleaved_prompt_reads_every_image_in_one_text(capsys, snapshot, pair, tmp_path):
+  model, processor = pair
+  images = [str(snapshot / "snowman.jpg"), str(snapshot / "tall.png")]
+  prompt = "<image> A snowman. <image> A"
+  out = _generate(
+    capsys,
+    snapshot,
+    *("--image", images[0], "--image", images[1], "--prompt", prompt),
+    *("--max-new-tokens", str(NEW), "--json", "--out", str(tmp_path)),
+  )
+  (result,) = [json.loads(line) for line in out.splitlines()]
+  inputs = processor(
+    text=[prompt], images=[[np.asarray(Image.open(p).convert("RGB")) for p in images]]
+  )
+  assert inputs["pixel_values"].shape[:2] == (1, 2)
+  want = model.generate(**inputs, max_new_tokens=NEW)[0].tolist()
+  assert result["token_ids"] == want[: len(result["token_ids"])]
+  assert result["image"] == images[1] and (tmp_path / "tall.png").exists()
+  message = _error(snapshot, "--image", images[0], "--prompt", prompt)
+  assert "2 <image> placeholders for 1 images" in message

@@ -147,3 +147,12 @@ def test_rejects_empty_candidates(model):
     scoring.score_continuations(model, **batch, candidates=[[5], []])
   with pytest.raises(ValueError, match="non-empty"):
     scoring.score_continuations(model, **batch, candidates=[])
+
+
+def test_model_score_gives_sums_and_per_token_means(model):
+  batch = prompts(model.config, [6, 2])
+  got = model.score(**batch, candidates=CANDIDATES, batch_size=3)
+  want = scoring.score_continuations(model, **batch, candidates=CANDIDATES, batch_size=3)
+  np.testing.assert_allclose(got["sum"], want, rtol=1e-6)
+  lengths = np.array([len(c) for c in CANDIDATES], np.float32)
+  np.testing.assert_allclose(got["mean"], want / lengths, rtol=1e-6)
