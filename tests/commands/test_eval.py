@@ -2,6 +2,8 @@
 read from held-out shapes pictures exported in each benchmark's real files."""
 
 import json
+import os
+import shutil
 
 import pytest
 
@@ -73,3 +75,47 @@ def test_few_shot_captions_run_interleaved(exported, tiny_snapshot, tmp_path, ca
   assert metrics["count"] == NUM and "CIDEr" in metrics
   predictions = json.loads((out / "predictions.json").read_text())
   assert sorted(p["image_id"] for p in predictions) == list(range(NUM))
+
+
+def _reg_files(exported, tmp_path) -> export.Exported:
+  """The exported RefCOCO expressions as MDETR's finetune_refcocog_val.json (REG)."""
+  files = exported["refcoco"]
+  data = json.loads(open(files.args["annotations"]).read())
+  for image in data["images"]:
+    image["dataset_name"] = "refcocog"
+  path = tmp_path / "finetune_refcocog_val.json"
+  path.write_text(json.dumps(data))
+  return export.Exported(
+    "refcocog_reg", "val", dict(annotations=str(path), image_dir=files.args["image_dir"])
+  )
+
+
+def _flickr_caption_files(exported, tmp_path) -> export.Exported:
+  """The exported Karpathy COCO captions as dataset_flickr30k.json (flat image folder)."""
+  files = exported["coco_caption"]
+  data = json.loads(open(files.args["annotations"]).read())
+  folder = tmp_path / "flickr30k-images"
+  folder.mkdir()
+  for n, record in enumerate(data["images"]):
+    source = os.path.join(files.args["image_dir"], record.pop("filepath"), record["filename"])
+    record["filename"] = f"{1000 + n}.jpg"
+    shutil.copy(source, folder / record["filename"])
+    record.pop("cocoid")
+  path = tmp_path / "dataset_flickr30k.json"
+  path.write_text(json.dumps(dict(images=data["images"], dataset="flickr30k")))
+  return export.Exported(
+    "flickr30k_caption", "test", dict(annotations=str(path), image_dir=str(folder))
+  )
+
+
+@pytest.mark.parametrize("make", [_reg_files, _flickr_caption_files])
+def test_eval_then_score_reg_and_flickr_captions(make, exported, tiny_snapshot, tmp_path, capsys):
+  files = make(exported, tmp_path)
+  out = tmp_path / "out"
+  snap = str(tiny_snapshot / "snap")
+  commands.main(["eval", *_flags(files), "--checkpoint", snap, "--out", str(out), "--json"])
+  metrics = _last_json(capsys)
+  assert metrics["count"] > 0 and {"CIDEr", "METEOR", "BLEU-4", "ROUGE-L"} <= set(metrics)
+  predictions = str(out / "predictions.json")
+  commands.main(["eval", "score", *_flags(files), "--predictions", predictions, "--json"])
+  assert _last_json(capsys) == pytest.approx(metrics)
