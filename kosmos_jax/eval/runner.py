@@ -189,6 +189,7 @@ def _gather(predictions: dict[int, str], out: str) -> dict[int, str]:
     return predictions
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
+  os.makedirs(out, exist_ok=True)
   part = os.path.join(out, f".predictions.part{jax.process_index()}.json")
   with open(part, "w", encoding="utf-8") as f:
     json.dump(predictions, f)  # int keys come back as strings
@@ -201,7 +202,7 @@ def _gather(predictions: dict[int, str], out: str) -> dict[int, str]:
         merged.update({int(k): v for k, v in json.load(f).items()})
   multihost_utils.sync_global_devices("eval predictions read")
   os.remove(part)
-  return merged
+  return merged if jax.process_index() == 0 else predictions
 
 
 def evaluate(
@@ -217,10 +218,11 @@ def evaluate(
 ) -> tuple[dict[str, float], dict[int, str]]:
   """Predicts this process's share of the queries, then scores all of them.
 
-  Returns the metrics and the predictions (on process 0; the others' are
-  their own share). With `out`, process 0 writes the task's predictions file
-  there (`predictions.<ext>`) and `metrics.json`. With `mesh` (`local_mesh`,
-  the model already on it), each batch is split over its `data` axis.
+  Returns the metrics and the predictions (on process 0; the others get
+  their own share, and no metrics for tasks scored on the whole corpus).
+  With `out`, process 0 writes the task's predictions file there
+  (`predictions.<ext>`) and `metrics.json`. With `mesh` (`local_mesh`, the
+  model already on it), each batch is split over its `data` axis.
   """
   mine = range(jax.process_index(), len(dataset.queries), jax.process_count())
   with sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
@@ -243,7 +245,8 @@ def evaluate(
     if jax.process_count() > 1 and not out:
       raise ValueError(f"{dataset.task}: a multi-host evaluation needs `out` to gather in")
     predictions = _gather(predictions, out) if out else predictions
-    metrics = task.score(dataset, predictions)
+    # Corpus metrics (CIDEr's document frequencies) need every prediction: process 0's.
+    metrics = task.score(dataset, predictions) if jax.process_index() == 0 else {}
   # The runner's reasons replace score()'s "no prediction" count for the same queries.
   metrics = {k: v for k, v in metrics.items() if not k.startswith("skipped/no prediction")}
   metrics.update({k: v for k, v in skipped.items() if v})

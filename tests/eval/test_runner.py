@@ -1,5 +1,6 @@
 """The evaluation runner: bucketed batches, answers back to their queries, skips counted."""
 
+import json
 import os
 
 import numpy as np
@@ -124,3 +125,58 @@ def test_hlines_round_trip_and_refuse_a_short_file(tmp_path):
   with pytest.raises(ValueError, match="2 H-lines for 3 queries"):
     open(path, "w").write("S-0\tsource\nH-0\t-0.1\ta\nH-1\t-0.2\tb\n")
     common.read_hlines(path, 3)
+
+
+def test_two_hosts_add_sums_and_gather_predictions_once(processor, tmp_path, monkeypatch):
+  """Two processes, run one after the other with the collectives faked: sums
+  are added (not means averaged) and process 0 writes every prediction."""
+  from jax.experimental import multihost_utils
+
+  picture = np.full((8, 8, 3), 200, np.uint8)
+  queries = [common.Query(str(i), picture, "a" * (i + 1)) for i in range(5)]
+  dataset = common.Dataset("t", "val", queries, None, common.Decoding())
+  seen_sums = []
+
+  class _Additive(_Task):
+    predictions_file = "p.json"
+
+    @staticmethod
+    def sums(dataset, predictions):
+      return {"hits": float(len(predictions)), "count": float(len(predictions))}
+
+    @staticmethod
+    def from_sums(dataset, sums):
+      seen_sums.append(sums)
+      return {"accuracy": sums["hits"] / sums["count"], "count": sums["count"]}
+
+    @staticmethod
+    def write_predictions(path, dataset, predictions):
+      json.dump(predictions, open(path, "w"))
+
+  others = []  # the other host's values, in the order of our process_sum calls
+
+  def allgather(values):
+    other = others.pop(0) if others else np.zeros_like(values)
+    return np.stack([values, other])
+
+  monkeypatch.setattr(runner.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+  monkeypatch.setattr(multihost_utils, "sync_global_devices", lambda name: None)
+  out = str(tmp_path / "eval")
+  model = _CountImages(processor.vocab)
+  # Host 1 first; it keeps its part file, which host 0 reads after the barrier.
+  monkeypatch.setattr(runner.jax, "process_index", lambda: 1)
+  monkeypatch.setattr(runner.os, "remove", lambda path: None)
+  _, mine = runner.evaluate(model, processor, _Additive, dataset, out=out, batch_size=2)
+  assert sorted(mine) == [1, 3]  # every second query
+  monkeypatch.undo()
+  monkeypatch.setattr(runner.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(runner.jax, "process_index", lambda: 0)
+  monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+  monkeypatch.setattr(multihost_utils, "sync_global_devices", lambda name: None)
+  # Host 1's sums: skipped (2 reasons, none), then count and hits (sorted keys).
+  others.extend([np.zeros(2), np.array([2.0, 2.0])])
+  metrics, merged = runner.evaluate(model, processor, _Additive, dataset, out=out, batch_size=2)
+  assert sorted(merged) == [0, 1, 2, 3, 4]
+  assert json.load(open(os.path.join(out, "p.json"))).keys() == {"0", "1", "2", "3", "4"}
+  assert seen_sums[-1] == {"count": 5.0, "hits": 5.0} and metrics["count"] == 5.0
