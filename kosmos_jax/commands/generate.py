@@ -51,8 +51,11 @@ def add_parser(sub) -> None:
     help="Hugging Face snapshot directory or kosmos-jax checkpoint, with the "
     "processor files (sentencepiece.bpe.model, preprocessor_config.json)",
   )
+  p.add_argument("--image", action="append", help="image file; repeat for several (one batch)")
   p.add_argument(
-    "--image", required=True, action="append", help="image file; repeat for several (one batch)"
+    "--prompts-file",
+    help='a batch from a JSON-lines file, one {"prompt": ..., "images": [files]} per line '
+    "(instead of --image and --prompt; image paths as given, from the working directory)",
   )
   p.add_argument(
     "--prompt",
@@ -194,9 +197,41 @@ def _print_text(result: dict) -> None:
     print(f"  -> {result['picture']}")
 
 
+def read_prompts_file(path: str) -> list[dict]:
+  """`{"prompt": str, "images": [paths]}` per line; errors name the line."""
+  if not os.path.isfile(path):
+    raise SystemExit(f"--prompts-file {path}: no such file")
+  lines = []
+  with open(path, encoding="utf-8") as f:
+    for number, text in enumerate(f, 1):
+      if not text.strip():
+        continue
+      try:
+        line = json.loads(text)
+      except ValueError as e:
+        raise SystemExit(f"--prompts-file {path}:{number}: not JSON ({e})") from None
+      if not (
+        isinstance(line, dict)
+        and isinstance(line.get("prompt"), str)
+        and isinstance(line.get("images", []), list)
+        and all(isinstance(p, str) for p in line.get("images", []))
+      ):
+        raise SystemExit(
+          f'--prompts-file {path}:{number}: expected {{"prompt": str, "images": [paths]}}'
+        )
+      lines.append(dict(prompt=line["prompt"], images=line.get("images", [])))
+  if not lines:
+    raise SystemExit(f"--prompts-file {path}: no prompts")
+  return lines
+
+
 def run(args, overrides) -> None:
   """`kosmos-jax generate`."""
   del overrides
+  if bool(args.prompts_file) == bool(args.image):
+    raise SystemExit("give --image (with --prompt) or --prompts-file, not both")
+  if args.prompts_file and (args.prompt or args.box):
+    raise SystemExit("--prompt and --box go with --image; a --prompts-file line has its prompt")
   from kosmos_jax.checkpoints import loading  # pylint: disable=g-import-not-at-top
 
   try:
@@ -208,10 +243,23 @@ def run(args, overrides) -> None:
   from kosmos_jax.processing import visualize  # pylint: disable=g-import-not-at-top
 
   processor = processor_lib.Processor.from_pretrained(where.path)
-  pictures = [read_image(path, i) for i, path in enumerate(args.image)]
   # The model config alone first: the prompt is checked before any weights load.
   config = loading.model_config(where)
-  inputs = build_inputs(processor, pictures, args.prompt, args.box, config.text.max_positions)
+  if args.prompts_file:
+    lines = read_prompts_file(args.prompts_file)
+    images = [[read_image(p, i) for p in line["images"]] for i, line in enumerate(lines)]
+    try:
+      inputs = processor(text=[line["prompt"] for line in lines], images=images)
+    except ValueError as e:
+      raise SystemExit(f"--prompts-file {args.prompts_file}: {e}") from e
+    inputs = _check_length(inputs, processor, config.text.max_positions)
+    # Each line's boxes are drawn on its last image, named by the line.
+    pictures = [line_images[-1] if line_images else None for line_images in images]
+    names = [f"line{i + 1}" for i in range(len(lines))]
+  else:
+    pictures = [read_image(path, i) for i, path in enumerate(args.image)]
+    inputs = build_inputs(processor, pictures, args.prompt, args.box, config.text.max_positions)
+    names = args.image
   model = loading.from_pretrained(where, dtype=args.dtype)
   max_new = (
     args.max_new_tokens or model.generation_config.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS
@@ -220,13 +268,12 @@ def run(args, overrides) -> None:
   results = describe(processor, ids, inputs["input_ids"].shape[1])
   if args.out:
     os.makedirs(args.out, exist_ok=True)
-  names = args.image
   if len(results) < len(pictures):  # interleaved: one text, its boxes drawn on its last image
     pictures, names = pictures[-1:], args.image[-1:]
   paths = _picture_paths(names, args.out) if args.out else [None] * len(pictures)
   for path, picture, image, result in zip(paths, pictures, names, results):
     result = dict(image=image, **result)
-    if path:
+    if path and picture is not None:
       entities = [(e["phrase"], e["span"], e["boxes"]) for e in result["entities"]]
       visualize.draw_entities(picture, entities).save(path)
       result["picture"] = path

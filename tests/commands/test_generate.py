@@ -198,3 +198,28 @@ def test_an_interleaved_prompt_reads_every_image_in_one_text(capsys, snapshot, p
   assert result["image"] == images[1] and (tmp_path / "tall.png").exists()
   message = _error(snapshot, "--image", images[0], "--prompt", prompt)
   assert "2 <image> placeholders for 1 images" in message
+
+
+def test_a_prompts_file_is_one_batch_of_mixed_image_counts(capsys, snapshot, pair, tmp_path):
+  model, processor = pair
+  images = [str(snapshot / "snowman.jpg"), str(snapshot / "tall.png")]
+  lines = [
+    dict(prompt="<grounding>An image of", images=images[:1]),
+    dict(prompt="<image> A snowman. <image> A", images=images),
+  ]
+  path = tmp_path / "prompts.jsonl"
+  path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+  out = _generate(
+    capsys, snapshot, "--prompts-file", str(path), "--max-new-tokens", str(NEW), "--json"
+  )
+  results = [json.loads(line) for line in out.splitlines()]
+  assert [r["image"] for r in results] == ["line1", "line2"]
+  pictures = [[np.asarray(Image.open(p).convert("RGB")) for p in line["images"]] for line in lines]
+  inputs = processor(text=[line["prompt"] for line in lines], images=pictures)
+  want = model.generate(**inputs, max_new_tokens=NEW).tolist()
+  for result, row in zip(results, want):
+    assert result["token_ids"] == row[: len(result["token_ids"])]
+  path.write_text('{"prompt": "x", "images": ["a.jpg"]}\nnot json\n')
+  assert f"{path}:2: not JSON" in _error(snapshot, "--prompts-file", str(path), checkpoint=None)
+  message = _error(snapshot, "--prompts-file", str(path), "--image", images[0])
+  assert "not both" in message
