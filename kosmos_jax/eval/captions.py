@@ -19,7 +19,7 @@ training set"): K images of the same file's Karpathy train split (with
 restval) come first, each with `An image of {caption}`, the caption being the
 record's first reference (its first `raw` sentence, stripped; the papers show
 the layout only in a figure, reference/evaluation.md 7, UNVERIFIED). They are
-drawn per query by `DemonstrationPool`, seeded with `seed` and the query's id,
+drawn per query by `fewshot.DemonstrationPool`, seeded with `seed` and the query's id,
 so a query's demonstrations do not depend on `num` or on the other queries.
 
 The PTB tokenizer and METEOR are Java programs (the jars run on OpenJDK 17).
@@ -35,11 +35,8 @@ import logging
 import os
 import re
 import shutil
-import zlib
-from collections.abc import Hashable, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Hashable, Mapping, Sequence
 
-import numpy as np
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
@@ -47,7 +44,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from kosmos_jax import errors
-from kosmos_jax.eval import common
+from kosmos_jax.eval import common, fewshot
 from kosmos_jax.processing import grounding
 
 PROMPT = "An image of"
@@ -179,62 +176,6 @@ def caption_metrics(
   return out
 
 
-# --- Few-shot demonstrations (captions and VQA) -------------------------------------
-
-
-def check_few_shot(shots, seed) -> None:
-  """`shots` and `seed` as `load` takes them, or a `UserError` naming the bad one."""
-  for name, value in (("shots", shots), ("seed", seed)):
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-      raise errors.UserError(f"{name} must be an integer >= 0, got {value!r}")
-
-
-def query_number(key: str) -> int:
-  """A stable integer for a query id: the id itself when it is a number (COCO
-  ids, Flickr photo ids, question ids), else the CRC-32 of its UTF-8 text."""
-  return int(key) if key.isascii() and key.isdigit() else zlib.crc32(key.encode("utf-8"))
-
-
-class DemonstrationPool:
-  """The (image, text) pairs that few-shot demonstrations are drawn from.
-
-  `draw` takes `shots` distinct pairs for one query, in the order drawn, with
-  `np.random.default_rng([seed, query_number(key)])`; a pair with the query's
-  own image is never drawn.
-  """
-
-  def __init__(self, pairs: Iterable[tuple[Any, str]], source: str):
-    self.pairs = tuple(pairs)
-    self.source = source  # the file the pairs came from, for error messages
-    self._positions = collections.defaultdict(list)  # image -> its pairs' indices, ascending
-    for i, (image, _) in enumerate(self.pairs):
-      if isinstance(image, Hashable):
-        self._positions[image].append(i)
-
-  def __len__(self) -> int:
-    return len(self.pairs)
-
-  def draw(self, shots: int, seed: int, key: str, image: Any) -> tuple[tuple[Any, str], ...]:
-    if not shots:
-      return ()
-    own = self._positions.get(image, []) if isinstance(image, Hashable) else []
-    allowed = len(self.pairs) - len(own)
-    if allowed < shots:
-      raise errors.UserError(
-        f"{self.source}: {allowed} demonstrations other than query {key}'s image for {shots} shots"
-      )
-    rng = np.random.default_rng([seed, query_number(key)])
-    out = []
-    for n in rng.choice(allowed, size=shots, replace=False):
-      i = int(n)
-      for taken in own:  # the n-th index that is not the query's image
-        if i < taken:
-          break
-        i += 1
-      out.append(self.pairs[i])
-    return tuple(out)
-
-
 # --- Loading ---------------------------------------------------------------------
 
 
@@ -267,7 +208,9 @@ def _continuing(sentence: str) -> str:
   return sentence[:1].lower() + sentence[1:]
 
 
-def _demonstration_pool(data: dict, image_dir: str, coco: bool, source: str) -> DemonstrationPool:
+def _demonstration_pool(
+  data: dict, image_dir: str, coco: bool, source: str
+) -> fewshot.DemonstrationPool:
   """Each train (and restval) image once, with `An image of {its first reference}`
   (first letter lower-cased)."""
   pairs, seen = [], set()
@@ -279,7 +222,7 @@ def _demonstration_pool(data: dict, image_dir: str, coco: bool, source: str) -> 
       continue
     seen.add(image[0])
     pairs.append((image[1], f"{PROMPT} {_continuing(sentences[0].strip())}"))
-  return DemonstrationPool(pairs, source)
+  return fewshot.DemonstrationPool(pairs, source)
 
 
 def load(
@@ -315,7 +258,7 @@ def load(
   """
   if task not in TASKS:
     raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
-  check_few_shot(shots, seed)
+  fewshot.check_few_shot(shots, seed)
   try:
     with open(annotations, encoding="utf-8") as f:
       data = json.load(f)

@@ -13,9 +13,9 @@ newline (`prediction`), at most 32 new tokens; no n-gram blocking. The split
 is the user's (`refs(umd).p` has train, val and test).
 
 Few-shot (`shots=K`): K demonstrations from the train split come first, each
-its image and the same prompt for its box followed by " {expression}." (the
+its image and the same prompt for its box followed by " {its first expression}." (the
 paper shows the layout only in a figure); they are drawn per query, by a
-generator seeded with `seed` and the query's id, so a query's demonstrations do
+generator seeded with `seed` and the query's id (`fewshot.py`), so a query's demonstrations do
 not depend on `num` or on the other queries.
 """
 
@@ -24,12 +24,11 @@ import dataclasses
 import json
 import os
 import pickle
-import random
 import re
 from collections.abc import Mapping
 
 from kosmos_jax import errors
-from kosmos_jax.eval import captions, common
+from kosmos_jax.eval import captions, common, fewshot
 from kosmos_jax.processing import grounding
 
 DECODING = common.Decoding(num_beams=1, max_new_tokens=32)
@@ -184,11 +183,11 @@ def read_refs(
   return _refer_refs(path, instances, split, image_dir, strict, skipped)
 
 
-def _demonstrations(train: list[Ref], shots: int, seed: int, key: str, side: int) -> tuple:
-  rng = random.Random(f"{seed}:{key}")
-  return tuple(
-    (ref.image, f"{grounding.reg_prompt(ref.box, side)} {rng.choice(ref.expressions)}.")
-    for ref in rng.sample(train, shots)
+def _demonstration_pool(train: list[Ref], side: int, source: str) -> fewshot.DemonstrationPool:
+  """Each train object as the REG prompt of its box and its first expression."""
+  return fewshot.DemonstrationPool(
+    ((ref.image, f"{grounding.reg_prompt(ref.box, side)} {ref.expressions[0]}.") for ref in train),
+    source,
   )
 
 
@@ -225,7 +224,8 @@ def load(
   refs, ids = read_refs(
     annotations, split, image_dir, instances=instances, strict=strict, skipped=skipped
   )
-  train = []
+  fewshot.check_few_shot(shots, seed)
+  pool = fewshot.DemonstrationPool((), annotations)
   if shots:
     if train_annotations is None and _is_json(annotations):
       raise errors.UserError(
@@ -236,12 +236,13 @@ def load(
     train, _ = read_refs(source, "train", image_dir, instances=instances)
     if len(train) < shots:
       raise errors.UserError(f"{source}: {len(train)} train objects for {shots} shots")
+    pool = _demonstration_pool(train, num_patches_per_side, source)
   queries = [
     common.Query(
       r.key,
       r.image,
       grounding.reg_prompt(r.box, num_patches_per_side),
-      _demonstrations(train, shots, seed, r.key, num_patches_per_side) if shots else (),
+      pool.draw(shots, seed, r.key, r.image),
     )
     for r in refs[:num]
   ]

@@ -23,7 +23,7 @@ split as a rule (`train_questions`, `train_annotations`: the same files for
 train2014), come first, each its image then
 `Question: {question} Answer: {multiple_choice_answer}` (the papers show the
 layout only in a figure, reference/evaluation.md 7, UNVERIFIED). They are drawn
-per query by `captions.DemonstrationPool`, seeded with `seed` and the question
+per query by `fewshot.DemonstrationPool`, seeded with `seed` and the question
 id, so a query's demonstrations do not depend on `num` or on the other
 queries; no demonstration shows the query's own image.
 """
@@ -37,7 +37,7 @@ import re
 from collections.abc import Mapping, Sequence
 
 from kosmos_jax import errors
-from kosmos_jax.eval import captions, common
+from kosmos_jax.eval import common, fewshot
 from kosmos_jax.processing import grounding
 
 DECODING = common.Decoding(num_beams=1, max_new_tokens=10, stop_at_newline=True)
@@ -191,7 +191,7 @@ def _annotations_by_question(path: str, subtype: str, questions: str, strict: bo
 
 def _demonstration_pool(
   train_questions: str, train_annotations: str, image_dir: str
-) -> captions.DemonstrationPool:
+) -> fewshot.DemonstrationPool:
   """Each train question that parses and has an annotation with a
   `multiple_choice_answer`, with its image, in the questions file's order."""
   data = _read_json(train_questions, "questions")
@@ -217,7 +217,7 @@ def _demonstration_pool(
     seen.add(qid)
     image = os.path.join(image_dir, f"COCO_{folder}_{q['image_id']:012d}.jpg")
     pairs.append((image, f"Question: {q['question']} Answer: {ann['multiple_choice_answer']}"))
-  return captions.DemonstrationPool(pairs, train_questions)
+  return fewshot.DemonstrationPool(pairs, train_questions)
 
 
 def load(
@@ -257,7 +257,7 @@ def load(
       left out of the draw.
     train_annotations: with `shots`, its annotations file (the answers).
   """
-  captions.check_few_shot(shots, seed)
+  fewshot.check_few_shot(shots, seed)
   pool = None
   if shots:
     missing = [
