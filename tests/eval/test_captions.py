@@ -13,8 +13,6 @@ from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 from kosmos_jax import errors
 from kosmos_jax.eval import captions, common
 
-needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="needs java")
-
 CAPTIONS = {  # cocoid -> the image's reference captions
   101: ["A man rides a brown horse.", "A person riding a horse on a beach.", "Man on horseback."],
   102: ["Two dogs play in the snow.", "A pair of dogs running in snow!", "Dogs playing outside."],
@@ -103,7 +101,6 @@ def _direct(references, hypotheses, tokenize=None):
   return out
 
 
-@needs_java
 def test_scores_are_pycocoevalcaps(coco):
   metrics = captions.score(coco, HYPOTHESES)
   references = dict(zip(CAPTIONS, CAPTIONS.values()))
@@ -131,7 +128,6 @@ def test_without_java_the_other_scores_remain(coco, monkeypatch):
   assert alone["CIDEr"] == 0 and alone["BLEU-4"] == pytest.approx(100)
 
 
-@needs_java
 def test_simple_tokenize_follows_ptb_on_captions():
   texts = [
     "A man's dog isn't running.",

@@ -2,7 +2,6 @@
 
 import json
 import pickle
-import shutil
 
 import pytest
 from pycocoevalcap.bleu.bleu import Bleu
@@ -157,7 +156,6 @@ def test_results_files(tmp_path):
     reg.read_predictions(str(path), data)
 
 
-@pytest.mark.skipif(shutil.which("java") is None, reason="needs java")
 def test_score_is_refevaluations(tmp_path):
   refs, instances = _refer(tmp_path)
   data = reg.load("val", annotations=refs, instances=instances, image_dir="d")
