@@ -16,10 +16,11 @@ it scores no hit.
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from kosmos_jax import errors
 from kosmos_jax.eval import boxes as boxes_lib
+from kosmos_jax.eval import common
 from kosmos_jax.processing import grounding
 
 IOU_THRESHOLD = 0.5  # `>=`, as both scorers compare (the papers say "greater than")
@@ -79,6 +80,22 @@ def hypothesis(prompt: str, continuation: str) -> str:
   tabs become spaces, so that one answer stays one line.
   """
   return (prompt + continuation).translate(_LINE_BREAKS)
+
+
+# The task functions of the H-line tasks (flickr_entities, refexp, rec).
+
+
+def prediction(query: common.Query, continuation: str) -> str:
+  """The H-line text: the whole hypothesis, prompt included, as the official driver's."""
+  return hypothesis(query.prompt, continuation)
+
+
+def write_predictions(path: str, dataset: common.Dataset, predictions: Mapping[int, str]) -> None:
+  common.write_hlines(path, len(dataset.queries), predictions)
+
+
+def read_predictions(path: str, dataset: common.Dataset) -> dict[int, str]:
+  return common.read_hlines(path, len(dataset.queries))
 
 
 def read_mdetr_json(path: str, lists: Sequence[str]) -> dict:

@@ -18,7 +18,7 @@ import numpy as np
 
 from kosmos_jax.data import loader
 from kosmos_jax.eval import boxes as boxes_lib
-from kosmos_jax.eval import common
+from kosmos_jax.eval import common, official_boxes
 from kosmos_jax.processing import grounding
 from kosmos_jax.processing import images as images_lib
 from kosmos_jax.processing import processor as processor_lib
@@ -128,16 +128,10 @@ def load(
   )
 
 
-def prediction(query: common.Query, continuation: str) -> str:
-  return query.prompt + continuation
-
-
-def write_predictions(path: str, dataset: common.Dataset, predictions) -> None:
-  common.write_hlines(path, len(dataset.queries), predictions)
-
-
-def read_predictions(path: str, dataset: common.Dataset) -> dict[int, str]:
-  return common.read_hlines(path, len(dataset.queries))
+# H-lines, as the official scorers read them.
+prediction = official_boxes.prediction
+write_predictions = official_boxes.write_predictions
+read_predictions = official_boxes.read_predictions
 
 
 def sums(dataset: common.Dataset, predictions) -> dict[str, float]:

@@ -139,17 +139,10 @@ def load(
   )
 
 
-def prediction(query: common.Query, continuation: str) -> str:
-  """The H-line text: the whole hypothesis, prompt included, as the official driver's."""
-  return official_boxes.hypothesis(query.prompt, continuation)
-
-
-def write_predictions(path: str, dataset: common.Dataset, predictions: Mapping[int, str]) -> None:
-  common.write_hlines(path, len(dataset.queries), predictions)
-
-
-def read_predictions(path: str, dataset: common.Dataset) -> dict[int, str]:
-  return common.read_hlines(path, len(dataset.queries))
+# H-lines, as the official scorers read them.
+prediction = official_boxes.prediction
+write_predictions = official_boxes.write_predictions
+read_predictions = official_boxes.read_predictions
 
 
 def sums(dataset: common.Dataset, predictions: Mapping[int, str]) -> dict[str, float]:

@@ -1,39 +1,24 @@
 """score_continuations equals the log-likelihood read from plain forward passes."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
+from kosmos_jax import config as config_lib
 from kosmos_jax.models import scoring
-from kosmos_jax.models.config import model_config
 from kosmos_jax.models.kosmos import Kosmos2
 
 # Unsorted, lengths 1 to 9: batches of 3 then span block widths 4 and 8.
 CANDIDATES = [[301, 302, 303], [400], [500, 501, 502, 503, 504, 505, 506, 507, 508], [600, 601]]
 CANDIDATES += [[700, 701, 702, 703, 704], [400, 401], [900, 901, 902, 903]]
-
-
-# configs/tiny.py's model: the same architecture, tiny sizes.
-TINY = {
-  "vision.image_size": 32,
-  "vision.patch_size": 8,
-  "vision.width": 32,
-  "vision.depth": 2,
-  "vision.heads": 4,
-  "vision.mlp_dim": 64,
-  "text.vocab_size": 1200,
-  "text.width": 64,
-  "text.depth": 2,
-  "text.heads": 4,
-  "text.ffn_dim": 128,
-  "text.max_positions": 256,
-  "latent_query_num": 8,
-}
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def tiny_model(seed: int = 0) -> Kosmos2:
-  model = Kosmos2(model_config(**TINY), rngs=nnx.Rngs(seed))
+  model = Kosmos2(config_lib.load(os.path.join(ROOT, "configs/tiny.py")).model, rngs=nnx.Rngs(seed))
   # Logits of order 10, not 0.1, so that candidates' scores differ clearly.
   embed = model.text_model.embed_tokens
   embed[...] = embed[...] * 20
