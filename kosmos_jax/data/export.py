@@ -69,6 +69,20 @@ def _xywh(box) -> list[float]:
   return [box[0], box[1], round(box[2] - box[0], 2), round(box[3] - box[1], 2)]
 
 
+def _annotation(box, annotation_id: int, image_id: int, category: int, span) -> dict:
+  """A COCO-style (MDETR) annotation of a pixel box and the caption span naming it."""
+  x, y, w, h = _xywh(box)
+  return dict(
+    area=round(w * h, 2),
+    iscrowd=0,
+    image_id=image_id,
+    category_id=category,
+    id=annotation_id,
+    bbox=[x, y, w, h],
+    tokens_positive=[list(span)],
+  )
+
+
 def _dump(path: str, value) -> None:
   with open(path, "w", encoding="utf-8") as f:
     json.dump(value, f)
@@ -95,19 +109,8 @@ def export_refcoco(out: str, num: int, image_size: int, start: int = 0) -> list[
           tokens_negative=[[0, len(caption)]],
         )
       )
-      w, h = _xywh(o["box"])[2:]
-      annotations.append(
-        dict(
-          area=round(w * h, 2),
-          iscrowd=0,
-          image_id=entry_id,
-          category_id=_KINDS[o["kind"]],
-          id=entry_id,
-          original_id=index * 10 + k,
-          bbox=_xywh(o["box"]),
-          tokens_positive=[[0, len(caption)]],
-        )
-      )
+      annotation = _annotation(o["box"], entry_id, entry_id, _KINDS[o["kind"]], (0, len(caption)))
+      annotations.append(dict(annotation, original_id=index * 10 + k))
   categories = [dict(supercategory="shape", id=i, name=k) for k, i in _KINDS.items()]
   path = os.path.join(out, "finetune_refcoco_val.json")
   _dump(path, dict(images=images, annotations=annotations, categories=categories))
@@ -176,18 +179,7 @@ def export_flickr30k_entities(out: str, num: int, image_size: int, start: int = 
       )
     )
     for o, (s, e) in zip(objects, spans):
-      w, h = _xywh(o["box"])[2:]
-      annotations.append(
-        dict(
-          area=round(w * h, 2),
-          iscrowd=0,
-          image_id=entry_id,
-          category_id=1,
-          id=len(annotations),
-          bbox=_xywh(o["box"]),
-          tokens_positive=[[s, e]],
-        )
-      )
+      annotations.append(_annotation(o["box"], len(annotations), entry_id, 1, (s, e)))
   with open(os.path.join(root, "val.txt"), "w") as f:
     f.write("\n".join(ids) + "\n")
   path = os.path.join(out, "final_flickr_separateGT_val.json")
