@@ -16,18 +16,25 @@ import seqio
 import tensorflow as tf
 
 # Importing tasks registers the built-in tasks and mixtures.
-from kosmos_jax.data import feature_converter, quality, tasks
+from kosmos_jax.data import feature_converter, instruction_tasks, quality, tasks
 
 
 def register_user_tasks(data_config) -> None:
   """Registers the tasks a config describes: the `kosmos2_*` tasks on the
   user's files (`data.spm_model_file`, `data.data_dir`) and shapes tasks of
-  its own sizes (`data.shapes_tasks`: `tasks.register_shapes_tasks`' arguments)."""
+  its own sizes (`data.shapes_tasks`: `tasks.register_shapes_tasks`' arguments),
+  then an instruction task mixed into one of them (`data.instructions`: see
+  instruction_tasks.py; set `data.mixture` to the name it registers)."""
   shapes_tasks = data_config.get("shapes_tasks")
   if shapes_tasks:
     tasks.register_shapes_tasks(**shapes_tasks.to_dict())
   if data_config.spm_model_file and "kosmos2_pretrain" not in seqio.MixtureRegistry.names():
     tasks.register_kosmos2_tasks(data_config.spm_model_file, data_config.data_dir)
+  instructions = data_config.get("instructions")
+  if instructions:
+    instruction_tasks.register_from_config(
+      instructions, data_config.get("data_dir", ""), data_config.get("spm_model_file", "")
+    )
 
 
 def dataset(

@@ -48,8 +48,22 @@ REASONS = {
     "first image that does not fit whole, then at the token limit",
   ),
   "too_short": ("drop", "fewer than 2 tokens left (nothing to predict)"),
+  # Instruction records (data/instructions.py has the formats).
+  "instruction_bad_json": ("drop", "instruction line that is not a JSON object"),
+  "instruction_field_missing": (
+    "drop",
+    "instruction record without (or with a null) instruction/inputs or output/targets, "
+    "or a core-format line without instances",
+  ),
+  "instruction_not_string": ("drop", "instruction record field that is not a string"),
+  "instruction_empty_prompt": ("drop", "instruction record whose instruction/inputs is blank"),
+  "instruction_empty_response": ("drop", "instruction record whose output/targets is blank"),
+  "instruction_response_cut": (
+    "filter",
+    "instruction example whose prompt fills the sequence length (no response token left)",
+  ),
 }
-__doc__ += "".join(f"\n  {n:22s}{k:7s} {r}" for n, (k, r) in REASONS.items())
+__doc__ += "".join(f"\n  {n:27s}{k:7s} {r}" for n, (k, r) in REASONS.items())
 REASON_NAMES = tuple(REASONS)
 _STRICT = np.array([REASONS[n][0] != "filter" for n in REASON_NAMES])
 

@@ -11,6 +11,10 @@ noun_chunks and ref_exps float32 [n, 7], from
 Documents: *.jsonl with `texts` and `images` lists of equal length (null where
 the item is of the other kind; images as relative paths), OBELICS style.
 Text: *.jsonl with `text`, or *.txt (one document per line).
+Instructions: *.jsonl in the formats of instructions.py, as key ("file:line"),
+prompt (the template applied), response and problem (a quality reason or "":
+the JSON structure and field types can only be checked where the line is
+parsed, so instructions.py names the problem and the preprocessor counts it).
 
 These readers run in Python (`from_generator`) because archive and JSON
 parsing have no TensorFlow ops; they only move bytes and numbers. Everything
@@ -27,6 +31,8 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from kosmos_jax.data import instructions
+
 _IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp")
 IMAGE_TEXT_SIGNATURE = dict(
   key=tf.TensorSpec([], tf.string),
@@ -41,6 +47,9 @@ DOCUMENT_SIGNATURE = dict(
   images=tf.TensorSpec([None], tf.string),
 )
 TEXT_SIGNATURE = dict(key=tf.TensorSpec([], tf.string), text=tf.TensorSpec([], tf.string))
+INSTRUCTION_SIGNATURE = {
+  k: tf.TensorSpec([], tf.string) for k in ("key", "prompt", "response", "problem")
+}
 
 
 def span_rows(value) -> np.ndarray:
@@ -167,6 +176,21 @@ def read_text(path: str):
     )
 
 
+def read_instructions(path: str):
+  """Instruction records; a bad line is kept as a record with its problem,
+  keyed by the file and its 1-based line number (strict mode names it)."""
+  # surrogatepass: a lone surrogate (from JSON or from invalid input bytes)
+  # becomes invalid UTF-8, which the preprocessor repairs and counts.
+  text = lambda s: s.encode("utf-8", "surrogatepass")
+  with tf.io.gfile.GFile(path, "rb") as f:
+    for number, line in enumerate(f, 1):
+      if line.strip():
+        for r in instructions.parse_line(line, f"{path}:{number}"):
+          yield dict(
+            key=text(r.key), prompt=text(r.prompt), response=text(r.response), problem=r.problem
+          )
+
+
 def _image_text_reader(path: str):
   if path.endswith(".tar"):
     return read_webdataset(path)
@@ -179,6 +203,7 @@ _KINDS = {
   "image_text": (_image_text_reader, IMAGE_TEXT_SIGNATURE),
   "documents": (read_documents, DOCUMENT_SIGNATURE),
   "text": (read_text, TEXT_SIGNATURE),
+  "instructions": (read_instructions, INSTRUCTION_SIGNATURE),
 }
 
 
@@ -190,9 +215,9 @@ def file_dataset(
   seed: int | None = None,
   cycle_length: int = 4,
 ) -> tf.data.Dataset:
-  """Records of `kind` ("image_text", "documents", "text") from the files that
-  `patterns[split]` (a glob, or several joined by ",") matches, read
-  `cycle_length` files at a time, deterministically."""
+  """Records of `kind` ("image_text", "documents", "text", "instructions")
+  from the files that `patterns[split]` (a glob, or several joined by ",")
+  matches, read `cycle_length` files at a time, deterministically."""
   reader, signature = _KINDS[kind]
   files = sorted(
     f for p in patterns[split].split(",") for f in tf.io.gfile.glob(os.path.expanduser(p))

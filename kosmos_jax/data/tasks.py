@@ -12,9 +12,12 @@ mixture `shapes_mix` (224 px, 64 image tokens, 32 x 32 location bins, the
 shapes sentencepiece model trained into the cache on first use). Real data:
 call `register_kosmos2_tasks(spm_model_file, data_dir)` (the vocabulary file
 must exist), which adds `kosmos2_{text,caption,grit,interleaved}` and the
-mixture `kosmos2_pretrain`. Other sizes (e.g. the tiny test model) register
+mixtures `kosmos2_pretrain` and `kosmos2_kosmos1_pretrain` (no GrIT, KOSMOS-1's
+rates). Other sizes (e.g. the tiny test model) register
 their own twins with `register_shapes_tasks(prefix=..., image_size=...)`; so
 does `make demo`, from its config (`data.shapes_tasks` in configs/shapes.py).
+Language-only instruction tasks, and a pretraining mixture with one mixed in,
+are registered by instruction_tasks.py (`data.instructions` in a config).
 """
 
 import functools
@@ -30,6 +33,12 @@ from kosmos_jax.processing import vocab as vocab_lib
 # Paper Table 7's per-type batch sizes (sequences per step), reference 3.3.
 KOSMOS2_RATES = {"text": 93, "caption": 1117, "grit": 1117, "interleaved": 47}
 SHAPES_RATES = dict(KOSMOS2_RATES, rec=1117)
+# KOSMOS-1's batch by tokens (reference 3.4): 0.5M text, 0.5M image-caption,
+# 0.2M interleaved. seqio mixes examples, so the rates divide those shares by
+# a mean example length: 2,048 tokens for text and interleaved documents (they
+# fill a row), ~90 for a caption (64 slots + ~25 words and tags); scaled so
+# captions get 1117 as in KOSMOS2_RATES. Data of other lengths needs its own.
+KOSMOS1_RATES = {"text": 49, "caption": 1117, "interleaved": 20}
 
 
 def output_features(vocab: vocab_lib.KosmosVocabulary) -> dict[str, seqio.Feature]:
@@ -58,7 +67,7 @@ def _register(name: str, source, preprocessors_, vocab, strict: bool):
   )
 
 
-def _register_mixture(name: str, rates: dict[str, int]):
+def register_mixture(name: str, rates: dict[str, int]):
   if name in seqio.MixtureRegistry.names():
     seqio.MixtureRegistry.remove(name)
   seqio.MixtureRegistry.add(name, list(rates.items()))
@@ -127,7 +136,10 @@ def register_kosmos2_tasks(
     _register(
       f"{prefix}_{name}", sources.function_source(patterns, kind), family[name], vocab, strict
     )
-  _register_mixture(f"{prefix}_pretrain", {f"{prefix}_{k}": v for k, v in KOSMOS2_RATES.items()})
+  register_mixture(f"{prefix}_pretrain", {f"{prefix}_{k}": v for k, v in KOSMOS2_RATES.items()})
+  register_mixture(
+    f"{prefix}_kosmos1_pretrain", {f"{prefix}_{k}": v for k, v in KOSMOS1_RATES.items()}
+  )
 
 
 def _shapes_dataset(split, shuffle_files, seed=None, *, data_dir, config, view):
@@ -229,7 +241,7 @@ def register_shapes_tasks(
       splits=("train", "validation"),
     )
     _register(f"{prefix}_{name}", source, family[name], vocab, strict)
-  _register_mixture(
+  register_mixture(
     f"{prefix}_mix", {f"{prefix}_{k}": v for k, v in (rates or SHAPES_RATES).items()}
   )
 
