@@ -9,6 +9,7 @@ with the offending keys listed.
 """
 
 import json
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ import safetensors.numpy
 import tqdm
 
 from kosmos_jax import errors
+from kosmos_jax.models import vit
 from kosmos_jax.models.config import model_config
 
 # Buffers some checkpoints carry; they are derived, never learned.
@@ -84,9 +86,35 @@ def config_from_hf(hf: dict[str, Any]) -> ml_collections.ConfigDict:
   )
 
 
+def _check_convertible(cfg: ml_collections.ConfigDict) -> None:
+  # transformers' Kosmos-2 has only the released one-layer connector: a
+  # perceiver model has no Hugging Face twin to read from or write to.
+  kind = cfg.get("connector", "kosmos2")
+  if kind != "kosmos2":
+    raise ConversionError(
+      f"model.connector={kind!r} has no Hugging Face Kosmos-2 equivalent; only "
+      "model.connector='kosmos2' converts to or from transformers (use Orbax checkpoints)"
+    )
+  # Nor has it xPos (KOSMOS-1): its decoder only adds the sinusoidal table.
+  position = cfg.text.get("position", "sinusoidal")
+  if position != "sinusoidal":
+    raise ConversionError(
+      f"model.text.position={position!r} has no Hugging Face Kosmos-2 equivalent; only "
+      "'sinusoidal' converts to or from transformers (use Orbax checkpoints)"
+    )
+
+
 def config_to_hf(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-  """A `config.json` dict that transformers' Kosmos2Config reads back exactly."""
+  """A `config.json` dict that transformers' Kosmos2Config reads back exactly.
+
+  transformers sizes the position table from `image_size`, so a model run at
+  another size than its table's grid (`vision.position_grid`) is written with
+  the table's image size; transformers then matches it at `vision.image_size`
+  with `interpolate_pos_encoding=True`.
+  """
+  _check_convertible(cfg)
   t, v = cfg.text, cfg.vision
+  image_size = v.image_size if not v.get("position_grid") else v.position_grid * v.patch_size
   return {
     "architectures": ["Kosmos2ForConditionalGeneration"],
     "model_type": "kosmos-2",
@@ -119,7 +147,7 @@ def config_to_hf(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
       "num_hidden_layers": v.depth,
       "num_attention_heads": v.heads,
       "num_channels": v.num_channels,
-      "image_size": v.image_size,
+      "image_size": image_size,
       "patch_size": v.patch_size,
       "hidden_act": v.activation,
       "layer_norm_eps": v.layer_norm_eps,
@@ -150,6 +178,7 @@ def _attention(hf, ours):
 
 def key_map(cfg: ml_collections.ConfigDict) -> list[tuple[str, tuple[str, ...], int | None, str]]:
   """Every HF tensor of a Kosmos-2 with this config and where it lives in ours."""
+  _check_convertible(cfg)
   entries = []
   vm, vo = "vision_model.model", ("vision_model",)
   entries += [
@@ -274,8 +303,22 @@ def hf_to_params(
       if want != shape:
         bad.append(f"{'/'.join(path)}: checkpoint {shape} vs model {want}")
     if bad:
-      raise ConversionError("shape mismatch:\n  " + "\n  ".join(bad))
+      hint = _position_hint(params, cfg)
+      raise ConversionError("shape mismatch:\n  " + "\n  ".join(bad) + hint)
   return params
+
+
+def _position_hint(params: dict, cfg: ml_collections.ConfigDict) -> str:
+  """How to run a checkpoint's position table at another image size."""
+  rows = params["vision_model"]["position_embedding"].shape[0]
+  grid = math.isqrt(rows - 1)
+  if grid * grid + 1 != rows or grid == vit.position_grid(cfg.vision):
+    return ""
+  return (
+    f"\nthe checkpoint's position table is a {grid}x{grid} grid: set "
+    f"vision.position_grid={grid} to run it at vision.image_size={cfg.vision.image_size} "
+    "(from_pretrained does this when image_size is overridden)"
+  )
 
 
 def params_to_hf(params: dict, cfg: ml_collections.ConfigDict) -> dict[str, np.ndarray]:

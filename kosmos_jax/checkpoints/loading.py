@@ -13,7 +13,7 @@ import ml_collections
 
 from kosmos_jax.checkpoints import hf
 from kosmos_jax.checkpoints import orbax as orbax_ckpt
-from kosmos_jax.models import build
+from kosmos_jax.models import build, vit
 from kosmos_jax.models.kosmos import Kosmos2
 from kosmos_jax.processing import files as processor_files
 
@@ -104,6 +104,20 @@ def read_generation_config(path: str) -> ml_collections.FrozenConfigDict:
   )
 
 
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> None:
+  """Sets `overrides` (keys, nested dicts or dotted keys) on a checkpoint's
+  config in place. A new `vision.image_size` pins `vision.position_grid` to the
+  stored table's grid, so the weights load unchanged and run at the new size."""
+  stored_grid = vit.position_grid(config.vision)
+  for key, value in overrides.items():
+    # "a.b": value is {"a": {"b": value}}, so both spellings behave alike.
+    for part in reversed(key.split(".")[1:]):
+      value = {part: value}
+    config.update({key.split(".")[0]: value})
+  if not config.vision.get("position_grid") and vit.position_grid(config.vision) != stored_grid:
+    config.vision.position_grid = stored_grid
+
+
 def from_pretrained(
   path: "str | os.PathLike | Location",
   *,
@@ -121,14 +135,17 @@ def from_pretrained(
     allow_pickle: accept `pytorch_model.bin` (weights-only unpickling).
     progress: show a progress bar while reading tensors.
     **config_overrides: model config keys to change, e.g. dtype="bfloat16",
-      attention="pallas"; shapes cannot change.
+      attention="pallas", vision={"image_size": 448} (or, dotted,
+      **{"vision.image_size": 448}); shapes cannot change, but a new image
+      size keeps the checkpoint's position table and resizes it bicubically
+      at forward time, as transformers' `interpolate_pos_encoding=True` does.
 
   The directory's `generation_config.json`, if any, becomes
   `model.generation_config`: the defaults of `model.generate`.
   """
   where = locate(path)
   config = model_config(where)
-  config.update(config_overrides)
+  apply_overrides(config, config_overrides)
   abstract = build.abstract_params(config)
   if where.kind == "workdir":
     params = orbax_ckpt.load_workdir_params(where.path, abstract, where.step)

@@ -31,11 +31,24 @@ def _box(text: str) -> tuple[float, float, float, float]:
   return box
 
 
-def positive_int(text: str) -> int:
-  """argparse type: an integer >= 1."""
-  if not text.isdigit() or int(text) < 1:
-    raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-  return int(text)
+def _number(cast, low, what: str, strict: bool = False):
+  """An argparse type: `cast(text)`, at least `low` (above it if `strict`)."""
+
+  def parse(text: str):
+    try:
+      value = cast(text)
+    except ValueError:
+      value = None
+    if value is None or not (value > low if strict else value >= low):
+      raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+    return value
+
+  return parse
+
+
+positive_int = _number(int, 1, "a positive integer")
+non_negative_int = _number(int, 0, "an integer >= 0")
+positive_float = _number(float, 0, "a number > 0", strict=True)
 
 
 def add_parser(sub) -> None:
@@ -72,6 +85,26 @@ def add_parser(sub) -> None:
   )
   p.add_argument(
     "--num-beams", type=positive_int, help="default: the checkpoint's generation config"
+  )
+  p.add_argument(
+    "--min-new-tokens",
+    type=non_negative_int,
+    help="no EOS before this many new tokens (default: the checkpoint's generation config)",
+  )
+  p.add_argument(
+    "--repetition-penalty",
+    type=positive_float,
+    help="> 1 makes tokens already in the text (prompt included) less likely, as transformers",
+  )
+  p.add_argument(
+    "--stop-string",
+    action="append",
+    help="end a text once it ends with this string; repeat for several",
+  )
+  p.add_argument(
+    "--num-return-sequences",
+    type=positive_int,
+    help="the best N beams per image (N <= --num-beams), best first",
   )
   p.add_argument(
     "--dtype",
@@ -157,12 +190,16 @@ def _check_length(inputs: dict, processor, max_positions: int) -> dict:
 
 def describe(processor, ids, prompt_length: int) -> list[dict]:
   """Per row of `generate`'s output: clean text, entities and the token ids up
-  to the first EOS (what follows it is padding)."""
-  eos = processor.vocab.eos_id
+  to the first EOS, or without the padding after a stop string."""
+  eos, pad = processor.vocab.eos_id, processor.vocab.pad_id
   results = []
   for row in ids.tolist():
     new = row[prompt_length:]
-    row = row[: prompt_length + new.index(eos) + 1] if eos in new else row
+    if eos in new:
+      row = row[: prompt_length + new.index(eos) + 1]
+    else:
+      while len(row) > prompt_length and row[-1] == pad:
+        row = row[:-1]
     text, entities = processor.post_process_generation(
       processor.decode(row, skip_special_tokens=True)
     )
@@ -264,15 +301,33 @@ def run(args, overrides) -> None:
   max_new = (
     args.max_new_tokens or model.generation_config.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS
   )
-  ids = model.generate(**inputs, max_new_tokens=max_new, num_beams=args.num_beams)
+  try:
+    ids = model.generate(
+      **inputs,
+      max_new_tokens=max_new,
+      num_beams=args.num_beams,
+      min_new_tokens=args.min_new_tokens,
+      repetition_penalty=args.repetition_penalty,
+      stop_strings=args.stop_string,
+      tokenizer=processor,
+      num_return_sequences=args.num_return_sequences,
+    )
+  except ValueError as e:  # e.g. more sequences than beams
+    raise SystemExit(f"generate: {e}") from None
   results = describe(processor, ids, inputs["input_ids"].shape[1])
+  texts = inputs["input_ids"].shape[0]
   if args.out:
     os.makedirs(args.out, exist_ok=True)
-  if len(results) < len(pictures):  # interleaved: one text, its boxes drawn on its last image
+  if texts < len(pictures):  # interleaved: one text, its boxes drawn on its last image
     pictures, names = pictures[-1:], args.image[-1:]
   paths = _picture_paths(names, args.out) if args.out else [None] * len(pictures)
-  for path, picture, image, result in zip(paths, pictures, names, results):
+  per_text = len(results) // texts  # --num-return-sequences, best first
+  for i, result in enumerate(results):
+    path, picture, image = paths[i // per_text], pictures[i // per_text], names[i // per_text]
     result = dict(image=image, **result)
+    if per_text > 1:
+      result["sequence"] = i % per_text
+      path = path and f"{path[: -len('.png')]}-seq{i % per_text}.png"
     if path and picture is not None:
       entities = [(e["phrase"], e["span"], e["boxes"]) for e in result["entities"]]
       visualize.draw_entities(picture, entities).save(path)

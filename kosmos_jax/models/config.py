@@ -26,6 +26,12 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
     # scratch, where the std-0.02 table leaves every patch nearly blind to
     # where it is (see vit.sincos2d).
     position_init="normal",
+    # Side of the learned position table's patch grid; None: image_size //
+    # patch_size. A checkpoint run at another image_size keeps its table
+    # (from_pretrained pins this) and the ViT resizes it bicubically at
+    # forward time, as transformers' interpolate_pos_encoding=True does
+    # (vit.position_grid).
+    position_grid=None,
   )
   c.text = dict(
     vocab_size=65037,
@@ -34,6 +40,11 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
     heads=32,
     ffn_dim=8192,
     max_positions=2048,
+    # Decoder positions. "sinusoidal": fairseq's absolute table added to the
+    # embeddings (Kosmos-2, transformers parity). "xpos": KOSMOS-1's xPos,
+    # relative, rotating q and k in every layer (models/xpos.py); no
+    # Hugging Face twin, so the converter refuses it.
+    position="sinusoidal",
     activation="gelu",
     layer_norm_eps=1e-5,
     scale_embedding=True,
@@ -61,6 +72,18 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
   # from the first step and the latents' distinct queries let each slot learn
   # its own part of the picture (connector.INITS).
   c.connector_init = "hf"
+  # Image-to-text connector, both with `latent_query_num` latents. "kosmos2":
+  # the released one-layer cross-attention (connector.py; transformers
+  # parity, the only one the Hugging Face converter takes). "perceiver":
+  # Flamingo's Perceiver resampler (resampler.py; its own init, not
+  # `connector_init`), KOSMOS-1's "Resampler".
+  c.connector = "kosmos2"
+  c.perceiver = dict(
+    depth=6,  # resampler layers (scanned, like the decoder's)
+    heads=8,  # attention heads over [image tokens; latents]
+    head_dim=64,  # width of each head; heads * head_dim need not be text.width
+    ffn_mult=4,  # FFN hidden width = ffn_mult * text.width
+  )
   # Numerics and memory: float32/bfloat16 compute, float32 master weights.
   c.dtype = "float32"
   c.param_dtype = "float32"

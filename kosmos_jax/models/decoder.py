@@ -47,7 +47,7 @@ def splice_image_embeds(
 class DecoderBlock(nnx.Module):
   """Pre-LN block with MAGNETO's inner_attn_ln (before out_proj) and ffn_layernorm (before fc2)."""
 
-  def __init__(self, cfg, *, rngs, dtype, param_dtype, init_scale: float):
+  def __init__(self, cfg, *, rngs, dtype, param_dtype, init_scale: float, xpos_center=None):
     d, eps = cfg.width, cfg.layer_norm_eps
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     std = layers.normal(0.02)
@@ -55,7 +55,15 @@ class DecoderBlock(nnx.Module):
     scaled = layers.normal(0.02 * init_scale)
     self.self_attn_layer_norm = layers.LayerNorm(d, axis_name="embed", eps=eps, **kw)
     self.self_attn = layers.MultiHeadAttention(
-      d, cfg.heads, rngs=rngs, qkv_init=std, v_init=scaled, out_init=scaled, inner_ln_eps=eps, **kw
+      d,
+      cfg.heads,
+      rngs=rngs,
+      qkv_init=std,
+      v_init=scaled,
+      out_init=scaled,
+      inner_ln_eps=eps,
+      xpos_center=xpos_center,
+      **kw,
     )
     self.final_layer_norm = layers.LayerNorm(d, axis_name="embed", eps=eps, **kw)
     self.fc1 = layers.Dense(
@@ -68,13 +76,14 @@ class DecoderBlock(nnx.Module):
     self.activation = layers.ACTIVATIONS[cfg.activation]
     self.cfg = cfg
 
-  def __call__(self, x, rng, *, segment_ids, implementation):
+  def __call__(self, x, rng, *, segment_ids, implementation, positions=None):
     cfg = self.cfg
     r_attn, r_out, r_act, r_ffn = layers.split_rng(rng, 4)
     h = self.self_attn(
       self.self_attn_layer_norm(x),
       causal=True,
       segment_ids=segment_ids,
+      positions=positions,
       implementation=implementation,
       dropout_rate=cfg.attention_dropout,
       dropout_rng=r_attn,
@@ -92,7 +101,17 @@ class DecoderBlock(nnx.Module):
     return layers.constrain(x, ("act_batch", "act_length", "act_embed"))
 
   def cached(
-    self, x, k_cache, v_cache, *, layer, index, segment_ids, kv_segment_ids, implementation
+    self,
+    x,
+    k_cache,
+    v_cache,
+    *,
+    layer,
+    index,
+    segment_ids,
+    kv_segment_ids,
+    implementation,
+    positions=None,
   ):
     """`__call__` at inference through a KV cache (see MultiHeadAttention.cached)."""
     h, k_cache, v_cache = self.self_attn.cached(
@@ -104,6 +123,7 @@ class DecoderBlock(nnx.Module):
       segment_ids=segment_ids,
       kv_segment_ids=kv_segment_ids,
       implementation=implementation,
+      positions=positions,
     )
     return self._ffn(x + h), k_cache, v_cache
 
@@ -132,17 +152,41 @@ def _init_locations(embed: jax.Array, cfg) -> jax.Array:
   return embed.at[-side * side :].set(table.astype(embed.dtype))
 
 
+POSITIONS = ("sinusoidal", "xpos")
+
+
+def position_kind(cfg) -> str:
+  """`text.position`, checked; configs saved before the key are sinusoidal."""
+  kind = cfg.get("position", "sinusoidal")
+  if kind not in POSITIONS:
+    raise ValueError(f"text.position {kind!r}: expected one of {list(POSITIONS)}")
+  return kind
+
+
 class TextDecoder(nnx.Module):
-  """Token + image embeddings -> causal MAGNETO stack -> tied LM head."""
+  """Token + image embeddings -> causal MAGNETO stack -> tied LM head.
+
+  Positions (`text.position`): "sinusoidal" adds fairseq's absolute table to
+  the embeddings (Kosmos-2); "xpos" adds nothing there and rotates q and k in
+  every layer instead (KOSMOS-1, models/xpos.py).
+  """
 
   def __init__(self, cfg, *, rngs, dtype, param_dtype, remat, attention, magneto_init: bool):
+    self.position = position_kind(cfg)
     embed = layers.normal(0.02)(rngs.params(), (cfg.vocab_size, cfg.width), param_dtype)
     embed = _init_locations(embed, cfg)
     self.embed_tokens = layers.param(embed.at[cfg.pad_id].set(0.0), ("vocab", "embed"))
     init_scale = math.sqrt(math.log(2 * cfg.depth)) if magneto_init else 1.0
+    # A fixed centre, not torchscale's length-dependent one: see xpos.py.
+    xpos_center = cfg.max_positions // 2 if self.position == "xpos" else None
     self.layers = layers.stacked(
       lambda r: DecoderBlock(
-        cfg, rngs=r, dtype=dtype, param_dtype=param_dtype, init_scale=init_scale
+        cfg,
+        rngs=r,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        init_scale=init_scale,
+        xpos_center=xpos_center,
       ),
       cfg.depth,
       rngs,
@@ -167,17 +211,36 @@ class TextDecoder(nnx.Module):
       x = splice_image_embeds(x, image_embeds, image_embeds_position_mask)
     if cfg.scale_embedding:  # Scales the spliced image embeddings too, as released.
       x = x * math.sqrt(cfg.width)
-    if position_ids is None:
-      position_ids = positions_from_ids(input_ids, cfg.pad_id)
-    x = x + sinusoidal_positions(position_ids, cfg.width, cfg.pad_id).astype(self.dtype)
+    if self.position == "sinusoidal":
+      if position_ids is None:
+        position_ids = positions_from_ids(input_ids, cfg.pad_id)
+      x = x + sinusoidal_positions(position_ids, cfg.width, cfg.pad_id).astype(self.dtype)
     x = layers.dropout(x, cfg.dropout, rng)
     return layers.constrain(x, ("act_batch", "act_length", "act_embed"))
 
   def __call__(
-    self, hidden: jax.Array, *, segment_ids: jax.Array | None, rng: jax.Array | None = None
+    self,
+    hidden: jax.Array,
+    *,
+    segment_ids: jax.Array | None,
+    positions: jax.Array | None = None,
+    rng: jax.Array | None = None,
   ) -> jax.Array:
-    """Embedded inputs [b, l, d] -> logits [b, l, vocab] (float32)."""
-    body = lambda layer, y, r: layer(y, r, segment_ids=segment_ids, implementation=self.attention)
+    """Embedded inputs [b, l, d] -> logits [b, l, vocab] (float32).
+
+    positions [b, l]: the tokens' positions for xPos (packed rows restart
+    them per segment); unused by sinusoidal models, whose positions are in
+    `hidden` already. Default: 0 .. l - 1 in every row, which is right for
+    any unpacked row, left padded or not, as xPos only sees distances.
+    """
+    if positions is None and self.position == "xpos":
+      positions = jnp.arange(hidden.shape[1])[None]
+
+    def body(layer, y, r):
+      return layer(
+        y, r, segment_ids=segment_ids, positions=positions, implementation=self.attention
+      )
+
     x = layers.scan(self.layers, body, hidden, remat=self.remat, rng=rng, num_layers=self.cfg.depth)
     return self._logits(x)
 
@@ -213,8 +276,11 @@ class TextDecoder(nnx.Module):
 
     l > 1 is the prefill of an empty cache (same computation as `__call__`);
     l == 1 is one decoding step. segment_ids [b, l]: 0 marks padding.
+    Under xPos a token's position is its cache slot: rows are left padded,
+    so each row's tokens sit in consecutive slots, and only distances count.
     """
     index = cache["index"]
+    positions = index + jnp.arange(hidden.shape[1])[None]
     segment_ids = segment_ids.astype(jnp.int32)
     kv_segment_ids = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids, (0, index))
 
@@ -227,6 +293,7 @@ class TextDecoder(nnx.Module):
         segment_ids=segment_ids,
         kv_segment_ids=kv_segment_ids,
         implementation=self.attention,
+        positions=positions,
       )
       return x, (k, v)
 

@@ -7,11 +7,18 @@ every new token runs one cached decoder step, all inside one jit
 prompt length or `max_new_tokens` recompiles only when it crosses a bucket.
 
 Outputs equal transformers' `generate` token for token (greedy, beam search,
-no_repeat_ngram_size, per-row EOS then padding, output cropped to the last
-step any row or beam needed). One deliberate difference: a generated token's
-position is the row's previous position + 1 (fairseq, reference/kosmos2.md
-1.6), so a left-padded row generates exactly what it generates alone;
-transformers 5.x instead counts the left padding into new tokens' positions.
+no_repeat_ngram_size, repetition_penalty, min_length / min_new_tokens, one or
+several EOS ids, stop_strings, num_return_sequences, per-row EOS then
+padding, output cropped to the last step any row or beam needed). Option
+values are traced, so new EOS ids, penalties, minimums or stop strings reuse
+the compiled loop; static are num_beams, do_sample, num_return_sequences,
+the number of EOS ids, and whether there are stop strings (their number and
+longest length in power-of-two buckets: search/stop_strings.py).
+
+One deliberate difference: a generated token's position is the row's
+previous position + 1 (fairseq, reference/kosmos2.md 1.6), so a left-padded
+row generates exactly what it generates alone; transformers 5.x instead
+counts the left padding into new tokens' positions.
 """
 
 import dataclasses
@@ -25,73 +32,9 @@ import numpy as np
 from flax import nnx
 
 from kosmos_jax.models import decoder
-from kosmos_jax.search import beam_search, logits_processors
-
-# transformers' GenerationConfig defaults, except top_k: 0 (off) rather than 50.
-DEFAULTS = dict(
-  num_beams=1,
-  do_sample=False,
-  temperature=1.0,
-  top_k=0,
-  top_p=1.0,
-  no_repeat_ngram_size=0,
-  length_penalty=1.0,
-  early_stopping=False,
-)
-# Traced scalars that are integers; the others are float32.
-_INT_SCALARS = ("max_new_tokens", "top_k", "start")
-
-
-def bucket_length(n: int) -> int:
-  """Powers of two from 16 to 64, then multiples of 64."""
-  if n <= 64:
-    return max(16, 1 << (n - 1).bit_length())
-  return -(-n // 64) * 64
-
-
-@dataclasses.dataclass(frozen=True)
-class _Static:
-  """What the compiled loop depends on; everything else is a traced argument."""
-
-  capacity: int  # new-token slots (bucketed max_new_tokens)
-  num_beams: int
-  do_sample: bool
-  ngram_size: int
-  early_stopping: bool | str
-  eos_ids: tuple[int, ...]
-  pad_id: int
-
-
-def _options(model, **explicit) -> tuple[_Static, dict]:
-  """Explicit arguments, else the checkpoint's generation config, else DEFAULTS.
-
-  Returns the static options and the traced scalars (as Python numbers).
-  """
-  generation_config = getattr(model, "generation_config", None) or {}
-  opts = {}
-  for key, value in explicit.items():
-    if value is None:
-      value = generation_config.get(key)
-    opts[key] = DEFAULTS.get(key) if value is None else value
-  if not opts["max_new_tokens"] or opts["max_new_tokens"] < 1:
-    raise ValueError("max_new_tokens must be a positive integer (argument or generation config)")
-  if opts["num_beams"] > 1 and opts["do_sample"]:
-    raise ValueError("sampling with num_beams > 1 (beam sampling) is not supported")
-  text_cfg = model.config.text
-  eos = text_cfg.eos_id if opts["eos_token_id"] is None else opts["eos_token_id"]
-  static = _Static(
-    capacity=bucket_length(opts["max_new_tokens"]),
-    num_beams=int(opts["num_beams"]),
-    do_sample=bool(opts["do_sample"]),
-    ngram_size=int(opts["no_repeat_ngram_size"] or 0),
-    early_stopping=opts["early_stopping"],
-    eos_ids=tuple(int(e) for e in (eos if isinstance(eos, Sequence) else [eos])),
-    pad_id=text_cfg.pad_id if opts["pad_token_id"] is None else int(opts["pad_token_id"]),
-  )
-  scalars = {
-    k: opts[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "length_penalty")
-  }
-  return static, scalars
+from kosmos_jax.search import beam_search, logits_processors, options
+from kosmos_jax.search import stop_strings as stop_lib  # `stop_strings` is an argument
+from kosmos_jax.search.options import bucket_length  # scoring and eval bucket alike
 
 
 def generate(
@@ -113,10 +56,33 @@ def generate(
   seed: int = 0,
   eos_token_id: int | Sequence[int] | None = None,
   pad_token_id: int | None = None,
+  min_length: int | None = None,
+  min_new_tokens: int | None = None,
+  repetition_penalty: float | None = None,
+  stop_strings: str | Sequence[str] | None = None,
+  tokenizer: Any = None,
+  num_return_sequences: int | None = None,
 ) -> np.ndarray:
-  """Generates continuations of left-padded prompts; see `Kosmos2.generate`."""
-  static, scalars = _options(
-    model,
+  """Generates continuations of left-padded prompts; see `Kosmos2.generate`.
+
+  As transformers: min_length counts the whole row (prompt width included),
+  min_new_tokens new tokens only and wins when both are set; both keep every
+  EOS id out until reached. repetition_penalty divides positive and
+  multiplies negative scores of tokens already in the row (prompt included,
+  left padding not). stop_strings end a row once its text ends one (it needs
+  `tokenizer`: our Processor or vocabulary). num_return_sequences: rows
+  [i * n, (i + 1) * n) belong to input row i (samples, or the best beams
+  first).
+  """
+  ids = np.asarray(input_ids, np.int64)
+  if ids.ndim != 2:
+    raise ValueError(f"input_ids must be [batch, length], got shape {ids.shape}")
+  text_cfg = model.config.text
+  static, scalars, stops = options.resolve(
+    getattr(model, "generation_config", None) or {},
+    text_cfg.eos_id,
+    text_cfg.pad_id,
+    ids.shape[1],
     max_new_tokens=max_new_tokens,
     num_beams=num_beams,
     do_sample=do_sample,
@@ -128,14 +94,17 @@ def generate(
     early_stopping=early_stopping,
     eos_token_id=eos_token_id,
     pad_token_id=pad_token_id,
+    min_length=min_length,
+    min_new_tokens=min_new_tokens,
+    repetition_penalty=repetition_penalty,
+    stop_strings=stop_strings,
+    num_return_sequences=num_return_sequences,
   )
-  ids = np.asarray(input_ids, np.int64)
-  if ids.ndim != 2:
-    raise ValueError(f"input_ids must be [batch, length], got shape {ids.shape}")
   if pixel_values is not None and image_embeds_position_mask is None:
     raise ValueError("image_embeds_position_mask is required with pixel_values")
   if attention_mask is None:  # As transformers: pads are masked unless pad is an EOS id.
-    attention_mask = ids != static.pad_id if static.pad_id not in static.eos_ids else ids >= 0
+    pad_is_eos = static.pad_id in scalars["eos_ids"]
+    attention_mask = ids != static.pad_id if not pad_is_eos else ids >= 0
   slots = (
     np.zeros_like(ids)
     if image_embeds_position_mask is None
@@ -144,20 +113,33 @@ def generate(
   length = ids.shape[1]
   prompt = bucket_length(length)
   extra = [(0, 0), (prompt - length, 0)]
+  # Sampling draws num_return_sequences rows per prompt (transformers' expansion).
+  repeats = static.num_return if static.do_sample else 1
   # Bucket padding uses the model's pad id, so it gets the zero position row.
   padded = dict(
-    ids=np.pad(ids, extra, constant_values=model.config.text.pad_id),
+    ids=np.pad(ids, extra, constant_values=text_cfg.pad_id),
     mask=np.pad(np.asarray(attention_mask), extra),
     slots=np.pad(slots, extra),
   )
+  padded = {k: np.repeat(v, repeats, axis=0) for k, v in padded.items()}
   scalars["start"] = prompt - length
   scalars = {
-    k: jnp.asarray(v, jnp.int32 if k in _INT_SCALARS else jnp.float32) for k, v in scalars.items()
+    k: jnp.asarray(v, jnp.int32 if k in options.INT_SCALARS else jnp.float32)
+    for k, v in scalars.items()
   }
+  table = None
+  if stops:
+    if tokenizer is None:
+      raise ValueError("stop_strings needs tokenizer= (the Processor) to read token texts")
+    texts = options.token_texts(tokenizer)
+    table, window = stop_lib.build(texts, stops, text_cfg.vocab_size)
+    static = dataclasses.replace(static, stop_window=window)
   graphdef, state = nnx.split(model)
   image_embeds = (
     None if pixel_values is None else _encode(graphdef, state, jnp.asarray(pixel_values))
   )
+  if image_embeds is not None and repeats > 1:
+    image_embeds = jnp.repeat(image_embeds, repeats, axis=0)
   tokens, steps = _generate_jit(
     graphdef,
     static,
@@ -165,10 +147,11 @@ def generate(
     {k: jnp.asarray(v, jnp.int32) for k, v in padded.items()},
     image_embeds,
     scalars,
+    None if table is None else {k: jnp.asarray(v) for k, v in table.items()},
     jax.random.key(seed),
   )
   new = np.asarray(tokens)[:, prompt : prompt + int(steps)]
-  return np.concatenate([ids, new.astype(np.int64)], axis=1)
+  return np.concatenate([np.repeat(ids, static.num_return, 0), new.astype(np.int64)], axis=1)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -176,7 +159,7 @@ def _encode(graphdef, state, pixel_values):
   return nnx.merge(graphdef, state).encode_images(pixel_values)
 
 
-def _prefill(text, static: _Static, inputs, image_embeds):
+def _prefill(text, static: options.Static, inputs, image_embeds):
   """Prefills the bucketed prompt. Returns its last logits, the cache, and
   `step(cache, token, generated, rows) -> (logits, cache)`, which runs new
   token number `generated` (1-based) of batch rows `rows` through the cache."""
@@ -201,19 +184,42 @@ def _prefill(text, static: _Static, inputs, image_embeds):
   return logits, cache, step
 
 
-def _generate_impl(graphdef, static: _Static, state, inputs, image_embeds, scalars, key):
+def _generate_impl(
+  graphdef, static: options.Static, state, inputs, image_embeds, scalars, table, key
+):
   text = nnx.merge(graphdef, state).text_model
   logits, cache, step = _prefill(text, static, inputs, image_embeds)
   batch, prompt = inputs["ids"].shape
-  tokens = jnp.full((batch, prompt + static.capacity), static.pad_id, jnp.int32)
+  total = prompt + static.capacity
+  tokens = jnp.full((batch, total), static.pad_id, jnp.int32)
   tokens = tokens.at[:, :prompt].set(inputs["ids"])
+  # Positions that are part of a row's text: not left or bucket padding.
+  in_text = jnp.concatenate([inputs["mask"] != 0, jnp.ones((batch, static.capacity), bool)], 1)
+  # Beam search passes beams x rows; beams of item i are consecutive rows.
+  per_row = lambda x, rows: jnp.repeat(x, rows // batch, axis=0)
 
   def process(scores, tokens, cur_len):
+    """transformers' processors, in its order."""
+    penalty = scalars["repetition_penalty"]
+
+    def penalize(scores):  # a branch: at the default 1.0 the loop pays nothing
+      seen = per_row(in_text, tokens.shape[0]) & (jnp.arange(total) < cur_len)
+      return logits_processors.repetition_penalty(scores, tokens, seen, penalty)
+
+    scores = jax.lax.cond(penalty != 1.0, penalize, lambda s: s, scores)
     if static.ngram_size:
       scores = logits_processors.no_repeat_ngram(
         scores, tokens, cur_len=cur_len, start=scalars["start"], ngram_size=static.ngram_size
       )
-    return scores
+    short = cur_len - prompt < scalars["min_new_tokens"]
+    return logits_processors.suppress_tokens(scores, scalars["eos_ids"], short)
+
+  def stopped(sequences, length):
+    """Rows whose text now ends a stop string (all False without any)."""
+    if not static.stop_window:
+      return jnp.zeros(sequences.shape[:1], bool)
+    valid = per_row(in_text, sequences.shape[0])
+    return stop_lib.matches(table, sequences, length, valid, static.stop_window)
 
   if static.num_beams > 1:
     return beam_search.beam_search(
@@ -224,27 +230,32 @@ def _generate_impl(graphdef, static: _Static, state, inputs, image_embeds, scala
       prompt_len=prompt,
       max_new=scalars["max_new_tokens"],
       num_beams=static.num_beams,
-      eos_ids=static.eos_ids,
+      num_return=static.num_return,
+      eos_ids=scalars["eos_ids"],
       length_penalty=scalars["length_penalty"],
       early_stopping=static.early_stopping,
       process=process,
+      stopped=stopped,
       reorder=decoder.select_cache_rows,
     )
-  return _greedy_or_sample(step, logits, cache, tokens, static, scalars, key, process)
+  return _greedy_or_sample(step, logits, cache, tokens, static, scalars, key, process, stopped)
 
 
 _generate_jit = jax.jit(_generate_impl, static_argnums=(0, 1))
 
 
-def _greedy_or_sample(step, logits, cache, tokens, static: _Static, scalars, key, process):
+def _greedy_or_sample(
+  step, logits, cache, tokens, static: options.Static, scalars, key, process, stopped
+):
   """transformers' `_sample`: finished rows emit pad; stops when all rows hit EOS."""
   batch = tokens.shape[0]
   prompt = tokens.shape[1] - static.capacity
   rows = jnp.arange(batch)
-  eos = jnp.asarray(static.eos_ids, jnp.int32)
+  eos = scalars["eos_ids"]
 
   def choose(logits, tokens, generated, finished):
-    scores = process(logits, tokens, prompt + generated)
+    # transformers processes float32 logits.
+    scores = process(logits.astype(jnp.float32), tokens, prompt + generated)
     if static.do_sample:
       scores = logits_processors.sampling_filter(
         scores, temperature=scalars["temperature"], top_k=scalars["top_k"], top_p=scalars["top_p"]
@@ -254,7 +265,8 @@ def _greedy_or_sample(step, logits, cache, tokens, static: _Static, scalars, key
       token = jnp.argmax(scores, axis=-1)
     token = jnp.where(finished, static.pad_id, token.astype(jnp.int32))
     tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, prompt + generated))
-    return tokens, finished | jnp.isin(token, eos)
+    done = jnp.isin(token, eos) | stopped(tokens, prompt + generated + 1)
+    return tokens, finished | done
 
   tokens, finished = choose(logits, tokens, 0, jnp.zeros((batch,), bool))
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from kosmos_jax.models import connector, decoder, generation, layers, scoring, vit
+from kosmos_jax.models import connector, decoder, generation, layers, resampler, scoring, vit
 
 
 @flax.struct.dataclass
@@ -25,6 +25,33 @@ def _as_array(x, dtype=None):
   return None if x is None else jnp.asarray(x, dtype=dtype)
 
 
+def _connector(config, **kw) -> nnx.Module:
+  """The `config.connector` module: [n, tokens, vision width] -> [n, latents, text width]."""
+  # .get: configs saved before the option restore as the released connector.
+  kind = config.get("connector", "kosmos2")
+  common = dict(attention=config.attention, attention_dropout=config.text.attention_dropout, **kw)
+  if kind == "kosmos2":
+    return connector.ImageToTextProjection(
+      config.vision.width,
+      config.text.width,
+      config.text.heads,
+      config.latent_query_num,
+      init=config.get("connector_init", "hf"),
+      **common,
+    )
+  if kind == "perceiver":
+    return resampler.PerceiverResampler(
+      config.vision.width,
+      config.text.width,
+      config.latent_query_num,
+      config.perceiver,
+      eps=config.text.layer_norm_eps,
+      remat=config.remat,
+      **common,
+    )
+  raise ValueError(f"model.connector {kind!r}: expected 'kosmos2' or 'perceiver'")
+
+
 class Kosmos2(nnx.Module):
   """The Kosmos-2 model. `config` is `kosmos_jax.models.config.model_config()`."""
 
@@ -35,16 +62,7 @@ class Kosmos2(nnx.Module):
     self.vision_model = vit.VisionTransformer(
       config.vision, remat=config.remat, attention=config.attention, **kw
     )
-    self.image_to_text_projection = connector.ImageToTextProjection(
-      config.vision.width,
-      config.text.width,
-      config.text.heads,
-      config.latent_query_num,
-      attention=config.attention,
-      attention_dropout=config.text.attention_dropout,
-      init=config.get("connector_init", "hf"),
-      **kw,
-    )
+    self.image_to_text_projection = _connector(config, **kw)
     self.text_model = decoder.TextDecoder(
       config.text,
       remat=config.remat,
@@ -116,7 +134,12 @@ class Kosmos2(nnx.Module):
       position_ids=_as_array(position_ids, jnp.int32),
       rng=r_embed,
     )
-    logits = self.text_model(hidden, segment_ids=_as_array(segment_ids, jnp.int32), rng=r_dec)
+    logits = self.text_model(
+      hidden,
+      segment_ids=_as_array(segment_ids, jnp.int32),
+      positions=_as_array(position_ids, jnp.int32),  # xPos reads them in every layer
+      rng=r_dec,
+    )
     return KosmosOutput(logits=logits, image_embeds=image_embeds)
 
   def score(
@@ -168,6 +191,12 @@ class Kosmos2(nnx.Module):
     seed: int = 0,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
+    min_length: int | None = None,
+    min_new_tokens: int | None = None,
+    repetition_penalty: float | None = None,
+    stop_strings: str | list[str] | None = None,
+    tokenizer: Any = None,
+    num_return_sequences: int | None = None,
   ):
     """Generates token ids, as transformers' `Kosmos2ForConditionalGeneration.generate`.
 
@@ -179,9 +208,13 @@ class Kosmos2(nnx.Module):
     eos/pad ids default to the model config's. max_new_tokens is required
     unless the generation config has it. Greedy and beam search equal
     transformers token for token; sampling is reproducible for a `seed`.
+    Also as transformers: min_length (counts the prompt) / min_new_tokens,
+    repetition_penalty, several eos ids, stop_strings (with
+    tokenizer=the processor), num_return_sequences (rows i*n .. i*n+n-1 for
+    prompt i). Option values are traced: new values do not recompile.
 
     Returns:
-      int64 numpy [batch, prompt length + new tokens]: the prompt, then the
+      int64 numpy [batch * num_return_sequences, prompt length + new tokens]: the prompt, then the
       new tokens; rows that hit EOS early are filled with the pad id, and the
       output stops at the last step some row still needed.
     """
@@ -203,4 +236,10 @@ class Kosmos2(nnx.Module):
       seed=seed,
       eos_token_id=eos_token_id,
       pad_token_id=pad_token_id,
+      min_length=min_length,
+      min_new_tokens=min_new_tokens,
+      repetition_penalty=repetition_penalty,
+      stop_strings=stop_strings,
+      tokenizer=tokenizer,
+      num_return_sequences=num_return_sequences,
     )

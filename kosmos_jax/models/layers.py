@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kosmos_jax.models import attention
+from kosmos_jax.models import attention, xpos
 from kosmos_jax.sharding import constrain
 
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
@@ -122,6 +122,9 @@ class MultiHeadAttention(nnx.Module):
 
   `inner_ln` is MAGNETO's sub-LayerNorm on the concatenated heads, applied
   before out_proj (the decoder has it; the ViT and the connector do not).
+  `xpos_center` (self-attention only) turns on xPos: q and k are rotated at
+  the tokens' positions before the attention backend, so every backend and
+  the KV cache (which stores rotated keys) see the same logits.
   """
 
   def __init__(
@@ -134,6 +137,7 @@ class MultiHeadAttention(nnx.Module):
     out_init: Initializer,
     v_init: Initializer | None = None,
     inner_ln_eps: float | None = None,
+    xpos_center: int | None = None,
     dtype=jnp.float32,
     param_dtype=jnp.float32,
   ):
@@ -150,12 +154,20 @@ class MultiHeadAttention(nnx.Module):
       else None
     )
     self.heads = heads
+    self.xpos_center = xpos_center
 
-  def _project(self, x: jax.Array, kv: jax.Array):
+  def _project(self, x: jax.Array, kv: jax.Array, positions: jax.Array | None = None):
+    """q, k, v [b, l, heads, head_dim]; under xPos, q and k rotated at
+    `positions` [b, l] (or [1, l]; self-attention: x is kv)."""
     split = lambda t: t.reshape(*t.shape[:-1], self.heads, -1)
     q = constrain(split(self.q_proj(x)), ("act_batch", "act_length", "act_heads", "act_kv"))
     k = constrain(split(self.k_proj(kv)), ("act_batch", "act_length", "act_heads", "act_kv"))
     v = constrain(split(self.v_proj(kv)), ("act_batch", "act_length", "act_heads", "act_kv"))
+    if self.xpos_center is not None:
+      if positions is None:  # Loud: unrotated q and k would still run, wrongly.
+        raise ValueError("xPos attention needs the tokens' positions")
+      q = xpos.rotate(q, positions, downscale=False, center=self.xpos_center)
+      k = xpos.rotate(k, positions, downscale=True, center=self.xpos_center)
     return q, k, v
 
   def _output(self, ctx: jax.Array) -> jax.Array:
@@ -172,10 +184,11 @@ class MultiHeadAttention(nnx.Module):
     causal: bool,
     implementation: str,
     segment_ids: jax.Array | None = None,
+    positions: jax.Array | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
   ) -> jax.Array:
-    q, k, v = self._project(x, x if kv is None else kv)
+    q, k, v = self._project(x, x if kv is None else kv, positions)
     ctx = attention.attention(
       q,
       k,
@@ -199,6 +212,7 @@ class MultiHeadAttention(nnx.Module):
     segment_ids: jax.Array,
     kv_segment_ids: jax.Array,
     implementation: str,
+    positions: jax.Array | None = None,
   ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Causal self-attention of x [b, l, d] through a KV cache (inference).
 
@@ -207,9 +221,10 @@ class MultiHeadAttention(nnx.Module):
     block (l > 1) is a prefill into an empty cache and attends within itself,
     exactly as `__call__`; one token (l == 1) attends to every cache position
     whose kv_segment_ids [b, max_len] entry is non-zero (written slots only).
+    positions: x's positions (xPos; the cached keys are stored rotated).
     Returns (output, k_cache, v_cache).
     """
-    q, k, v = self._project(x, x)
+    q, k, v = self._project(x, x, positions)
     start = (layer, 0, index, 0, 0)
     k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), start)
     v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), start)

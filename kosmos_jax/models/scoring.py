@@ -156,7 +156,10 @@ def _score_jit(graphdef, state, prompt, tokens, lengths):
     # The block's own projections and FFN: scoring cannot drift from __call__.
     attn = layer.self_attn
     h = layer.self_attn_layer_norm(x)
-    q, k, v = attn._project(h, h)
+    # Cache slots as xPos positions (the prompt fills 0..P-1, candidate
+    # token t is slot P + t), as generation's cached path counts them.
+    slots = prompt["k"].shape[-3] + jnp.arange(inputs.shape[1])[None]
+    q, k, v = attn._project(h, h, slots)
     ctx = _attend(q, k, v, kv[0][i], kv[1][i], prompt["real"], needed)
     return layer._ffn(x + attn._output(ctx)), kv
 

@@ -1,10 +1,61 @@
-"""CLIP ViT image encoder as used by Kosmos-2 (reference/kosmos2.md 1.3)."""
+"""CLIP ViT image encoder as used by Kosmos-2 (reference/kosmos2.md 1.3).
+
+Higher input resolution (microsoft/unilm #1266): the learned position table
+keeps its patch grid (`position_grid`), so released weights load unchanged;
+when `image_size` gives another grid, the patch rows are resized bicubically
+at forward time, as transformers' `interpolate_pos_encoding=True` does.
+"""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from kosmos_jax.models import layers
+
+# torch's bicubic kernel (Keys, a = -0.75); jax.image.resize's uses a = -0.5.
+_CUBIC_A = -0.75
+
+
+def position_grid(cfg) -> int:
+  """Side of the position table's patch grid: `vision.position_grid` when set
+  (a checkpoint's table run at another `image_size`), else image_size's grid."""
+  return cfg.get("position_grid") or cfg.image_size // cfg.patch_size
+
+
+def bicubic_matrix(src: int, dst: int) -> np.ndarray:
+  """[dst, src] float64 M: M @ x resizes x along one axis exactly as torch's
+  `interpolate(size=dst, mode="bicubic", align_corners=False)` (no antialias).
+
+  Output i reads source coordinate (i + 0.5) * src / dst - 0.5 from the taps
+  floor - 1 .. floor + 2; a tap past the border reads the edge row instead, so
+  its weight adds to the edge row's.
+  """
+  a = _CUBIC_A
+  x = (np.arange(dst) + 0.5) * (src / dst) - 0.5
+  base = np.minimum(np.floor(x), src - 1)
+  t = np.clip(x - base, 0.0, 1.0)
+  near = lambda d: ((a + 2) * d - (a + 3)) * d * d + 1  # |d| <= 1
+  far = lambda d: ((a * d - 5 * a) * d + 8 * a) * d - 4 * a  # 1 < |d| < 2
+  weights = np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=1)
+  taps = np.clip(base.astype(int)[:, None] + np.arange(-1, 3), 0, src - 1)
+  matrix = np.zeros((dst, src))
+  np.add.at(matrix, (np.repeat(np.arange(dst), 4), taps.ravel()), weights.ravel())
+  return matrix
+
+
+def resize_positions(table: jax.Array, src: int, dst: int) -> jax.Array:
+  """[1 + src*src, d] position table -> [1 + dst*dst, d] float32: the class row
+  kept, the patch rows resized bicubically on their 2-D grid.
+
+  Two constant matrices (one per axis) make it two small matmuls inside jit.
+  """
+  m = jnp.asarray(bicubic_matrix(src, dst), jnp.float32)
+  table = table.astype(jnp.float32)
+  patches = table[1:].reshape(src, src, -1)
+  # HIGHEST: TPUs would otherwise round the float32 operands to bfloat16.
+  patches = jnp.einsum("ia,jb,abd->ijd", m, m, patches, precision=jax.lax.Precision.HIGHEST)
+  return jnp.concatenate([table[:1], patches.reshape(dst * dst, -1)])
 
 
 class VisionBlock(nnx.Module):
@@ -55,7 +106,7 @@ class VisionTransformer(nnx.Module):
 
   def __init__(self, cfg, *, rngs, dtype, param_dtype, remat, attention):
     d, p = cfg.width, cfg.patch_size
-    grid = cfg.image_size // p
+    grid = position_grid(cfg)
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     # Conv kernel in Flax layout [kh, kw, in, out]; the conv has no bias.
     self.patch_embedding = layers.param(
@@ -94,7 +145,10 @@ class VisionTransformer(nnx.Module):
     kernel = self.patch_embedding[...].reshape(p * p * c, -1).astype(self.dtype)
     x = jnp.dot(patches, kernel)
     cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (n, 1, x.shape[-1]))
-    x = jnp.concatenate([cls, x], axis=1) + self.position_embedding[...].astype(self.dtype)
+    positions, table_grid = self.position_embedding[...], position_grid(self.cfg)
+    if h // p != table_grid:
+      positions = resize_positions(positions, table_grid, h // p)
+    x = jnp.concatenate([cls, x], axis=1) + positions.astype(self.dtype)
     x = self.pre_layrnorm(x)
     body = lambda layer, y, r: layer(y, r, implementation=self.attention)
     return layers.scan(self.layers, body, x, remat=self.remat, rng=rng, num_layers=self.cfg.depth)

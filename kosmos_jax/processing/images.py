@@ -35,6 +35,15 @@ class ImageOptions:
   image_mean: tuple[float, ...] | None = CLIP_MEAN
   image_std: tuple[float, ...] | None = CLIP_STD
 
+  def at_size(self, size: int) -> "ImageOptions":
+    """These options for a vision tower of `size` x `size` pixels (a model run
+    at another resolution than its processor files say): resize and crop to it."""
+    return dataclasses.replace(
+      self,
+      size=size if isinstance(self.size, int) else (size, size),
+      crop_size=None if self.crop_size is None else (size, size),
+    )
+
   @classmethod
   def from_hf_config(cls, config: dict[str, Any]) -> "ImageOptions":
     """From a `preprocessor_config.json` dict (or `processor_config.json`'s

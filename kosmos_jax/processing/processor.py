@@ -106,12 +106,16 @@ class Processor:
     self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
 
   @classmethod
-  def from_pretrained(cls, directory: str | os.PathLike) -> "Processor":
+  def from_pretrained(
+    cls, directory: str | os.PathLike, image_size: int | None = None
+  ) -> "Processor":
     """Reads a Hugging Face Kosmos-2 processor directory.
 
     Needs `sentencepiece.bpe.model`; reads `tokenizer_config.json` (padding
     side, decode clean-up) and the image settings from `processor_config.json`
     (transformers 5) or `preprocessor_config.json` (hub snapshots).
+    `image_size`: the model's `vision.image_size` when it differs from the
+    files' (e.g. 448 on the 224 release): pictures are resized to it instead.
     """
     directory = os.fspath(directory)
     spm_file = os.path.join(directory, files.SENTENCEPIECE)
@@ -126,9 +130,10 @@ class Processor:
     tokenizer_config = _read_json(os.path.join(directory, "tokenizer_config.json"))
     num_patches = processor_config.get("num_patch_index_tokens", 1024)
     vocab = vocab_lib.KosmosVocabulary(spm_file, num_patches_per_side=math.isqrt(num_patches))
+    image_options = images_lib.ImageOptions.from_hf_config(image_config)
     return cls(
       vocab,
-      image_options=images_lib.ImageOptions.from_hf_config(image_config),
+      image_options=image_options if image_size is None else image_options.at_size(image_size),
       num_image_tokens=processor_config.get("num_image_tokens", vocab_lib.NUM_IMAGE_TOKENS),
       padding_side=tokenizer_config.get("padding_side", "right"),
       clean_up_tokenization_spaces=tokenizer_config.get("clean_up_tokenization_spaces", False),

@@ -31,11 +31,13 @@ def beam_search(
   prompt_len: int,
   max_new: jax.Array,
   num_beams: int,
-  eos_ids: tuple[int, ...],
+  eos_ids: jax.Array,
   length_penalty: jax.Array,
   early_stopping: bool | str,
   process: Callable,
   reorder: Callable,
+  stopped: Callable | None = None,
+  num_return: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
   """Beam search from a prefilled prompt.
 
@@ -44,21 +46,26 @@ def beam_search(
       one cached decoder step (see generate._prefill).
     logits: [b, vocab] prefill logits; cache: the prefilled cache of b rows.
     tokens: [b, prompt_len + capacity], the prompt then pad.
-    max_new: new-token budget (traced); length_penalty: traced float.
+    max_new: new-token budget (traced); length_penalty: traced float;
+    eos_ids: traced int32 [k] (k static: it sets the candidates kept).
     early_stopping: True, False or "never", as in transformers.
     process: `(scores, tokens, cur_len) -> scores`, the logits processors.
     reorder: `(cache, rows [n]) -> cache` with the given rows of `cache`
       (the model's cache layout stays the model's business).
+    stopped: `(sequences [n, total], length) -> bool [n]`, transformers'
+      other stopping criteria (stop strings) on each candidate's first
+      `length` tokens.
+    num_return: hypotheses returned per item, best first.
 
   Returns:
-    (best sequence per item [b, prompt_len + capacity], number of new tokens
-    to keep: the longest best hypothesis in the batch).
+    (the best `num_return` sequences per item [b * num_return, prompt_len +
+    capacity], rows of item i consecutive; number of new tokens to keep: the
+    longest returned hypothesis).
   """
   batch, total = tokens.shape
   vocab = logits.shape[-1]
   k = num_beams
-  keep = max(2, 1 + len(eos_ids)) * k
-  eos = jnp.asarray(eos_ids, jnp.int32)
+  keep = max(2, 1 + eos_ids.shape[0]) * k
   # Beams of item i are rows i*k .. i*k+k-1, as transformers' repeat_interleave.
   rows = jnp.repeat(jnp.arange(batch), k)
   cache = reorder(cache, rows)
@@ -89,7 +96,9 @@ def beam_search(
     token = (top_index % vocab).astype(jnp.int32)
     candidates = _gather(state["running"], source)
     candidates = jax.lax.dynamic_update_slice(candidates, token[..., None], (0, 0, cur))
-    hits = jnp.isin(token, eos) | (g + 1 >= max_new)
+    hits = jnp.isin(token, eos_ids) | (g + 1 >= max_new)
+    if stopped is not None:
+      hits |= stopped(candidates.reshape(batch * keep, total), cur + 1).reshape(batch, keep)
 
     # Unfinished candidates continue.
     running_scores = top_scores + hits.astype(jnp.float32) * _NEG
@@ -147,4 +156,5 @@ def beam_search(
     return state, reorder(cache, order)
 
   state, _ = jax.lax.while_loop(lambda c: c[0]["go_on"], body, (state, cache))
-  return state["sequences"][:, 0], state["lengths"][:, 0].max()
+  best = state["sequences"][:, :num_return].reshape(batch * num_return, total)
+  return best, state["lengths"][:, :num_return].max()

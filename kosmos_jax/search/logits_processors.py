@@ -51,3 +51,26 @@ def sampling_filter(
   rows = jnp.arange(logits.shape[0])[:, None]
   remove = jnp.zeros_like(remove_sorted).at[rows, order].set(remove_sorted)
   return jnp.where((top_p < 1.0) & remove, -jnp.inf, logits)
+
+
+def repetition_penalty(
+  scores: jax.Array, tokens: jax.Array, seen: jax.Array, penalty: jax.Array
+) -> jax.Array:
+  """transformers' RepetitionPenaltyLogitsProcessor: scores of tokens present
+  in the row are divided by `penalty` where positive, multiplied where not.
+
+  tokens [b, max_len]; seen [b, max_len]: the positions that count (the row
+  so far, prompt included, left padding not, as transformers' mask does).
+  """
+  b = scores.shape[0]
+  present = jnp.zeros(scores.shape, bool).at[jnp.arange(b)[:, None], tokens].max(seen, mode="drop")
+  penalized = jnp.where(scores < 0, scores * penalty, scores / penalty)
+  return jnp.where(present, penalized, scores).astype(scores.dtype)
+
+
+def suppress_tokens(scores: jax.Array, ids: jax.Array, active: jax.Array) -> jax.Array:
+  """-inf for every token in `ids` where `active` (a scalar or [b]): transformers'
+  MinLength / MinNewTokensLength processors with ids the EOS ids."""
+  banned = jnp.zeros(scores.shape[-1], bool).at[ids].set(True)
+  active = jnp.reshape(active, jnp.shape(active) + (1,) * (scores.ndim - jnp.ndim(active)))
+  return jnp.where(banned & active, -jnp.inf, scores)

@@ -36,6 +36,12 @@ def forward_flops(model_cfg, seq_len: int, images_per_row: int) -> float:
   )
   q, kv, d = model_cfg.latent_query_num, n + model_cfg.latent_query_num, t.width
   connector = 2 * n * v.width * d + 2 * (2 * q + 2 * kv) * d * d + 4 * q * kv * d
+  if model_cfg.get("connector", "kosmos2") == "perceiver":
+    p = model_cfg.perceiver
+    inner = p.heads * p.head_dim
+    per_layer = 2 * (q + 2 * kv) * d * inner + 4 * q * kv * inner + 2 * q * inner * d
+    per_layer += 4 * q * d * p.ffn_mult * d
+    connector = 2 * n * v.width * d + p.depth * per_layer
   decoder = seq_len * (
     t.depth * (2 * (4 * d * d + 2 * d * t.ffn_dim) + 2 * seq_len * d) + 2 * d * t.vocab_size
   )

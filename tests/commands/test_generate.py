@@ -9,6 +9,7 @@ from PIL import Image
 
 import kosmos_jax
 from kosmos_jax import commands
+from kosmos_jax.models import generation
 from kosmos_jax.processing import grounding, visualize
 
 NEW = 6
@@ -160,6 +161,10 @@ def test_bad_inputs_are_named(snapshot, tmp_path):
     ("--box", "a,b,c,d"),
     ("--max-new-tokens", "0"),
     ("--num-beams", "-2"),
+    ("--min-new-tokens", "-1"),
+    ("--repetition-penalty", "0"),
+    ("--repetition-penalty", "x"),
+    ("--num-return-sequences", "0"),
   ],
 )
 def test_bad_options_are_refused(capsys, snapshot, flag, value):
@@ -223,3 +228,46 @@ def test_a_prompts_file_is_one_batch_of_mixed_image_counts(capsys, snapshot, pai
   assert f"{path}:2: not JSON" in _error(snapshot, "--prompts-file", str(path), checkpoint=None)
   message = _error(snapshot, "--prompts-file", str(path), "--image", images[0])
   assert "not both" in message
+
+
+def test_generation_options_match_generate(capsys, snapshot, pair):
+  model, processor = pair
+  images = [str(snapshot / "snowman.jpg"), str(snapshot / "tall.png")]
+  common = ("--image", images[0], "--image", images[1], "--max-new-tokens", str(NEW), "--json")
+  inputs = processor(
+    text=["<grounding>An image of"] * 2,
+    images=[np.asarray(Image.open(p).convert("RGB")) for p in images],
+  )
+  width = inputs["input_ids"].shape[1]
+  flags = ("--num-beams", "2", "--num-return-sequences", "2", "--min-new-tokens", "2")
+  flags += ("--repetition-penalty", "1.3")
+  run = lambda *more: [
+    json.loads(line) for line in _generate(capsys, snapshot, *common, *flags, *more).splitlines()
+  ]
+  # The text of the best beam's 3rd and 4th new tokens ends it early.
+  best = run()[0]["token_ids"][width + 2 : width + 4]
+  stop = "".join(processor.vocab.id_to_token(t) for t in best).replace("\u2581", " ")
+  results = run("--stop-string", stop)
+  want = generation.generate(
+    model,
+    **inputs,
+    max_new_tokens=NEW,
+    num_beams=2,
+    num_return_sequences=2,
+    min_new_tokens=2,
+    repetition_penalty=1.3,
+    stop_strings=[stop],
+    tokenizer=processor,
+  ).tolist()
+  assert [(r["image"], r["sequence"]) for r in results] == [
+    (images[0], 0),
+    (images[0], 1),
+    (images[1], 0),
+    (images[1], 1),
+  ]
+  for result, row in zip(results, want):
+    assert result["token_ids"] == row[: len(result["token_ids"])]
+    assert all(t == processor.vocab.pad_id for t in row[len(result["token_ids"]) :])
+  assert len(results[0]["token_ids"]) < width + NEW  # the stop string ended it
+  message = _error(snapshot, *common, "--num-beams", "2", "--num-return-sequences", "3")
+  assert "num_return_sequences=3 is more than num_beams=2" in message

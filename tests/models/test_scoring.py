@@ -17,8 +17,10 @@ CANDIDATES += [[700, 701, 702, 703, 704], [400, 401], [900, 901, 902, 903]]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def tiny_model(seed: int = 0) -> Kosmos2:
-  model = Kosmos2(config_lib.load(os.path.join(ROOT, "configs/tiny.py")).model, rngs=nnx.Rngs(seed))
+def tiny_model(seed: int = 0, position: str = "sinusoidal") -> Kosmos2:
+  config = config_lib.load(os.path.join(ROOT, "configs/tiny.py")).model
+  config.text.position = position
+  model = Kosmos2(config, rngs=nnx.Rngs(seed))
   # Logits of order 10, not 0.1, so that candidates' scores differ clearly.
   embed = model.text_model.embed_tokens
   embed[...] = embed[...] * 20
@@ -88,6 +90,16 @@ def test_scores_equal_full_forward_with_left_padding(model):
   assert got.shape == (3, len(CANDIDATES)) and got.dtype == np.float32
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
   assert np.ptp(want) > 10  # the model tells the candidates apart
+
+
+def test_xpos_scores_equal_full_forward():
+  # KOSMOS-1's relative positions: the candidates sit at the cache slots after the prompt.
+  model = tiny_model(position="xpos")
+  batch = prompts(model.config, [5, 1])
+  got = scoring.score_continuations(model, **batch, candidates=CANDIDATES[:4], batch_size=2)
+  np.testing.assert_allclose(
+    got, full_forward_scores(model, batch, CANDIDATES[:4]), rtol=1e-5, atol=1e-4
+  )
 
 
 def test_text_only_prompts(model):
