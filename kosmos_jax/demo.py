@@ -33,7 +33,7 @@ import ml_collections
 from kosmos_jax.checkpoints import loading
 from kosmos_jax.data import export, loader
 from kosmos_jax.eval import boxes as boxes_lib
-from kosmos_jax.eval import rec, runner, shapes_captions
+from kosmos_jax.eval import rec, runner, shapes_captions, shapes_naming
 from kosmos_jax.eval import tasks as eval_tasks
 from kosmos_jax.processing import visualize
 from kosmos_jax.train import mfu, trainer
@@ -124,6 +124,25 @@ def _benchmarks(model, processor, out: str, num: int, image_size: int, batch_siz
   return results
 
 
+def _naming(model, processor, out: str, num: int, image_size: int, batch_size: int) -> dict:
+  """KOSMOS-1's zero-shot and two-shot naming of `num` held-out single-shape
+  pictures; the first two-shot prompt drawn as few_shot.png."""
+  pictures = shapes_naming.single_shape_pictures(num, image_size)
+  scores = shapes_naming.zero_shot(model, processor, pictures, batch_size=batch_size)
+  two_shot, queries = shapes_naming.two_shot(model, processor, pictures, batch_size=batch_size)
+  scores.update(two_shot)
+  first = queries[0]
+  shown = [pictures[d] for d in first["demonstrations"]] + [pictures[0]]
+  texts = [caption for _, _, caption in shown[:-1]]
+  texts.append(f"{shapes_naming.PROMPT} -> {first['continuation']} (truth: {first['truth']})")
+  right = first["answer"] == first["truth"]
+  colors = [(0, 0, 0)] * (len(texts) - 1) + [(0, 140, 0) if right else (200, 0, 0)]
+  visualize.draw_strip([p for p, _, _ in shown], texts, colors=colors).save(
+    os.path.join(out, "few_shot.png")
+  )
+  return dict(scores, few_shot_example=first)
+
+
 def run(
   config: ml_collections.ConfigDict,
   out: str,
@@ -131,6 +150,7 @@ def run(
   pictures: int = 8,
   caption_images: int = 200,
   benchmark_pictures: int = 100,
+  naming_pictures: int = 100,
   caption_tokens: int = 48,
   devices=None,
   started: float | None = None,
@@ -177,6 +197,8 @@ def run(
     model, processor, os.path.join(out, "benchmarks"), benchmark_pictures, size, batch_size
   )
   benchmarks_done = time.perf_counter()
+  naming = _naming(model, processor, out, naming_pictures, size, batch_size)
+  naming_done = time.perf_counter()
   side = processor.vocab.num_patches_per_side
   drawn = _draw(out, examples, answers, captions, side, pictures)
   end = time.perf_counter()
@@ -202,9 +224,11 @@ def run(
       train=round(train_done - data_done, 1),
       eval=round(eval_done - train_done, 1),
       benchmarks=round(benchmarks_done - eval_done, 1),
-      pictures=round(end - benchmarks_done, 1),
+      naming=round(naming_done - benchmarks_done, 1),
+      pictures=round(end - naming_done, 1),
     ),
     benchmarks=benchmarks,
+    naming=naming,
     loss_curve=losses,
     evaluations=evals,
     pictures=drawn,
@@ -216,7 +240,7 @@ def run(
 
 def describe(summary: dict, out: str) -> str:
   """A few lines for the terminal."""
-  split = summary["wall_time_split_s"]
+  split, naming = summary["wall_time_split_s"], summary["naming"]
   first, last = summary["loss_curve"][0], summary["loss_curve"][-1]
   lines = [
     f"REC accuracy (IoU >= 0.5) {summary['rec_accuracy']:.3f} "
@@ -229,6 +253,9 @@ def describe(summary: dict, out: str) -> str:
       f"{task} {metric} {summary['benchmarks'][task].get(metric, float('nan')):.3f}"
       for task, metric in BENCHMARKS.items()
     ),
+    "single-shape pictures named (of 12 colour-kind names): zero-shot "
+    f"{naming['zero_shot_top1']:.3f}, two-shot {naming['two_shot_top1']:.3f} "
+    f"(in-context prompt drawn in few_shot.png)",
     f"{summary['steps']} steps, loss {first[1]:.3f} (step {first[0]}) -> {last[1]:.3f}",
     f"wall time {summary['wall_time_s']:.0f} s: "
     + ", ".join(f"{k} {v:.0f} s" for k, v in split.items()),

@@ -34,6 +34,8 @@ def test_demo_writes_summary_and_pictures(tmp_path):
     "2",
     "--benchmark-pictures",
     "4",
+    "--naming-pictures",
+    "5",
     *[f"--config.{o}" for o in overrides],
   ]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
@@ -53,6 +55,7 @@ def test_demo_writes_summary_and_pictures(tmp_path):
     "train",
     "eval",
     "benchmarks",
+    "naming",
     "pictures",
   }
   # Every benchmark read back from its exported files and scored.
@@ -66,6 +69,13 @@ def test_demo_writes_summary_and_pictures(tmp_path):
   assert summary["benchmarks"]["refcoco"]["count"] > 0
   assert 0.0 <= summary["benchmarks"]["flickr30k_entities"]["R@1"] <= 1.0
   assert "benchmark files of held-out pictures" in proc.stdout
+  # KOSMOS-1's naming: zero-shot by scoring, two-shot by an interleaved prompt.
+  naming = summary["naming"]
+  assert naming["zero_shot_count"] == naming["two_shot_count"] == 5
+  assert 0.0 <= naming["zero_shot_top1"] <= naming["zero_shot_kind"] <= 1.0
+  assert naming["few_shot_example"]["prompt"].count("<image>") == 3
+  assert (out / "few_shot.png").stat().st_size > 0
+  assert "zero-shot" in proc.stdout
   assert (out / "benchmarks" / "refcoco" / "predictions.txt").exists()
   # The clock starts with the command: imports count.
   assert summary["wall_time_split_s"]["startup"] > 0.5

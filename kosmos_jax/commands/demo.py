@@ -27,6 +27,12 @@ def add_parser(sub) -> None:
     default=100,
     help="held-out pictures exported per benchmark format and scored",
   )
+  demo_cmd.add_argument(
+    "--naming-pictures",
+    type=int,
+    default=100,
+    help="held-out single-shape pictures named zero-shot and two-shot",
+  )
 
 
 def run(args, overrides) -> None:
@@ -39,6 +45,7 @@ def run(args, overrides) -> None:
     args.out,
     pictures=args.pictures,
     benchmark_pictures=args.benchmark_pictures,
+    naming_pictures=args.naming_pictures,
     started=STARTED,
   )
   print(demo.describe(summary, args.out))

@@ -54,3 +54,37 @@ def draw_entities(
       draw.rectangle([tx, ty, tx + right - left + 4, ty + bottom - top + 4], fill=color)
       draw.text((tx + 2, ty + 2 - top), label, fill=(255, 255, 255), font=font)
   return picture
+
+
+def draw_strip(
+  images: Sequence, captions: Sequence[str], *, size: int = 192, colors: Sequence | None = None
+) -> Image.Image:
+  """Images side by side, each upscaled to `size` px with its caption below
+  (wrapped to the image's width): an interleaved prompt as one picture.
+  `colors`: each caption's RGB colour (default black)."""
+  font = ImageFont.load_default()
+  probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+  line_height = probe.textbbox((0, 0), "Ag", font=font)[3] + 4
+  wrapped = [_wrap(probe, text, font, size - 8) for text in captions]
+  height = size + 8 + line_height * max(len(lines) for lines in wrapped)
+  strip = Image.new("RGB", (len(images) * (size + 8) + 8, height + 8), (255, 255, 255))
+  draw = ImageDraw.Draw(strip)
+  for i, (image, lines) in enumerate(zip(images, wrapped)):
+    picture = Image.fromarray(np.asarray(image)).convert("RGB")
+    left = 8 + i * (size + 8)
+    strip.paste(picture.resize((size, size), Image.Resampling.NEAREST), (left, 8))
+    color = tuple(colors[i]) if colors else (0, 0, 0)
+    for k, line in enumerate(lines):
+      draw.text((left + 4, size + 12 + k * line_height), line, fill=color, font=font)
+  return strip
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
+  lines = [""]
+  for word in text.split():
+    candidate = f"{lines[-1]} {word}".strip()
+    if lines[-1] and draw.textlength(candidate, font=font) > width:
+      lines.append(word)
+    else:
+      lines[-1] = candidate
+  return lines
