@@ -26,6 +26,28 @@ MID_HF_CONFIG = dict(
   latent_query_num=64,
 )
 
+# Seconds-long shapes for tests/test_benchmarks.py; the vocabulary still
+# covers the tiny sentencepiece model's 2,037 ids.
+TINY_HF_CONFIG = dict(
+  text_config=dict(
+    embed_dim=32,
+    layers=1,
+    attention_heads=2,
+    ffn_dim=64,
+    vocab_size=2100,
+    max_position_embeddings=256,
+  ),
+  vision_config=dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    image_size=28,
+    patch_size=14,
+  ),
+  latent_query_num=8,
+)
+
 
 def timed(fn, repeats: int) -> tuple[float, list[float]]:
   """Median wall time of `fn()` (which must block until done) over `repeats`

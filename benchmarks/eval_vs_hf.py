@@ -36,34 +36,12 @@ import numpy as np
 import torch
 import transformers
 
-from benchmarks.common import MID_HF_CONFIG, same_weights, timed, timed_pair
+from benchmarks.common import MID_HF_CONFIG, TINY_HF_CONFIG, same_weights, timed, timed_pair
 from kosmos_jax.eval import classification, rec
 from kosmos_jax.models import scoring
 from kosmos_jax.processing import vocab as vocab_lib
 from kosmos_jax.train import mfu
 from tests.helpers import spm
-
-# Seconds-long shapes for tests/test_benchmarks.py; the vocabulary still
-# covers the tiny sentencepiece model's 2,037 ids.
-TINY_HF_CONFIG = dict(
-  text_config=dict(
-    embed_dim=32,
-    layers=1,
-    attention_heads=2,
-    ffn_dim=64,
-    vocab_size=2100,
-    max_position_embeddings=256,
-  ),
-  vision_config=dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    image_size=28,
-    patch_size=14,
-  ),
-  latent_query_num=8,
-)
 
 
 def _torch(inputs: dict) -> dict:

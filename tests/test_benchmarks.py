@@ -74,3 +74,21 @@ def test_eval_vs_hf_runs_at_a_tiny_size():
   assert all(line["ours_s"] > 0 and line["hf_s"] > 0 for line in lines)
   assert all(line["matmul_peak_gflops"] > 0 for line in lines)
   assert lines[1]["max_abs_diff"] < 1e-3  # both sides score the same names alike
+
+
+def test_score_vs_hf_runs_at_a_tiny_size():
+  import json  # pylint: disable=g-import-not-at-top
+
+  proc = subprocess.run(
+    [sys.executable, "-m", "benchmarks.score_vs_hf", "--tiny"],
+    cwd=ROOT,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  (line,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+  assert line["benchmark"] == "score_vs_hf" and line["candidates"] == 40
+  assert line["ours_s"] > 0 and line["hf_s"] > 0 and line["matmul_peak_gflops"] > 0
+  assert line["max_abs_diff"] < 1e-3  # a forward pass per batch scores the candidates alike
