@@ -13,6 +13,7 @@ from flax import nnx
 from kosmos_jax import config as config_lib
 from kosmos_jax.models import build, decoder
 from kosmos_jax.models.kosmos import Kosmos2
+from kosmos_jax.train import optim
 
 
 def test_released_size_matches_transformers_default_config():
@@ -228,3 +229,29 @@ def test_scaled_connector_init_lets_the_image_through(tiny, seed):
   assert scaled_change > 0.08 and scaled_spread > 0.5
   with pytest.raises(ValueError, match="connector_init 'xavier'"):
     change("xavier")
+
+
+def test_kosmos1_config_size_and_frozen_clip():
+  config = config_lib.load("configs/kosmos1.py")
+  model = config.model
+  assert (model.text.position, model.connector) == ("xpos", "perceiver")
+  # Kosmos-2's count with its connector swapped for the resampler (resampler.py's layers).
+  d, v, p = model.text.width, model.vision.width, model.perceiver
+  inner, ffn = p.heads * p.head_dim, p.ffn_mult * d
+  layer = 4 * d * inner + 2 * d * ffn + ffn + d + 3 * 2 * d  # attn, FFN, three LayerNorms
+  resampler = v * d + d + model.latent_query_num * d + p.depth * layer + 2 * d
+  kosmos2 = config_lib.load("configs/kosmos2.py").model
+  connector = v * d + d + kosmos2.latent_query_num * d + 4 * (d * d + d)
+  total = build.param_count(model)
+  assert total == build.param_count(kosmos2) - connector + resampler == 1_731_635_200
+  # CLIP trains only its last block and the LayerNorm after it.
+  abstract = nnx.eval_shape(lambda: Kosmos2(model, rngs=nnx.Rngs(0)))
+  masks = optim.trainable_mask(nnx.state(abstract, nnx.Param), config.optim.freeze)
+  for path, mask in jax.tree_util.tree_flatten_with_path(masks)[0]:
+    name = optim.path_name(path)
+    if name.startswith("vision_model/layers/"):
+      assert not mask[:-1].any() and mask[-1].all(), name
+    elif name.startswith("vision_model/"):
+      assert mask.all() == (name.startswith("vision_model/post_layernorm/")), name
+    else:
+      assert mask.all(), name
