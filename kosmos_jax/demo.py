@@ -1,12 +1,14 @@
 """`kosmos-jax demo`: train a Kosmos-2 from scratch on the shapes mixture, then measure and show it.
 
-Six timed phases: startup (from `started`: imports, the config and the
+Seven timed phases: startup (from `started`: imports, the config and the
 matmul peak's measurement), data (the synthetic pictures are generated on first use,
 and the held-out REC examples read), training (`trainer.train`, from scratch:
 the run directory is cleared first), REC evaluation on the held-out pictures
 (the `rec` evaluator of the config, `eval/rec.py`) and grounded captions,
 benchmarks (held-out pictures exported in the real benchmarks' files,
-`data/export.py`, and scored by `kosmos-jax eval`'s code) and pictures. Writes
+`data/export.py`, and scored by `kosmos-jax eval`'s code), naming (KOSMOS-1's
+zero-shot naming by scoring and two-shot naming by an interleaved prompt, on
+held-out single-shape pictures, eval/shapes_naming.py) and pictures. Writes
 into `out`:
   train/          the training run: checkpoints, config.json, metrics.jsonl
   rec_NN.png      a held-out picture with each expression's predicted box,
@@ -15,6 +17,7 @@ into `out`:
                   (captions of more pictures give the caption score,
                   eval/shapes_captions.py)
   benchmarks/     per benchmark: the exported files, predictions and metrics.json
+  few_shot.png    the first two-shot prompt's pictures and texts, and the answer
   summary.json    steps, wall times (and normalised to the slowest machine of
                   our kind), loss curve, rec_accuracy, captions
 
@@ -171,7 +174,7 @@ def run(
   if spec.pop("task") != "seqio_rec":
     raise ValueError("the demo's `evaluators.rec` must be a seqio_rec evaluator")
   batch_size = spec.pop("batch_size", 64)
-  loader.register_user_tasks(config.data)
+  loader.register_user_tasks(config.data, config.model)
   task = eval_tasks.get("seqio_rec")
   dataset = task.load(spec.pop("split", "validation"), spec.pop("num", None), **spec)
   examples = dataset.truth["examples"]

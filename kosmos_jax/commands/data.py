@@ -68,7 +68,7 @@ def run(args, overrides) -> None:
   lengths = None
   if args.config:
     config = config_lib.load(args.config, overrides)
-    loader.register_user_tasks(config.data)
+    loader.register_user_tasks(config.data, config.model)
     lengths = {"targets": config.seq_len, "images": config.images_per_row}
   try:
     splits = data_inspect.splits(args.name)

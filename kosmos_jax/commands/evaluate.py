@@ -130,7 +130,8 @@ def run(args, overrides) -> None:
   from kosmos_jax.eval import pictures, runner  # pylint: disable=g-import-not-at-top
 
   if args.config:
-    loader.register_user_tasks(config_lib.load(args.config, overrides).data)
+    config = config_lib.load(args.config, overrides)
+    loader.register_user_tasks(config.data, config.model)
   elif overrides:
     raise SystemExit(f"--config.* overrides need --config: {overrides}")
   try:

@@ -19,9 +19,11 @@ import tensorflow as tf
 from kosmos_jax.data import feature_converter, instruction_tasks, quality, tasks
 
 
-def register_user_tasks(data_config) -> None:
+def register_user_tasks(data_config, model_config=None) -> None:
   """Registers the tasks a config describes: the `kosmos2_*` tasks on the
-  user's files (`data.spm_model_file`, `data.data_dir`) and shapes tasks of
+  user's files (`data.spm_model_file`, `data.data_dir`; pictures, slots and
+  location bins sized for `model_config` when given, else the released
+  model's) and shapes tasks of
   its own sizes (`data.shapes_tasks`: `tasks.register_shapes_tasks`' arguments),
   then an instruction task mixed into one of them (`data.instructions`: see
   instruction_tasks.py; set `data.mixture` to the name it registers)."""
@@ -29,7 +31,14 @@ def register_user_tasks(data_config) -> None:
   if shapes_tasks:
     tasks.register_shapes_tasks(**shapes_tasks.to_dict())
   if data_config.spm_model_file and "kosmos2_pretrain" not in seqio.MixtureRegistry.names():
-    tasks.register_kosmos2_tasks(data_config.spm_model_file, data_config.data_dir)
+    sizes = {}
+    if model_config is not None:  # e.g. a 448 px run of the 224 release
+      sizes = dict(
+        image_size=model_config.vision.image_size,
+        num_image_tokens=model_config.latent_query_num,
+        num_patches_per_side=model_config.text.num_patches_per_side,
+      )
+    tasks.register_kosmos2_tasks(data_config.spm_model_file, data_config.data_dir, **sizes)
   instructions = data_config.get("instructions")
   if instructions:
     instruction_tasks.register_from_config(

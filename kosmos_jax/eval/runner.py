@@ -44,7 +44,7 @@ def processor_for(where: loading.Location, model_config) -> processor_lib.Proces
       "has it, and `kosmos-jax convert` copies it"
     )
   data = orbax_ckpt.load_workdir_config(where.path).data
-  loader.register_user_tasks(data)
+  loader.register_user_tasks(data, model_config)
   return rec.processor_for(loader.vocabulary(data.mixture), model_config)
 
 

@@ -4,6 +4,7 @@ import io
 import json
 import tarfile
 
+import ml_collections
 import numpy as np
 import pytest
 import seqio
@@ -31,6 +32,25 @@ def test_mixture_rates_follow_the_paper():
   rates = {t.name: mix.get_rate(t) for t in mix.tasks}
   assert rates["shapes_caption"] == rates["shapes_grit"] == 1117
   assert rates["shapes_text"] == 93 and rates["shapes_interleaved"] == 47
+
+
+def test_user_tasks_are_sized_for_the_model(monkeypatch):
+  # A 448 px run of the 224 release reads 448 px pictures (models/config.py).
+  from kosmos_jax.data import loader  # pylint: disable=g-import-not-at-top
+  from kosmos_jax.models.config import model_config  # pylint: disable=g-import-not-at-top
+
+  calls = []
+  monkeypatch.setattr(tasks, "register_kosmos2_tasks", lambda *a, **kw: calls.append((a, kw)))
+  monkeypatch.setattr(seqio.MixtureRegistry, "names", lambda: [])
+  data = dict(spm_model_file="spm.model", data_dir="d")
+  loader.register_user_tasks(
+    ml_collections.ConfigDict(data), model_config(**{"vision.image_size": 448})
+  )
+  loader.register_user_tasks(ml_collections.ConfigDict(data))
+  assert calls == [
+    (("spm.model", "d"), dict(image_size=448, num_image_tokens=64, num_patches_per_side=32)),
+    (("spm.model", "d"), {}),
+  ]
 
 
 def test_sources_read_tar_parquet_jsonl(tmp_path):
