@@ -14,6 +14,7 @@ import sys
 import ml_collections
 
 from kosmos_jax import errors, sharding
+from kosmos_jax.models import lora
 from kosmos_jax.train import optim
 
 
@@ -61,6 +62,9 @@ def experiment_config(model: ml_collections.ConfigDict) -> ml_collections.Config
     autotune=True,  # tf.data's autotuning (data/loader.py: off for small CPU runs)
   )
   config.optim = optim.optim_config()
+  # Low-rank adapters (models/lora.py), off at rank 0; on, only they and
+  # `optim.train_also` train, e.g. --config.lora.rank=16.
+  config.lora = lora.lora_config()
   config.mesh = sharding.mesh_config()
   config.sharding_rules = [list(rule) for rule in sharding.TRAIN_RULES]
   return config

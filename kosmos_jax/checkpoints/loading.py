@@ -12,6 +12,7 @@ import shutil
 import ml_collections
 
 from kosmos_jax.checkpoints import hf
+from kosmos_jax.checkpoints import lora as lora_ckpt
 from kosmos_jax.checkpoints import orbax as orbax_ckpt
 from kosmos_jax.models import build, vit
 from kosmos_jax.models.kosmos import Kosmos2
@@ -148,7 +149,8 @@ def from_pretrained(
   apply_overrides(config, config_overrides)
   abstract = build.abstract_params(config)
   if where.kind == "workdir":
-    params = orbax_ckpt.load_workdir_params(where.path, abstract, where.step)
+    # A LoRA run's adapters come merged into the kernels.
+    params = lora_ckpt.workdir_params(where.path, config, abstract, where.step)
   elif where.kind == "orbax":
     params = orbax_ckpt.load_params(where.path, abstract)
   else:

@@ -54,7 +54,10 @@ def compile_train_step(config, devices, topology_name: str = "") -> tuple[object
   rules = sharding.rules_of(config)
   tx = optim.optimizer(config.optim, config.total_steps)
   # The trainer's own state and step: the plan is for the program it runs.
-  graphdef, state = state_lib.abstract(config.model, tx, config.seed)
+  trainable = optim.trainable_patterns(config)
+  graphdef, state = state_lib.abstract(
+    config.model, tx, config.seed, lora_config=config.get("lora"), trainable=trainable
+  )
   state_sharding = sharding.train_state_shardings(state, mesh, rules)
   batch = abstract_batch(config)
   batch_sharding = {k: sharding.batch_sharding(mesh, rules, v.shape) for k, v in batch.items()}
@@ -64,6 +67,7 @@ def compile_train_step(config, devices, topology_name: str = "") -> tuple[object
     accumulation=config.accumulation,
     z_loss=config.z_loss,
     max_bad_steps=config.max_bad_steps,
+    trainable=trainable,
   )
   with jax.set_mesh(mesh), spmd.logical_axis_rules(rules):
     compiled = (

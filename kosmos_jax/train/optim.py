@@ -10,6 +10,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from flax import nnx
+
+from kosmos_jax import errors
+from kosmos_jax.models import lora
 
 
 def optim_config() -> ml_collections.ConfigDict:
@@ -33,6 +37,11 @@ def optim_config() -> ml_collections.ConfigDict:
       # weight decay alike) of matching parameters times FACTOR, the first
       # match counting, e.g. "vision_model/.*=3" trains the ViT 3x faster.
       lr_multipliers=[],
+      # Regexes over parameter paths that train besides the LoRA adapters
+      # (e.g. "image_to_text_projection/.*", PandaGPT's projection). When
+      # LoRA is on, or this is non-empty, nothing else trains and the
+      # optimizer holds state for the trainable parameters only.
+      train_also=[],
     )
   )
 
@@ -83,6 +92,36 @@ def trainable_mask(params, patterns) -> dict:
     return trains
 
   return jax.tree_util.tree_map_with_path(mask, params)
+
+
+def trainable_patterns(config) -> list[str] | None:
+  """Regexes of the parameters that train under an experiment config, or None
+  when all do: the LoRA adapters (`config.lora`) plus `optim.train_also`."""
+  also = list(config.optim.get("train_also", []))
+  on = lora.enabled(config.get("lora"))
+  if not on and not also:
+    return None
+  return ([lora.ADAPTER_PATTERN] if on else []) + also
+
+
+def split_trainable(params: nnx.State, patterns) -> tuple[nnx.State, nnx.State]:
+  """(trainable, frozen) parts of a State of parameters; `patterns` as
+  `trainable_patterns` returns them. A pattern matching nothing is an error
+  naming it."""
+  compiled = [re.compile(p) for p in patterns]
+  hits = set()
+
+  def trains(path, _) -> bool:
+    name = path_name(path)
+    matched = {r.pattern for r in compiled if r.fullmatch(name)}
+    hits.update(matched)
+    return bool(matched)
+
+  trainable, frozen = nnx.split_state(params, trains, ...)
+  missing = [r.pattern for r in compiled if r.pattern not in hits]
+  if missing:
+    raise errors.UserError(f"optim.train_also / LoRA patterns {missing} match no parameter")
+  return trainable, frozen
 
 
 def _slice(spec: str) -> slice:

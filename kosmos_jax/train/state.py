@@ -13,7 +13,8 @@ import ml_collections
 import optax
 from flax import nnx
 
-from kosmos_jax.models import build
+from kosmos_jax.models import build, lora
+from kosmos_jax.train import optim
 
 
 @flax.struct.dataclass
@@ -26,15 +27,21 @@ class TrainState:
   bad_in_a_row: jax.Array
 
 
-def create(params: nnx.State, tx: optax.GradientTransformation, seed: int) -> TrainState:
-  """The state at step 0 around `params` (the model's nnx.Param state)."""
+def create(
+  params: nnx.State, tx: optax.GradientTransformation, seed: int, trainable=None
+) -> TrainState:
+  """The state at step 0 around `params` (the model's nnx.Param state).
+
+  `trainable` (regexes, `optim.trainable_patterns`): the optimizer state is
+  built for those parameters only; None: for all.
+  """
   # One array per counter: a state built eagerly and donated to a jitted step
   # must not hold one buffer three times (donating it twice crashes).
   counter = lambda: jnp.zeros((), jnp.int32)
   return TrainState(
     step=counter(),
     params=params,
-    opt_state=tx.init(params),
+    opt_state=tx.init(params if trainable is None else optim.split_trainable(params, trainable)[0]),
     rng=jax.random.PRNGKey(seed),
     skipped=counter(),
     bad_in_a_row=counter(),
@@ -42,8 +49,18 @@ def create(params: nnx.State, tx: optax.GradientTransformation, seed: int) -> Tr
 
 
 def abstract(
-  model_config: ml_collections.ConfigDict, tx: optax.GradientTransformation, seed: int = 0
+  model_config: ml_collections.ConfigDict,
+  tx: optax.GradientTransformation,
+  seed: int = 0,
+  *,
+  lora_config=None,
+  trainable=None,
 ) -> tuple[nnx.GraphDef, TrainState]:
-  """(graphdef, the state as ShapeDtypeStructs) for a model config; allocates nothing."""
-  graphdef, params = nnx.split(build.abstract_model(model_config), nnx.Param)
-  return graphdef, jax.eval_shape(lambda p: create(p, tx, seed), params)
+  """(graphdef, the state as ShapeDtypeStructs) for a model config, with the
+  adapters of `lora_config` (models/lora.py) if on; allocates nothing."""
+  if lora.enabled(lora_config):
+    model = lora.abstract_model(model_config, lora_config, seed)
+  else:
+    model = build.abstract_model(model_config)
+  graphdef, params = nnx.split(model, nnx.Param)
+  return graphdef, jax.eval_shape(lambda p: create(p, tx, seed, trainable), params)

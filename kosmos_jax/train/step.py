@@ -12,7 +12,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from kosmos_jax.models import lora
 from kosmos_jax.models.batch import MODEL_INPUTS
+from kosmos_jax.train import optim
 from kosmos_jax.train.state import TrainState
 
 
@@ -53,26 +55,40 @@ def make_train_step(
   accumulation: int = 1,
   z_loss: float = 0.0,
   max_bad_steps: int = 5,
+  trainable=None,
 ) -> Callable:
-  """(state, batch) -> (state, metrics), to be jitted with shardings by the caller."""
+  """(state, batch) -> (state, metrics), to be jitted with shardings by the caller.
 
-  def loss_fn(params, micro, rng):
+  `trainable` (regexes, `optim.trainable_patterns`; the state must be built
+  with the same): only those parameters get gradients and updates, the rest
+  pass through untouched, so no gradient or optimizer memory is spent on them.
+  """
+
+  def loss_fn(params, frozen, micro, rng):
+    if frozen is not None:
+      params = nnx.merge_state(params, frozen)
     model = nnx.merge(graphdef, params)
-    logits = model(**{k: micro[k] for k in MODEL_INPUTS if k in micro}, dropout_rng=rng).logits
+    # The adapters' dropout draws from a key of its own (models/lora.py).
+    with lora.dropout_key(jax.random.fold_in(rng, 1)):
+      logits = model(**{k: micro[k] for k in MODEL_INPUTS if k in micro}, dropout_rng=rng).logits
     sums = token_loss(logits, micro, z_loss)
     return sums["loss"] + sums["z_loss"], sums
 
   def step(state: TrainState, batch: dict):
     rng, step_rng = jax.random.split(state.rng)
     micro = jax.tree.map(lambda x: x.reshape(accumulation, -1, *x.shape[1:]), batch)
+    if trainable is None:
+      params, frozen = state.params, None
+    else:
+      params, frozen = optim.split_trainable(state.params, trainable)
 
     def accumulate(carry, xs):
       grads, sums = carry
       m, r = xs
-      (_, s), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params, m, r)
+      (_, s), g = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, m, r)
       return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, s)), None
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
     zero_sums = dict(loss=0.0, z_loss=0.0, correct=0.0, weight=0.0)
     (grads, sums), _ = jax.lax.scan(
       accumulate,
@@ -86,14 +102,17 @@ def make_train_step(
     grad_norm = optax.tree.norm(grads)
     loss = sums["loss"] / denom
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
+    updates, new_opt = tx.update(grads, state.opt_state, params)
+    new_params = optax.apply_updates(params, updates)
     # A non-finite step leaves parameters and optimizer state as they were.
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_params = keep(new_params, params)
+    if frozen is not None:
+      new_params = nnx.merge_state(new_params, frozen)
     bad = jnp.where(finite, 0, state.bad_in_a_row + 1)
     new_state = state.replace(
       step=state.step + 1,
-      params=keep(new_params, state.params),
+      params=new_params,
       opt_state=keep(new_opt, state.opt_state),
       rng=rng,
       skipped=state.skipped + (~finite).astype(jnp.int32),

@@ -28,6 +28,7 @@ from kosmos_jax.checkpoints import orbax as orbax_ckpt
 from kosmos_jax.data import loader
 from kosmos_jax.eval import rec, runner
 from kosmos_jax.eval import tasks as eval_tasks
+from kosmos_jax.models import lora
 from kosmos_jax.models.kosmos import Kosmos2
 from kosmos_jax.train import mfu, optim
 from kosmos_jax.train import state as state_lib
@@ -69,11 +70,13 @@ class _Preemption:
 def _init_params(config, abstract_params, mesh, rules):
   """Parameters created already sharded: random init, or read from `init_from`."""
   shardings = sharding.state_shardings(abstract_params, mesh, rules)
+  # Adapters (config.lora) go on after the base weights, from a stream of their own.
+  adapt = lambda m: lora.add(m, config.get("lora"), lora.adapter_rngs(config.seed))
   if config.init_from:
-    model = loading.from_pretrained(config.init_from, **_numerics(config))
+    model = adapt(loading.from_pretrained(config.init_from, **_numerics(config)))
     return jax.device_put(nnx.state(model, nnx.Param), shardings)
   init = jax.jit(
-    lambda: nnx.state(Kosmos2(config.model, rngs=nnx.Rngs(config.seed)), nnx.Param),
+    lambda: nnx.state(adapt(Kosmos2(config.model, rngs=nnx.Rngs(config.seed))), nnx.Param),
     out_shardings=shardings,
   )
   with jax.set_mesh(mesh), spmd.logical_axis_rules(rules):
@@ -136,10 +139,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
     )
 
   tx = optim.optimizer(config.optim, config.total_steps)
-  graphdef, abstract_state = state_lib.abstract(config.model, tx, config.seed)
+  trainable = optim.trainable_patterns(config)
+  graphdef, abstract_state = state_lib.abstract(
+    config.model, tx, config.seed, lora_config=config.get("lora"), trainable=trainable
+  )
   state_sharding = sharding.train_state_shardings(abstract_state, mesh, rules)
 
-  loader.register_user_tasks(config.data)
+  loader.register_user_tasks(config.data, config.model)
   _check_vocabulary(config)  # before the pipeline is built
   ds = loader.dataset(
     config.data.mixture,
@@ -181,9 +187,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
     start = 0
     params = _init_params(config, abstract_state.params, mesh, rules)
     with jax.set_mesh(mesh), spmd.logical_axis_rules(rules):
-      state = jax.jit(lambda p: state_lib.create(p, tx, config.seed), out_shardings=state_sharding)(
-        params
-      )
+      state = jax.jit(
+        lambda p: state_lib.create(p, tx, config.seed, trainable), out_shardings=state_sharding
+      )(params)
     del params
     if primary:
       (workdir / "config.json").write_text(config.to_json(indent=2))
@@ -194,6 +200,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
     accumulation=config.accumulation,
     z_loss=config.z_loss,
     max_bad_steps=config.max_bad_steps,
+    trainable=trainable,
   )
   first = loader.numpy_batches(iterator)
   batch_sharding = None
