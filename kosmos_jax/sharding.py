@@ -87,7 +87,10 @@ def make_mesh(mesh_cfg, devices: Sequence[Any] | None = None) -> Mesh:
   devices = jax.devices() if devices is None else list(devices)
   shape = mesh_shape(mesh_cfg, len(devices))
   if devices and devices[0].platform == "tpu" and len(devices) == len(jax.devices()):
-    return jax.make_mesh(shape, MESH_AXES, devices=devices)
+    # Auto axes, as the plain Mesh below: jax.make_mesh defaults to Explicit
+    # ones, under which the activations' sharding constraints fail to trace.
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, devices=devices, axis_types=auto)
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 

@@ -1,6 +1,9 @@
 """`kosmos-jax aot` compiles the real train step for a TPU topology on this CPU host."""
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +14,8 @@ from kosmos_jax import config as config_lib
 from kosmos_jax.data import loader
 from kosmos_jax.train import aot, optim
 from kosmos_jax.train import state as state_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.mark.parametrize("attention", ["xla", "pallas"])
@@ -34,6 +39,20 @@ def test_tiny_train_step_compiles_for_v5e(capsys, attention):
   assert report["devices"] == 4 and report["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
   assert report["fits"] and 0 < report["total_gib"] < report["hbm_gib"]
   assert report["argument_gib"] > 0 and report["tokens_per_step"] == 8 * 64
+
+
+def test_one_chip_plans_compile():
+  # A process with one CPU device and one TPU chip takes jax.make_mesh's path
+  # (whose default Explicit axes failed the activations' sharding
+  # constraints); a LoRA fine-tune on one chip is planned this way.
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  cmd = [sys.executable, "-m", "kosmos_jax.commands", "aot", "--config", "configs/tiny.py"]
+  cmd += ["--topology", "v5e:1x1", "--config.mesh.fsdp=1", "--config.batch_size=2"]
+  cmd += ["--config.seq_len=64", "--config.lora.rank=4"]
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert report["devices"] == 1 and report["fits"]
 
 
 def test_a_plan_that_does_not_fit_fails_loudly(capsys):
