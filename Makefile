@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell sha1sum setup.py | cut -c1-12)
 # Tests run on CPU (tests/conftest.py forces 8 host devices for the mesh tests).
 TEST_ENV := JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=3
 
-.PHONY: test lint format demo venv clean java
+.PHONY: test lint format demo venv clean java chromium
 
 venv: $(STAMP)
 
@@ -17,7 +17,7 @@ $(STAMP): setup.py
 	rm -f $(VENV)/.installed-* && touch $@
 
 # Format and lint first (about a second): a style slip fails before the slow tests.
-test: lint java
+test: lint java chromium
 	$(TEST_ENV) $(PY) -m pytest -q tests
 
 # The caption metrics' PTB tokenizer and METEOR are Java programs (pycocoevalcap);
@@ -25,6 +25,12 @@ test: lint java
 java:
 	@command -v java >/dev/null || { apt-get update -qq && apt-get install -y -qq \
 	  --no-install-recommends default-jre-headless >/dev/null; }
+
+# The browser test of `kosmos-jax serve`'s page drives Debian's Chromium through
+# Playwright (a `playwright install` download cannot work offline).
+chromium:
+	@test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq \
+	  --no-install-recommends chromium >/dev/null; }
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .

@@ -37,12 +37,18 @@ EXTRAS_REQUIRE = {
   "test": [
     "torch==2.13.0",  # CPU build; a looser pin pulls several GB of CUDA wheels.
     "transformers==5.23.0",
+    "peft==0.18.0",  # loads our LoRA export onto transformers' Kosmos-2 in the tests
+    "accelerate==1.15.0",  # peft's dependency, pinned so a fresh machine gets the tested one
     "libtpu==0.0.51",
     "pytest==9.0.1",
     "ruff==0.17.5",  # formatter and linter (ruff.toml), checked by `make test`
     "nbclient==0.11.0",  # executes the Colab notebook in the tests
     "nbformat==5.11.1",
     "ipykernel==7.4.0",
+    # The browser test of `kosmos-jax serve`'s page; it drives Debian's Chromium
+    # (`make test` installs it), so no `playwright install` download is needed.
+    "playwright==1.65.2",
+    "greenlet==3.5.6",
   ],
   "tpu": ["libtpu==0.0.51"],
   "gpu": ["jax[cuda12]==0.10.2"],
@@ -53,6 +59,7 @@ setuptools.setup(
   version="0.1.0",
   description="KOSMOS-1/2 grounded multimodal LLMs in JAX/Flax, TPU-native.",
   packages=setuptools.find_packages(include=["kosmos_jax", "kosmos_jax.*"]),
+  package_data={"kosmos_jax.serve": ["page.html", "page.js"]},  # `kosmos-jax serve`'s page
   python_requires=">=3.11,<3.12",
   install_requires=INSTALL_REQUIRES,
   extras_require=EXTRAS_REQUIRE,

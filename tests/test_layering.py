@@ -13,14 +13,15 @@ PACKAGE = ROOT / "kosmos_jax"
 # Bottom to top; units on one level do not import each other. The trainer runs
 # the evaluators, so train sits above eval; `config` (the keys every experiment
 # config has) gathers the defaults of train and sharding, so it sits above
-# train, beside the demo; the commands use them all.
+# train, beside the demo and the server (serve/: the page and API over a
+# model); the commands use them all.
 LAYERS = (
   ("errors", "heap", "kernels", "sharding", "search", "processing"),
   ("models",),
   ("checkpoints", "data"),
   ("eval",),
   ("train",),
-  ("config", "demo"),
+  ("config", "demo", "serve"),
   ("commands",),
 )
 LEVEL = {unit: level for level, units in enumerate(LAYERS) for unit in units}

@@ -12,7 +12,7 @@ import os
 import sys
 
 from kosmos_jax import errors, heap
-from kosmos_jax.commands import aot, convert, data, demo, evaluate, generate, summary, train
+from kosmos_jax.commands import aot, convert, data, demo, evaluate, generate, serve, summary, train
 
 # In the order `kosmos-jax --help` lists them.
 COMMANDS = {
@@ -23,6 +23,7 @@ COMMANDS = {
   "demo": demo,
   "data": data,
   "generate": generate,
+  "serve": serve,
   "eval": evaluate,
 }
 
