@@ -191,28 +191,11 @@ def _check_length(inputs: dict, processor, max_positions: int) -> dict:
 def describe(processor, ids, prompt_length: int) -> list[dict]:
   """Per row of `generate`'s output: clean text, entities and the token ids up
   to the first EOS, or without the padding after a stop string."""
-  eos, pad = processor.vocab.eos_id, processor.vocab.pad_id
   results = []
   for row in ids.tolist():
-    new = row[prompt_length:]
-    if eos in new:
-      row = row[: prompt_length + new.index(eos) + 1]
-    else:
-      while len(row) > prompt_length and row[-1] == pad:
-        row = row[:-1]
-    text, entities = processor.post_process_generation(
-      processor.decode(row, skip_special_tokens=True)
-    )
-    results.append(
-      dict(
-        text=text,
-        entities=[
-          dict(phrase=phrase, span=list(span), boxes=[list(b) for b in boxes])
-          for phrase, span, boxes in entities
-        ],
-        token_ids=row,
-      )
-    )
+    answer = processor.answer(row[:prompt_length], row[prompt_length:])
+    new = answer.pop("new_ids")
+    results.append(dict(answer, token_ids=row[:prompt_length] + new))
   return results
 
 

@@ -336,3 +336,24 @@ class Processor:
     return grounding.post_process_generation(
       text, cleanup_and_extract, self.vocab.num_patches_per_side
     )
+
+  def answer(self, prompt_ids, new_ids) -> dict:
+    """One generated row as JSON-ready parts: the new ids up to and with the
+    first `</s>` (or without the padding after a stop), and the `text` and
+    `entities` ({phrase, span, boxes}) of prompt + answer, as transformers'
+    demo post-processes them (a REG answer keeps its boxed "It")."""
+    new = [int(i) for i in new_ids]
+    if self.vocab.eos_id in new:
+      new = new[: new.index(self.vocab.eos_id) + 1]
+    while new and new[-1] == self.vocab.pad_id:
+      new.pop()
+    decoded = self.decode([int(i) for i in prompt_ids] + new, skip_special_tokens=True)
+    text, entities = self.post_process_generation(decoded)
+    return dict(
+      text=text,
+      entities=[
+        dict(phrase=phrase, span=list(span), boxes=[list(b) for b in boxes])
+        for phrase, span, boxes in entities
+      ],
+      new_ids=new,
+    )

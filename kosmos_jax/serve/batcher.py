@@ -261,23 +261,9 @@ class Engine:
   def _answer(self, job: Job, row: np.ndarray, prompt_length: int) -> dict:
     """Text and entities of the prompt + its continuation (as transformers'
     demo: a REG answer keeps its boxed "It"), and the new token ids."""
-    vocab = self.processor.vocab
-    new = row[prompt_length:].tolist()
-    if vocab.eos_id in new:
-      new = new[: new.index(vocab.eos_id) + 1]
-    while new and new[-1] == vocab.pad_id:
-      new.pop()
-    decoded = self.processor.decode(job.ids.tolist() + new, skip_special_tokens=True)
-    text, entities = self.processor.post_process_generation(decoded)
-    return dict(
-      text=text,
-      entities=[
-        dict(phrase=phrase, span=list(span), boxes=[list(b) for b in boxes])
-        for phrase, span, boxes in entities
-      ],
-      token_ids=new,
-      prompt=job.prompt,
-    )
+    answer = self.processor.answer(job.ids, row[prompt_length:])
+    new = answer.pop("new_ids")
+    return dict(answer, token_ids=new, prompt=job.prompt)
 
   def warmup(self, jobs: list[Job]) -> None:
     """Compiles every batch size for each of `jobs` (distinct prompt buckets)."""

@@ -200,3 +200,22 @@ def test_hub_style_directory(processor_dir, tmp_path):
   got = ours(text=texts, images=[image, image], bboxes=[None, [(1, 40)]])
   _assert_same(got, want, TEXT_KEYS)
   assert ours.batch_decode(got["input_ids"]) == reference.batch_decode(want["input_ids"])
+
+
+def test_answer_cuts_at_eos_and_keeps_the_grounding(ours):
+  vocab = ours.vocab
+  prompt = [vocab.pad_id, vocab.bos_id, *vocab.encode("<grounding>")]
+  grounded = vocab.encode(
+    "<phrase> ba</phrase><object><patch_index_0000><patch_index_1023></object>"
+  )
+  after = vocab.encode(" bo")
+  out = ours.answer(prompt, [*grounded, vocab.eos_id, *after])
+  assert out["new_ids"] == [*grounded, vocab.eos_id]  # nothing after </s>
+  assert out["text"] == "ba"
+  (entity,) = out["entities"]
+  assert entity["phrase"] == "ba" and entity["span"] == [0, 2]
+  np.testing.assert_allclose(entity["boxes"], [[1 / 64, 1 / 64, 63 / 64, 63 / 64]])
+  json.dumps(out)  # plain lists and numbers
+  # A row stopped by a stop string ends in padding, which is dropped.
+  stopped = ours.answer(prompt, [*after, vocab.pad_id, vocab.pad_id])
+  assert stopped["new_ids"] == after and stopped["entities"] == []
