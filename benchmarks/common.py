@@ -87,3 +87,42 @@ def same_weights(config):
   with tempfile.TemporaryDirectory() as d:
     hf.save_pretrained(d)
     return hf, kosmos_jax.from_pretrained(d)
+
+
+def models_and_processor(tiny: bool):
+  """(transformers model in eval mode, our model, processor) at the tiny or
+  mid-size shape, the processor on the tiny sentencepiece vocabulary (2,037
+  ids, all inside both shapes' vocabularies)."""
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  from kosmos_jax.eval import rec  # pylint: disable=g-import-not-at-top
+  from kosmos_jax.processing import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
+  from tests.helpers import spm  # pylint: disable=g-import-not-at-top
+
+  transformers.logging.set_verbosity_error()
+  hf, ours = same_weights(transformers.Kosmos2Config(**(TINY_HF_CONFIG if tiny else MID_HF_CONFIG)))
+  hf.eval()
+  with tempfile.TemporaryDirectory() as d:
+    vocab = vocab_lib.KosmosVocabulary(spm.train_tiny_spm(d), num_patches_per_side=32)
+  return hf, ours, rec.processor_for(vocab, ours.config)
+
+
+def run_record() -> dict:
+  """What every "ours vs transformers" line reports about the run's machine and stack."""
+  import os  # pylint: disable=g-import-not-at-top
+
+  import jax  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  from kosmos_jax.train import mfu  # pylint: disable=g-import-not-at-top
+
+  return {
+    "matmul_peak_gflops": round(mfu.peak_flops() / 1e9, 1),
+    "torch_threads": torch.get_num_threads(),
+    "cpu_load_1min": round(os.getloadavg()[0], 2),
+    "jax": jax.__version__,
+    "torch": torch.__version__,
+    "transformers": transformers.__version__,
+    "device": jax.devices()[0].device_kind,
+  }

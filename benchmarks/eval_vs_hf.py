@@ -21,7 +21,6 @@ Each line has this machine's matmul peak. Run:
 import argparse
 import json
 import os
-import tempfile
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -31,16 +30,12 @@ from kosmos_jax import heap  # pylint: disable=g-import-not-at-top
 # Both sides alike: glibc keeps freed memory (kosmos_jax/heap.py says why).
 heap.keep_freed_memory()
 
-import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 import torch
-import transformers
 
-from benchmarks.common import MID_HF_CONFIG, TINY_HF_CONFIG, same_weights, timed, timed_pair
+from benchmarks.common import models_and_processor, run_record, timed, timed_pair
 from kosmos_jax.eval import classification, rec
 from kosmos_jax.models import scoring
-from kosmos_jax.processing import vocab as vocab_lib
-from kosmos_jax.train import mfu
 from tests.helpers import spm
 
 
@@ -179,24 +174,8 @@ def main():
     args.queries, args.batch, args.names, args.name_batch = 4, 2, 20, 8
     args.hf_names, args.repeats = 5, 1
 
-  transformers.logging.set_verbosity_error()
-  hf, ours = same_weights(
-    transformers.Kosmos2Config(**(TINY_HF_CONFIG if args.tiny else MID_HF_CONFIG))
-  )
-  hf.eval()
-  with tempfile.TemporaryDirectory() as d:
-    # A 2,037-id vocabulary: its ids are all inside the model's.
-    vocab = vocab_lib.KosmosVocabulary(spm.train_tiny_spm(d), num_patches_per_side=32)
-  processor = rec.processor_for(vocab, ours.config)
-  common = {
-    "matmul_peak_gflops": round(mfu.peak_flops() / 1e9, 1),
-    "torch_threads": torch.get_num_threads(),
-    "cpu_load_1min": round(os.getloadavg()[0], 2),
-    "jax": jax.__version__,
-    "torch": torch.__version__,
-    "transformers": transformers.__version__,
-    "device": jax.devices()[0].device_kind,
-  }
+  hf, ours, processor = models_and_processor(args.tiny)
+  common = run_record()
   print(json.dumps(bench_rec(hf, ours, processor, args, common)), flush=True)
   print(json.dumps(bench_classification(hf, ours, processor, args, common)), flush=True)
 

@@ -17,7 +17,6 @@ the timed candidates. One JSON line with this machine's matmul peak. Run:
 import argparse
 import json
 import os
-import tempfile
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -27,16 +26,10 @@ from kosmos_jax import heap  # pylint: disable=g-import-not-at-top
 # Both sides alike: glibc keeps freed memory (kosmos_jax/heap.py says why).
 heap.keep_freed_memory()
 
-import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 import torch
-import transformers
 
-from benchmarks.common import MID_HF_CONFIG, TINY_HF_CONFIG, same_weights, timed, timed_pair
-from kosmos_jax.eval import rec
-from kosmos_jax.processing import vocab as vocab_lib
-from kosmos_jax.train import mfu
-from tests.helpers import spm
+from benchmarks.common import models_and_processor, run_record, timed, timed_pair
 
 PROMPT = "An image of"
 
@@ -138,23 +131,8 @@ def main():
   if args.tiny:
     args.candidates, args.batch, args.hf_batch, args.hf_candidates, args.repeats = 40, 16, 8, 16, 1
 
-  transformers.logging.set_verbosity_error()
-  hf, ours = same_weights(
-    transformers.Kosmos2Config(**(TINY_HF_CONFIG if args.tiny else MID_HF_CONFIG))
-  )
-  hf.eval()
-  with tempfile.TemporaryDirectory() as d:
-    vocab = vocab_lib.KosmosVocabulary(spm.train_tiny_spm(d), num_patches_per_side=32)
-  processor = rec.processor_for(vocab, ours.config)
-  common = {
-    "matmul_peak_gflops": round(mfu.peak_flops() / 1e9, 1),
-    "torch_threads": torch.get_num_threads(),
-    "cpu_load_1min": round(os.getloadavg()[0], 2),
-    "jax": jax.__version__,
-    "torch": torch.__version__,
-    "transformers": transformers.__version__,
-    "device": jax.devices()[0].device_kind,
-  }
+  hf, ours, processor = models_and_processor(args.tiny)
+  common = run_record()
   print(json.dumps(bench(hf, ours, processor, args, common)), flush=True)
 
 
