@@ -7,9 +7,13 @@ Id layout (reference/kosmos2.md 2.1), for a sentencepiece model with S pieces:
   S + 1 <mask>
   S + 2 .. S + 12                           the 11 tags of `TAGS`, in that order
   S + 13 + k                                <patch_index_{k:04d}>, k < P * P
+  S + 13 + P * P + 2 m, + 1                 `<{name}>`, `</{name}>` of the m-th of
+                                            `modalities` (PandaGPT-style soft tokens)
 
 With the real model (S = 64000) this gives <mask> = 64001, </doc> = 64002 and
-<patch_index_1023> = 65036.
+<patch_index_1023> = 65036; a model with modalities ("audio", "depth") adds
+<audio> = 65037, </audio> = 65038, <depth> = 65039, </depth> = 65040, so the
+released ids never move.
 
 Encoding follows Hugging Face's handling of added tokens: tags and patch tokens
 are `lstrip=True` (whitespace before them is absorbed), the specials are not,
@@ -72,7 +76,11 @@ class KosmosVocabulary(seqio.Vocabulary):
   """A `seqio.Vocabulary` with the KOSMOS-2 id layout (see the module doc)."""
 
   def __init__(
-    self, sentencepiece_model_file: str, num_patches_per_side: int = 32, extra_ids: int = 0
+    self,
+    sentencepiece_model_file: str,
+    num_patches_per_side: int = 32,
+    extra_ids: int = 0,
+    modalities: tuple[str, ...] = (),
   ):
     """Loads the sentencepiece model.
 
@@ -80,8 +88,20 @@ class KosmosVocabulary(seqio.Vocabulary):
       sentencepiece_model_file: path of the sentencepiece model (the hub's
         `sentencepiece.bpe.model`).
       num_patches_per_side: P; the vocabulary has P * P location tokens.
-      extra_ids: seqio extra ids, appended after the location tokens.
+      extra_ids: seqio extra ids, appended after the modality tags.
+      modalities: names of soft-token modalities (e.g. "audio"); each adds the
+        tags `<name>` and `</name>` after the location tokens, in this order.
     """
+    modalities = tuple(modalities)
+    for name in modalities:
+      if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name in ("image", "phrase", "object"):
+        raise ValueError(
+          f"modality name {name!r}: expected lowercase letters, digits and _, "
+          "and not a KOSMOS tag name"
+        )
+    if len(set(modalities)) != len(modalities):
+      raise ValueError(f"modality names repeat: {modalities}")
+    self._modalities = modalities
     self._model_file = sentencepiece_model_file
     with tf.io.gfile.GFile(sentencepiece_model_file, "rb") as f:
       self._model_proto = f.read()
@@ -91,7 +111,8 @@ class KosmosVocabulary(seqio.Vocabulary):
     self._mask_id = num_pieces + 1
     self._first_tag_id = num_pieces + 2
     self._first_patch_id = self._first_tag_id + len(TAGS)
-    self._size = self._first_patch_id + num_patches_per_side**2
+    self._first_modality_id = self._first_patch_id + num_patches_per_side**2
+    self._size = self._first_modality_id + 2 * len(modalities)
     # sentencepiece id -> our id: its <unk>/<s>/</s> (0, 1, 2) become the
     # fairseq ones, every other piece moves up by one.
     self._spm_to_id = np.arange(1, num_pieces + 1, dtype=np.int32)
@@ -99,6 +120,7 @@ class KosmosVocabulary(seqio.Vocabulary):
     self._tokens = list(SPECIAL_TOKENS) + [self._sp.id_to_piece(i) for i in range(3, num_pieces)]
     self._tokens += [MASK_TOKEN, *TAGS]
     self._tokens += [patch_index_token(k) for k in range(num_patches_per_side**2)]
+    self._tokens += [t for name in modalities for t in (f"<{name}>", f"</{name}>")]
     self._token_to_id = {t: i for i, t in enumerate(self._tokens)}
     self._special_ids = frozenset((BOS_ID, PAD_ID, EOS_ID, UNK_ID, self._mask_id))
     self._added = {
@@ -170,7 +192,18 @@ class KosmosVocabulary(seqio.Vocabulary):
     return self._first_patch_id + k
 
   def is_patch_index_id(self, i: int) -> bool:
-    return self._first_patch_id <= i < self._size
+    return self._first_patch_id <= i < self._first_modality_id
+
+  @property
+  def modalities(self) -> tuple[str, ...]:
+    return self._modalities
+
+  def modality_tag_ids(self, name: str) -> tuple[int, int]:
+    """Ids of `<name>` and `</name>` for a modality of this vocabulary."""
+    if name not in self._modalities:
+      raise KeyError(f"modality {name!r} is not in this vocabulary's {self._modalities}")
+    first = self._first_modality_id + 2 * self._modalities.index(name)
+    return first, first + 1
 
   def id_to_token(self, i: int) -> str:
     return self._tokens[i]
@@ -289,10 +322,16 @@ class KosmosVocabulary(seqio.Vocabulary):
       model_file=self._model_file,
       num_patches_per_side=self._num_patches_per_side,
       extra_ids=self._extra_ids,
+      modalities=self._modalities,
     )
 
   def __setstate__(self, state):
-    self.__init__(state["model_file"], state["num_patches_per_side"], state["extra_ids"])
+    self.__init__(
+      state["model_file"],
+      state["num_patches_per_side"],
+      state["extra_ids"],
+      state.get("modalities", ()),
+    )
 
   def __eq__(self, other):
     return (
@@ -300,13 +339,14 @@ class KosmosVocabulary(seqio.Vocabulary):
       and self._model_proto == other._model_proto
       and self._num_patches_per_side == other._num_patches_per_side
       and self._extra_ids == other._extra_ids
+      and self._modalities == other._modalities
     )
 
   def __hash__(self):
-    return hash((self._model_proto, self._num_patches_per_side, self._extra_ids))
+    return hash((self._model_proto, self._num_patches_per_side, self._extra_ids, self._modalities))
 
   def __str__(self):
     return (
       f"KosmosVocabulary(file={self._model_file}, size={self.vocab_size}, "
-      f"num_patches_per_side={self._num_patches_per_side})"
+      f"num_patches_per_side={self._num_patches_per_side}, modalities={self._modalities})"
     )

@@ -165,3 +165,27 @@ def test_bpe_model_follows_sentencepiece(tmp_path):
     assert vocab.encode_tf(tf.constant(s)).numpy().tolist() == expected
   # <patch_index_0256> is not in a 16 x 16 vocabulary: it is plain text.
   assert vocab.patch_index_id(255) not in vocab.encode("<patch_index_0256>")
+
+
+def test_modality_tags_follow_the_location_tokens(unigram_dir, vocab):
+  """Modality tags are appended: every id of the plain vocabulary stays put,
+  and the python and tf encoders read the tags (with the whitespace before them)."""
+  path = str(unigram_dir / "sentencepiece.bpe.model")
+  with_tags = vocab_lib.KosmosVocabulary(path, modalities=("sound", "depth"))
+  assert with_tags.vocab_size == vocab.vocab_size + 4
+  assert with_tags.modality_tag_ids("sound") == (vocab.vocab_size, vocab.vocab_size + 1)
+  assert with_tags.modality_tag_ids("depth") == (vocab.vocab_size + 2, vocab.vocab_size + 3)
+  assert not with_tags.is_patch_index_id(vocab.vocab_size)
+  assert with_tags.is_patch_index_id(with_tags.patch_index_id(1023))
+  text = "a dog <phrase>barks</phrase> <sound></sound>and <depth> </depth>"
+  ids = with_tags.encode(text)
+  plain = vocab.encode("a dog <phrase>barks</phrase>")
+  assert ids[: len(plain)] == plain
+  assert ids.count(vocab.vocab_size) == 1 and ids.count(vocab.vocab_size + 3) == 1
+  np.testing.assert_array_equal(with_tags.encode_tf(tf.constant(text)).numpy(), ids)
+  assert with_tags.decode(ids).endswith("<sound></sound> and<depth></depth>")
+  assert pickle.loads(pickle.dumps(with_tags)) == with_tags != vocab
+  with pytest.raises(ValueError, match="modality name 'Image'"):
+    vocab_lib.KosmosVocabulary(path, modalities=("Image",))
+  with pytest.raises(KeyError, match="'audio' is not in"):
+    with_tags.modality_tag_ids("audio")
