@@ -1,6 +1,9 @@
 """A LoRA train step: only adapters (and `train_also`) move, the optimizer holds
 state for them alone, and 8 sharded devices give the single-device step."""
 
+import os
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -9,12 +12,14 @@ from flax.core import spmd
 
 from kosmos_jax import commands, sharding
 from kosmos_jax import config as config_lib
+from kosmos_jax.checkpoints import lora as lora_ckpt
 from kosmos_jax.models import lora
 from kosmos_jax.models.kosmos import Kosmos2
-from kosmos_jax.train import optim
+from kosmos_jax.train import optim, trainer
 from kosmos_jax.train import state as state_lib
 from kosmos_jax.train import step as step_lib
 from tests.helpers.batches import packed_batch
+from tests.train import test_trainer
 
 NO_DROPOUT = ["model.text.dropout=0.0", "model.text.attention_dropout=0.0", "lora.dropout=0.0"]
 
@@ -146,3 +151,33 @@ def test_the_trainer_names_a_target_that_matches_nothing(tmp_path, capsys):
     commands.main(argv)
   assert exit_info.value.code == 2
   assert "lora.targets ['text_model/layers/attn/q'] match no Dense" in capsys.readouterr().err
+
+
+def test_a_lora_run_resumes_bitwise(tmp_path):
+  """Preempted mid-run and resumed, a LoRA job logs the losses of an
+  uninterrupted one, and its frozen weights never leave their initial values."""
+  overrides = ["total_steps=6", "checkpoint_every=3", "log_every=1", "batch_size=4"]
+  overrides += [
+    "seq_len=64",
+    "mesh.fsdp=1",
+    "lora.rank=4",
+    "optim.train_also=['image_to_text_projection/.*']",
+  ]
+  config = lambda: config_lib.load("configs/tiny.py", overrides)
+  one = jax.devices()[:1]
+  reference = str(tmp_path / "reference")
+  trainer.train(config(), reference, devices=one)
+  workdir = str(tmp_path / "preempted")
+  test_trainer._send_sigterm_at(workdir, 2)
+  preempted = trainer.train(config(), workdir, devices=one)["preempted_at"]
+  assert 2 <= preempted < 6 and os.path.isdir(os.path.join(workdir, "checkpoints", str(preempted)))
+  trainer.train(config(), workdir, devices=one)
+  assert test_trainer._losses(workdir) == test_trainer._losses(reference)  # bitwise
+  # Between the checkpoint the job resumed from and the last one, only the
+  # adapters and the connector (train_also) moved.
+  _, before = lora_ckpt.load(workdir, step=preempted)
+  _, after = lora_ckpt.load(workdir)
+  before = _flat(before)
+  for name, value in _flat(after).items():
+    moved = not np.array_equal(value, before[name])
+    assert moved == bool(re.fullmatch(r".*lora_[ab]|image_to_text_projection/.*", name)), name
