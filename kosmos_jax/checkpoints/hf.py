@@ -95,6 +95,13 @@ def _check_convertible(cfg: ml_collections.ConfigDict) -> None:
       f"model.connector={kind!r} has no Hugging Face Kosmos-2 equivalent; only "
       "model.connector='kosmos2' converts to or from transformers (use Orbax checkpoints)"
     )
+  # Nor other modalities' soft tokens (PandaGPT-style projections and tags).
+  if cfg.get("modalities"):
+    raise ConversionError(
+      f"model.modalities={dict(cfg.modalities)!r} has no Hugging Face Kosmos-2 "
+      "equivalent; only a model without modalities converts to or from "
+      "transformers (use Orbax checkpoints)"
+    )
   # Nor has it xPos (KOSMOS-1): its decoder only adds the sinusoidal table.
   position = cfg.text.get("position", "sinusoidal")
   if position != "sinusoidal":

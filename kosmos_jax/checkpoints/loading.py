@@ -14,7 +14,8 @@ import ml_collections
 from kosmos_jax.checkpoints import hf
 from kosmos_jax.checkpoints import lora as lora_ckpt
 from kosmos_jax.checkpoints import orbax as orbax_ckpt
-from kosmos_jax.models import build, vit
+from kosmos_jax.models import build, modalities, vit
+from kosmos_jax.models import config as model_config_lib
 from kosmos_jax.models.kosmos import Kosmos2
 from kosmos_jax.processing import files as processor_files
 
@@ -119,6 +120,56 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> None:
     config.vision.position_grid = stored_grid
 
 
+# The seed of the parameters `from_pretrained` adds for new modalities.
+MODALITY_SEED = 0
+
+
+def _modality_overrides(config, overrides: dict) -> tuple[dict, dict | None, int | None]:
+  """(the other overrides, the modalities asked for, modality_tokens): None
+  where the overrides keep the checkpoint's. "modalities.NAME": WIDTH adds
+  one modality to the checkpoint's."""
+  overrides = dict(overrides)
+  names = overrides.pop("modalities", None)
+  tokens = overrides.pop("modality_tokens", None)
+  dotted = {k: overrides.pop(k) for k in list(overrides) if k.startswith("modalities.")}
+  if dotted:
+    names = {**model_config_lib.modality_widths(config), **(names or {})}
+    names.update({k.split(".", 1)[1]: v for k, v in dotted.items()})
+  if names is not None and dict(names) == model_config_lib.modality_widths(config):
+    names = None
+  if tokens is not None and tokens == model_config_lib.modality_tokens(config):
+    tokens = None
+  return overrides, None if names is None else dict(names), tokens
+
+
+def _configs(where: Location, overrides: dict):
+  """(the config the stored weights are shaped for, the loaded model's)."""
+  stored = model_config(where)
+  overrides, names, tokens = _modality_overrides(stored, overrides)
+  apply_overrides(stored, overrides)
+  if names is None and tokens is None:
+    return stored, stored
+  names = model_config_lib.modality_widths(stored) if names is None else names
+  return stored, model_config_lib.with_modalities(stored, names, tokens)
+
+
+def pretrained_config(path, **config_overrides) -> ml_collections.ConfigDict:
+  """The model config `from_pretrained(path, **config_overrides)` gives,
+  without reading weights (a fine-tune plans its shardings from it)."""
+  return _configs(locate(path), config_overrides)[1]
+
+
+def sentencepiece_file(path) -> str:
+  """The sentencepiece model that goes with a checkpoint: a snapshot's or
+  converted checkpoint's own file, or the one a trainer workdir's data config
+  names; "" when neither has one."""
+  where = locate(path)
+  if where.kind == "workdir":
+    return orbax_ckpt.load_workdir_config(where.path).get("data", {}).get("spm_model_file", "")
+  file = os.path.join(where.path, processor_files.SENTENCEPIECE)
+  return file if os.path.exists(file) else ""
+
+
 def from_pretrained(
   path: "str | os.PathLike | Location",
   *,
@@ -140,22 +191,29 @@ def from_pretrained(
       **{"vision.image_size": 448}); shapes cannot change, but a new image
       size keeps the checkpoint's position table and resizes it bicubically
       at forward time, as transformers' `interpolate_pos_encoding=True` does.
+      `modalities={"sound": 1024}` (and `modality_tokens=N`) adds
+      PandaGPT-style modalities to a checkpoint without them (or with fewer):
+      the tags' embedding rows are appended (normal(0.02), seed
+      `MODALITY_SEED`) and the new projections initialised; every stored row
+      and weight stays as it was. A checkpoint saved with modalities loads
+      exactly without the option.
 
   The directory's `generation_config.json`, if any, becomes
   `model.generation_config`: the defaults of `model.generate`.
   """
   where = locate(path)
-  config = model_config(where)
-  apply_overrides(config, config_overrides)
-  abstract = build.abstract_params(config)
+  stored, config = _configs(where, config_overrides)
+  abstract = build.abstract_params(stored)
   if where.kind == "workdir":
     # A LoRA run's adapters come merged into the kernels.
-    params = lora_ckpt.workdir_params(where.path, config, abstract, where.step)
+    params = lora_ckpt.workdir_params(where.path, stored, abstract, where.step)
   elif where.kind == "orbax":
     params = orbax_ckpt.load_params(where.path, abstract)
   else:
     _, tensors = hf.read_hf_dir(where.path, allow_pickle=allow_pickle, progress=progress)
-    params = hf.hf_to_params(tensors, config, expected_shapes=abstract, progress=progress)
+    params = hf.hf_to_params(tensors, stored, expected_shapes=abstract, progress=progress)
+  if config is not stored:
+    params = modalities.grow_params(params, stored, config, seed=MODALITY_SEED)
   model = build.model_from_params(config, params)
   model.generation_config = read_generation_config(where.path)
   return model

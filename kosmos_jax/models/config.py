@@ -4,6 +4,9 @@
 `config.json` to and from it. Numbers are from reference/kosmos2.md 1.1.
 """
 
+import copy
+import re
+
 import ml_collections
 
 
@@ -84,6 +87,16 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
     head_dim=64,  # width of each head; heads * head_dim need not be text.width
     ffn_mult=4,  # FFN hidden width = ffn_mult * text.width
   )
+  # Other modalities as PandaGPT-style soft tokens (models/modalities.py):
+  # name -> width of its precomputed vector (e.g. {"sound": 1024} for
+  # ImageBind audio embeddings). Each item becomes `modality_tokens` soft
+  # tokens through its modality's own learned projection, spliced where the
+  # slot mask is 2. A modality's type id and tag order are its index in
+  # sorted(names) (`modality_names`). Its tags `<name>`, `</name>` need two
+  # text rows each after the location tokens: set modalities with
+  # `with_modalities`, which grows `text.vocab_size`; empty = none.
+  c.modalities = {}
+  c.modality_tokens = 4  # soft tokens per modality item (PandaGPT: 1)
   # Numerics and memory: float32/bfloat16 compute, float32 master weights.
   c.dtype = "float32"
   c.param_dtype = "float32"
@@ -100,3 +113,67 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
       raise KeyError(f"unknown model config key {key!r}")
     target[leaf] = value
   return c
+
+
+# Specials, <mask> and the 11 tags: the ids below the location tokens that
+# any KOSMOS vocabulary has besides its sentencepiece pieces
+# (processing/vocab.py).
+_FIXED_IDS = 4 + 1 + 11
+
+
+def modality_names(config) -> tuple[str, ...]:
+  """The model's modalities in type-id and tag order; () for configs saved
+  before the key."""
+  return tuple(sorted(config.get("modalities") or {}))
+
+
+def modality_widths(config) -> dict[str, int]:
+  """name -> vector width, in `modality_names` order."""
+  widths = config.get("modalities") or {}
+  return {name: int(widths[name]) for name in modality_names(config)}
+
+
+def modality_tokens(config) -> int:
+  return int(config.get("modality_tokens", 4))
+
+
+def check_modalities(config) -> None:
+  """A clear ValueError for modality settings no vocabulary can hold."""
+  for name, width in (config.get("modalities") or {}).items():
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name in ("image", "phrase", "object"):
+      raise ValueError(
+        f"model.modalities: name {name!r} must be lowercase letters, digits and _, "
+        "and not a KOSMOS tag name"
+      )
+    if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+      raise ValueError(f"model.modalities[{name!r}] = {width!r}: expected a positive int width")
+  if modality_tokens(config) < 1:
+    raise ValueError(f"model.modality_tokens = {modality_tokens(config)}: expected >= 1")
+  text = config.text
+  needed = _FIXED_IDS + text.num_patches_per_side**2 + 2 * len(modality_names(config))
+  if text.vocab_size < needed:
+    raise ValueError(
+      f"model.text.vocab_size {text.vocab_size} is too small: the location tokens, "
+      f"specials, tags and the tags of modalities {list(modality_names(config))} "
+      f"alone take {needed} ids; set modalities with models.config.with_modalities, "
+      "which grows the vocabulary"
+    )
+
+
+def with_modalities(
+  config: ml_collections.ConfigDict, modalities: dict[str, int], tokens: int | None = None
+) -> ml_collections.ConfigDict:
+  """A copy of `config` with `modalities` (name -> width) and, if given,
+  `tokens` soft tokens per item; `text.vocab_size` grows by two rows (the
+  tags) per modality beyond those the config already has, so the released
+  ids keep their rows and the tags are the last rows."""
+  # A deep copy keeps the config's field references (e.g. `attention`).
+  frozen = isinstance(config, ml_collections.FrozenConfigDict)
+  config = ml_collections.ConfigDict(config) if frozen else copy.deepcopy(config)
+  base = config.text.vocab_size - 2 * len(modality_names(config))
+  config.modalities = {name: int(width) for name, width in modalities.items()}
+  if tokens is not None:
+    config.modality_tokens = int(tokens)
+  config.text.vocab_size = base + 2 * len(config.modalities)
+  check_modalities(config)
+  return config

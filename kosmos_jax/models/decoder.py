@@ -30,18 +30,30 @@ def positions_from_ids(input_ids: jax.Array, pad_id: int) -> jax.Array:
   return jnp.cumsum(real, axis=1) * real + pad_id
 
 
+# Values of the slot mask (`image_embeds_position_mask`, models/batch.py).
+IMAGE_SLOT, MODALITY_SLOT = 1, 2
+
+
+def splice(
+  token_embeds: jax.Array, embeds: jax.Array, slot_mask: jax.Array, value: int = IMAGE_SLOT
+) -> jax.Array:
+  """Writes each row's `embeds` into that row's slots marked `value`, in order.
+
+  token_embeds [b, l, d], embeds [b, m, d], slot_mask [b, l]. The k-th slot
+  of a row marked `value` receives embeds[row, k] (m = images per row x
+  latents, or modality items x soft tokens); other slots keep their tokens.
+  """
+  slots = slot_mask == value
+  index = jnp.clip(jnp.cumsum(slots, axis=1) - 1, 0, embeds.shape[1] - 1)
+  gathered = jnp.take_along_axis(embeds, index[..., None], axis=1)
+  return jnp.where(slots[..., None], gathered.astype(token_embeds.dtype), token_embeds)
+
+
 def splice_image_embeds(
   token_embeds: jax.Array, image_embeds: jax.Array, slot_mask: jax.Array
 ) -> jax.Array:
-  """Writes each row's image embeddings into that row's slot positions, in order.
-
-  token_embeds [b, l, d], image_embeds [b, m, d], slot_mask [b, l]. The k-th
-  slot of a row receives image_embeds[row, k] (m = images per row x latents).
-  """
-  slot_mask = slot_mask.astype(bool)
-  index = jnp.clip(jnp.cumsum(slot_mask, axis=1) - 1, 0, image_embeds.shape[1] - 1)
-  gathered = jnp.take_along_axis(image_embeds, index[..., None], axis=1)
-  return jnp.where(slot_mask[..., None], gathered.astype(token_embeds.dtype), token_embeds)
+  """`splice` at the image slots (mask 1); modality slots (2) are not images."""
+  return splice(token_embeds, image_embeds, slot_mask, IMAGE_SLOT)
 
 
 class DecoderBlock(nnx.Module):
@@ -204,12 +216,19 @@ class TextDecoder(nnx.Module):
     image_embeds_position_mask=None,
     position_ids=None,
     rng=None,
+    modality_tokens=None,
   ) -> jax.Array:
+    """Token embeddings [b, l, d] with image embeddings [b, m, d] at the
+    mask's 1 slots and modality soft tokens [b, n, d] at its 2 slots."""
     cfg = self.cfg
     x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
     if image_embeds is not None:
-      x = splice_image_embeds(x, image_embeds, image_embeds_position_mask)
-    if cfg.scale_embedding:  # Scales the spliced image embeddings too, as released.
+      x = splice(x, image_embeds, image_embeds_position_mask, IMAGE_SLOT)
+    if modality_tokens is not None and modality_tokens.shape[1]:
+      x = splice(x, modality_tokens, image_embeds_position_mask, MODALITY_SLOT)
+    # Scales the spliced image embeddings too, as released, and the soft
+    # tokens alike: every slot enters the decoder on the same footing.
+    if cfg.scale_embedding:
       x = x * math.sqrt(cfg.width)
     if self.position == "sinusoidal":
       if position_ids is None:

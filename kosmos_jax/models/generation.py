@@ -1,10 +1,11 @@
 """Batched generation: greedy, sampling and beam search through a KV cache.
 
-The image embeddings are computed once; the prompt is prefilled and then
-every new token runs one cached decoder step, all inside one jit
-(`lax.while_loop`). Prompts are left padded to a length bucket
-(`bucket_length`), and the new-token budget to a capacity bucket, so a new
-prompt length or `max_new_tokens` recompiles only when it crosses a bucket.
+The image embeddings (and other modalities' soft tokens) are computed once;
+the prompt is prefilled and then every new token runs one cached decoder
+step, all inside one jit (`lax.while_loop`). Prompts are left padded to a
+length bucket (`bucket_length`), and the new-token budget to a capacity
+bucket, so a new prompt length or `max_new_tokens` recompiles only when it
+crosses a bucket.
 
 Outputs equal transformers' `generate` token for token (greedy, beam search,
 no_repeat_ngram_size, repetition_penalty, min_length / min_new_tokens, one or
@@ -62,6 +63,8 @@ def generate(
   stop_strings: str | Sequence[str] | None = None,
   tokenizer: Any = None,
   num_return_sequences: int | None = None,
+  modality_embeds: Any = None,
+  modality_types: Any = None,
 ) -> np.ndarray:
   """Generates continuations of left-padded prompts; see `Kosmos2.generate`.
 
@@ -100,8 +103,7 @@ def generate(
     stop_strings=stop_strings,
     num_return_sequences=num_return_sequences,
   )
-  if pixel_values is not None and image_embeds_position_mask is None:
-    raise ValueError("image_embeds_position_mask is required with pixel_values")
+  check_slot_inputs(pixel_values, image_embeds_position_mask, modality_embeds)
   if attention_mask is None:  # As transformers: pads are masked unless pad is an EOS id.
     pad_is_eos = static.pad_id in scalars["eos_ids"]
     attention_mask = ids != static.pad_id if not pad_is_eos else ids >= 0
@@ -138,14 +140,20 @@ def generate(
   image_embeds = (
     None if pixel_values is None else _encode(graphdef, state, jnp.asarray(pixel_values))
   )
-  if image_embeds is not None and repeats > 1:
-    image_embeds = jnp.repeat(image_embeds, repeats, axis=0)
+  soft_tokens = (
+    None
+    if modality_embeds is None
+    else _encode_modalities(graphdef, state, jnp.asarray(modality_embeds), modality_types)
+  )
+  if repeats > 1:
+    repeat = lambda x: None if x is None else jnp.repeat(x, repeats, axis=0)
+    image_embeds, soft_tokens = repeat(image_embeds), repeat(soft_tokens)
   tokens, steps = _generate_jit(
     graphdef,
     static,
     state,
     {k: jnp.asarray(v, jnp.int32) for k, v in padded.items()},
-    image_embeds,
+    (image_embeds, soft_tokens),
     scalars,
     None if table is None else {k: jnp.asarray(v) for k, v in table.items()},
     jax.random.key(seed),
@@ -154,22 +162,43 @@ def generate(
   return np.concatenate([np.repeat(ids, static.num_return, 0), new.astype(np.int64)], axis=1)
 
 
+def check_slot_inputs(pixel_values, slot_mask, modality_embeds) -> None:
+  """Errors for inputs whose slots are not marked, or marked slots without
+  their inputs (their placeholder ids would run as text)."""
+  if pixel_values is not None and slot_mask is None:
+    raise ValueError("image_embeds_position_mask is required with pixel_values")
+  if modality_embeds is not None and slot_mask is None:
+    raise ValueError(
+      "image_embeds_position_mask (2 on modality slots) is required with modality_embeds"
+    )
+  if modality_embeds is None and slot_mask is not None:
+    if (np.asarray(slot_mask) == decoder.MODALITY_SLOT).any():
+      raise ValueError("image_embeds_position_mask has modality slots (2) but no modality_embeds")
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _encode(graphdef, state, pixel_values):
   return nnx.merge(graphdef, state).encode_images(pixel_values)
 
 
-def _prefill(text, static: options.Static, inputs, image_embeds):
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_modalities(graphdef, state, modality_embeds, modality_types):
+  return nnx.merge(graphdef, state).encode_modalities(modality_embeds, modality_types)
+
+
+def _prefill(text, static: options.Static, inputs, embeds):
   """Prefills the bucketed prompt. Returns its last logits, the cache, and
   `step(cache, token, generated, rows) -> (logits, cache)`, which runs new
   token number `generated` (1-based) of batch rows `rows` through the cache."""
   cfg = text.cfg
   ids = inputs["ids"]
   batch, prompt = ids.shape
+  image_embeds, soft_tokens = embeds  # either may be None
   hidden = text.embed(
     ids,
     image_embeds=image_embeds,
-    image_embeds_position_mask=None if image_embeds is None else inputs["slots"],
+    image_embeds_position_mask=inputs["slots"],
+    modality_tokens=soft_tokens,
   )
   cache = text.init_cache(batch, prompt + static.capacity)
   logits, cache = text.decode(hidden, cache, segment_ids=inputs["mask"])
@@ -184,11 +213,10 @@ def _prefill(text, static: options.Static, inputs, image_embeds):
   return logits, cache, step
 
 
-def _generate_impl(
-  graphdef, static: options.Static, state, inputs, image_embeds, scalars, table, key
-):
+def _generate_impl(graphdef, static: options.Static, state, inputs, embeds, scalars, table, key):
+  """`embeds`: (image embeddings, modality soft tokens), either None."""
   text = nnx.merge(graphdef, state).text_model
-  logits, cache, step = _prefill(text, static, inputs, image_embeds)
+  logits, cache, step = _prefill(text, static, inputs, embeds)
   batch, prompt = inputs["ids"].shape
   total = prompt + static.capacity
   tokens = jnp.full((batch, total), static.pad_id, jnp.int32)

@@ -12,7 +12,16 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from kosmos_jax.models import connector, decoder, generation, layers, resampler, scoring, vit
+from kosmos_jax.models import (
+  connector,
+  decoder,
+  generation,
+  layers,
+  modalities,
+  resampler,
+  scoring,
+  vit,
+)
 
 
 @flax.struct.dataclass
@@ -70,6 +79,11 @@ class Kosmos2(nnx.Module):
       magneto_init=config.magneto_init,
       **kw,
     )
+    # Built last, so that adding modalities leaves the other parameters'
+    # init (the rngs stream) unchanged.
+    projections = modalities.projections(config, **kw)
+    if projections is not None:
+      self.modality_projections = projections
     self.config = config
 
   def encode_images(self, pixel_values: Any, rng: jax.Array | None = None) -> jax.Array:
@@ -92,6 +106,22 @@ class Kosmos2(nnx.Module):
     embeds = self.image_to_text_projection(hidden.astype(self.vision_model.dtype), r_proj)
     return embeds.reshape(b, n * embeds.shape[1], embeds.shape[2])
 
+  def encode_modalities(self, modality_embeds: Any, modality_types: Any) -> jax.Array | None:
+    """modality_embeds [b, M, D], modality_types [b, M] (models/batch.py) ->
+    soft tokens [b, M * modality_tokens, text width] for the mask's 2 slots;
+    None without modality inputs."""
+    if modality_embeds is None:
+      return None
+    if modality_types is None:
+      raise ValueError("modality_types is required with modality_embeds")
+    if not hasattr(self, "modality_projections"):
+      raise ValueError(
+        "modality_embeds given, but the model has no modalities (model.modalities is empty)"
+      )
+    return self.modality_projections(
+      jnp.asarray(modality_embeds), jnp.asarray(modality_types, jnp.int32)
+    )
+
   def __call__(
     self,
     input_ids: Any,
@@ -103,6 +133,8 @@ class Kosmos2(nnx.Module):
     position_ids: Any = None,
     segment_ids: Any = None,
     dropout_rng: jax.Array | None = None,
+    modality_embeds: Any = None,
+    modality_types: Any = None,
   ) -> KosmosOutput:
     """Logits for `input_ids` [b, l].
 
@@ -114,16 +146,22 @@ class Kosmos2(nnx.Module):
       position_ids: explicit positions (packed sequences); default from input_ids.
       segment_ids: [b, l] packed-segment ids, 0 = padding; default attention_mask.
       dropout_rng: enables dropout (training); None is inference.
+      modality_embeds, modality_types: [b, M, D] vectors and [b, M] type ids
+        (-1 = empty) of other modalities (models/batch.py), projected to soft
+        tokens for the slots image_embeds_position_mask marks 2.
     """
     input_ids = jnp.asarray(input_ids, jnp.int32)
     r_img, r_embed, r_dec = layers.split_rng(dropout_rng, 3)
+    if pixel_values is not None and not jnp.size(pixel_values):
+      pixel_values = None  # rows without pictures (a batch of 0 images per row)
     if image_embeds is None and pixel_values is not None:
       image_embeds = self.encode_images(pixel_values, r_img)
     image_embeds = _as_array(image_embeds)
-    if image_embeds is not None and image_embeds_position_mask is None:
+    soft_tokens = self.encode_modalities(modality_embeds, modality_types)
+    if (image_embeds is not None or soft_tokens is not None) and image_embeds_position_mask is None:
       raise ValueError(
-        "image_embeds_position_mask is required with pixel_values "
-        "or image_embeds: it marks where the image slots are"
+        "image_embeds_position_mask is required with pixel_values, image_embeds "
+        "or modality_embeds: it marks where the image (1) and modality (2) slots are"
       )
     if segment_ids is None and attention_mask is not None:
       segment_ids = attention_mask
@@ -133,6 +171,7 @@ class Kosmos2(nnx.Module):
       image_embeds_position_mask=_as_array(image_embeds_position_mask, jnp.int32),
       position_ids=_as_array(position_ids, jnp.int32),
       rng=r_embed,
+      modality_tokens=soft_tokens,
     )
     logits = self.text_model(
       hidden,
@@ -151,6 +190,8 @@ class Kosmos2(nnx.Module):
     *,
     candidates,
     batch_size: int = 128,
+    modality_embeds: Any = None,
+    modality_types: Any = None,
   ) -> dict:
     """Log-likelihoods of candidate continuations after each (left-padded)
     prompt: `sum` and per-token `mean`, float32 [prompts, candidates].
@@ -168,6 +209,8 @@ class Kosmos2(nnx.Module):
       image_embeds_position_mask,
       candidates,
       batch_size=batch_size,
+      modality_embeds=modality_embeds,
+      modality_types=modality_types,
     )
     lengths = jnp.asarray([len(c) for c in candidates], jnp.float32)
     return dict(sum=total, mean=total / lengths)
@@ -197,6 +240,8 @@ class Kosmos2(nnx.Module):
     stop_strings: str | list[str] | None = None,
     tokenizer: Any = None,
     num_return_sequences: int | None = None,
+    modality_embeds: Any = None,
+    modality_types: Any = None,
   ):
     """Generates token ids, as transformers' `Kosmos2ForConditionalGeneration.generate`.
 
@@ -212,6 +257,8 @@ class Kosmos2(nnx.Module):
     repetition_penalty, several eos ids, stop_strings (with
     tokenizer=the processor), num_return_sequences (rows i*n .. i*n+n-1 for
     prompt i). Option values are traced: new values do not recompile.
+    modality_embeds / modality_types (the processor's): other-modality
+    vectors, projected once into the prompt's 2 slots.
 
     Returns:
       int64 numpy [batch * num_return_sequences, prompt length + new tokens]: the prompt, then the
@@ -242,4 +289,6 @@ class Kosmos2(nnx.Module):
       stop_strings=stop_strings,
       tokenizer=tokenizer,
       num_return_sequences=num_return_sequences,
+      modality_embeds=modality_embeds,
+      modality_types=modality_types,
     )

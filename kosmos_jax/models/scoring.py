@@ -42,6 +42,8 @@ def score_continuations(
   candidates: Sequence[Sequence[int]],
   *,
   batch_size: int = 128,
+  modality_embeds: Any = None,
+  modality_types: Any = None,
 ) -> np.ndarray:
   """Sums of the log-probabilities of each candidate's tokens after each prompt.
 
@@ -54,6 +56,8 @@ def score_continuations(
       as a whole after every prompt, e.g. a class name and `</s>`.
     batch_size: candidates per decoder call. Logits of batch_size x tokens
       positions over the vocabulary are held at once (float32).
+    modality_embeds, modality_types: other-modality inputs of the prompts
+      (the processor's), for the slots the mask marks 2.
 
   Returns:
     float32 [num_prompts, num_candidates].
@@ -61,8 +65,7 @@ def score_continuations(
   ids = np.asarray(input_ids, np.int64)
   if ids.ndim != 2:
     raise ValueError(f"input_ids must be [batch, length], got shape {ids.shape}")
-  if pixel_values is not None and image_embeds_position_mask is None:
-    raise ValueError("image_embeds_position_mask is required with pixel_values")
+  generation.check_slot_inputs(pixel_values, image_embeds_position_mask, modality_embeds)
   if not candidates or not all(len(c) for c in candidates):
     raise ValueError("candidates must be a non-empty list of non-empty token lists")
   pad_id = model.config.text.pad_id
@@ -80,11 +83,12 @@ def score_continuations(
     jnp.asarray(np.pad(slots, extra), jnp.int32),
   ]
   batches = _candidate_batches(candidates, batch_size, pad_id)
+  others = (pixel_values, modality_embeds, modality_types)  # per prompt, or None
   graphdef, state = nnx.split(model)
   scores = []
   for p in range(ids.shape[0]):
-    pixels = None if pixel_values is None else jnp.asarray(pixel_values[p : p + 1])
-    prompt = _prefill_jit(graphdef, state, *(a[p : p + 1] for a in prompts), pixels)
+    rows = [None if x is None else jnp.asarray(np.asarray(x)[p : p + 1]) for x in others]
+    prompt = _prefill_jit(graphdef, state, *(a[p : p + 1] for a in prompts), *rows)
     scores.append([_score_jit(graphdef, state, prompt, t, n) for _, t, n in batches])
   # Read back once at the end: the calls above queue without waiting.
   out = np.zeros((ids.shape[0], len(candidates)), np.float32)
@@ -119,17 +123,19 @@ def _candidate_batches(candidates, batch_size: int, pad_id: int):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _prefill_jit(graphdef, state, ids, mask, slots, pixel_values):
-  """Encodes the image and prefills one prompt [1, P]. Returns its keys and
-  values [layers, P, heads, head_dim], which keys are real, the next-token
-  log-probabilities and the last position."""
+def _prefill_jit(graphdef, state, ids, mask, slots, pixel_values, modality_embeds, modality_types):
+  """Encodes the image and other modalities (each may be None) and prefills
+  one prompt [1, P]. Returns its keys and values [layers, P, heads,
+  head_dim], which keys are real, the next-token log-probabilities and the
+  last position."""
   model = nnx.merge(graphdef, state)
   text = model.text_model
   image_embeds = None if pixel_values is None else model.encode_images(pixel_values)
   hidden = text.embed(
     ids,
     image_embeds=image_embeds,
-    image_embeds_position_mask=None if image_embeds is None else slots,
+    image_embeds_position_mask=slots,
+    modality_tokens=model.encode_modalities(modality_embeds, modality_types),
   )
   logits, cache = text.decode(hidden, text.init_cache(1, ids.shape[1]), segment_ids=mask)
   return dict(

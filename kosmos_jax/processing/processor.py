@@ -5,6 +5,12 @@ Text construction (reference/kosmos2.md 2.2): `<s>` + `<image>` + 64 slots +
 slot ids are replaced by 4..67 and flagged in `image_embeds_position_mask`.
 Batches with images are padded to the longest sequence, as transformers does.
 Everything comes back as numpy arrays.
+
+Other modalities (PandaGPT-style soft tokens, models/modalities.py): a
+processor with `modalities` (name -> vector width) expands each `<name>`
+placeholder into `<name>`, `modality_tokens` slot ids and `</name>`, marks
+those slots 2 in `image_embeds_position_mask`, and returns the vectors as
+`modality_embeds` / `modality_types` (the layout of models/batch.py).
 """
 
 import json
@@ -18,6 +24,7 @@ import numpy as np
 
 from kosmos_jax.processing import files, grounding
 from kosmos_jax.processing import images as images_lib
+from kosmos_jax.processing import modalities as modalities_lib
 from kosmos_jax.processing import vocab as vocab_lib
 
 _PHRASE_RE = re.compile(r"<phrase>.+?</phrase>")
@@ -83,6 +90,14 @@ def _check_boxes(boxes, where: str):
         )
 
 
+def _model_config(directory: str) -> dict:
+  """The model config of one of our checkpoints in `directory` (a converted
+  checkpoint's `kosmos_config.json`, a trainer workdir's `config.json`
+  "model"), or {}. Read as JSON: checkpoints/ sits above this package."""
+  converted = _read_json(os.path.join(directory, "kosmos_config.json"))
+  return converted or _read_json(os.path.join(directory, "config.json")).get("model") or {}
+
+
 def _pad(rows: list[list[int]], value: int, length: int, side: str) -> np.ndarray:
   pad = lambda r: [value] * (length - len(r))
   return np.array([pad(r) + r if side == "left" else r + pad(r) for r in rows], np.int64)
@@ -98,7 +113,27 @@ class Processor:
     num_image_tokens: int = vocab_lib.NUM_IMAGE_TOKENS,
     padding_side: str = "right",
     clean_up_tokenization_spaces: bool = False,
+    modalities: dict[str, int] | None = None,
+    modality_tokens: int = 4,
   ):
+    """`modalities`: name -> vector width of the model's other modalities
+    (its `model.modalities`), `modality_tokens` its soft tokens per item; the
+    vocabulary is rebuilt with their tags unless it has them."""
+    # Sorted: a modality's tags and type id follow its place in sorted(names).
+    self.modalities = {name: int(modalities[name]) for name in sorted(modalities or {})}
+    self.modality_tokens = int(modality_tokens)
+    if vocab.modalities != tuple(self.modalities):
+      if vocab.modalities and not self.modalities:
+        raise ValueError(
+          f"the vocabulary has modalities {vocab.modalities}: pass modalities= "
+          "(name -> vector width) to the Processor"
+        )
+      vocab = vocab_lib.KosmosVocabulary(
+        vocab.sentencepiece_model_file,
+        num_patches_per_side=vocab.num_patches_per_side,
+        extra_ids=vocab.extra_ids,
+        modalities=tuple(self.modalities),
+      )
     self.vocab = vocab
     self.image_options = image_options
     self.num_image_tokens = num_image_tokens
@@ -107,7 +142,11 @@ class Processor:
 
   @classmethod
   def from_pretrained(
-    cls, directory: str | os.PathLike, image_size: int | None = None
+    cls,
+    directory: str | os.PathLike,
+    image_size: int | None = None,
+    modalities: dict[str, int] | None = None,
+    modality_tokens: int | None = None,
   ) -> "Processor":
     """Reads a Hugging Face Kosmos-2 processor directory.
 
@@ -116,6 +155,8 @@ class Processor:
     (transformers 5) or `preprocessor_config.json` (hub snapshots).
     `image_size`: the model's `vision.image_size` when it differs from the
     files' (e.g. 448 on the 224 release): pictures are resized to it instead.
+    `modalities` / `modality_tokens`: default to the model config's when the
+    directory is one of our checkpoints (a model without modalities: none).
     """
     directory = os.fspath(directory)
     spm_file = os.path.join(directory, files.SENTENCEPIECE)
@@ -131,13 +172,36 @@ class Processor:
     num_patches = processor_config.get("num_patch_index_tokens", 1024)
     vocab = vocab_lib.KosmosVocabulary(spm_file, num_patches_per_side=math.isqrt(num_patches))
     image_options = images_lib.ImageOptions.from_hf_config(image_config)
-    return cls(
+    model = _model_config(directory)
+    processor = cls(
       vocab,
       image_options=image_options if image_size is None else image_options.at_size(image_size),
       num_image_tokens=processor_config.get("num_image_tokens", vocab_lib.NUM_IMAGE_TOKENS),
       padding_side=tokenizer_config.get("padding_side", "right"),
       clean_up_tokenization_spaces=tokenizer_config.get("clean_up_tokenization_spaces", False),
+      modalities=model.get("modalities") if modalities is None else modalities,
+      modality_tokens=model.get("modality_tokens", 4)
+      if modality_tokens is None
+      else modality_tokens,
     )
+    if model.get("text"):
+      processor.check_model_vocab(model["text"]["vocab_size"])
+    return processor
+
+  def check_model_vocab(self, vocab_size: int) -> None:
+    """A clear ValueError when a model with `vocab_size` text rows cannot
+    read this processor's ids: with modalities, their tags must be the
+    model's last rows (models.config.with_modalities grows it so)."""
+    if not self.modalities:
+      return
+    first = self.vocab.modality_tag_ids(next(iter(self.modalities)))[0]
+    if vocab_size != first + 2 * len(self.modalities):
+      raise ValueError(
+        f"model text.vocab_size {vocab_size}: the tags of modalities "
+        f"{list(self.modalities)} are ids {first}..{first + 2 * len(self.modalities) - 1} "
+        f"here, so the model needs exactly {first + 2 * len(self.modalities)} rows "
+        "(models.config.with_modalities on a config sized for this vocabulary)"
+      )
 
   # --- text ----------------------------------------------------------------
 
@@ -200,6 +264,11 @@ class Processor:
         i += 1
     return mask
 
+  def expand_modalities(self, text: str, counts: dict[str, int] | None = None) -> str:
+    """`text` with each modality placeholder `<name>` expanded into its tags
+    and slots; `counts` (vectors per name) must match the placeholders."""
+    return modalities_lib.expand(text, self.modalities, self.modality_tokens, counts)
+
   def _stacked_pixels(self, per_text: list[list]) -> np.ndarray:
     """(N, max images, 3, H, W): each text's images, zero images after them."""
     width = max(map(len, per_text))
@@ -230,6 +299,7 @@ class Processor:
     padding_side: str | None = None,
     add_eos_token: bool = False,
     add_special_tokens: bool = True,
+    modalities=None,
   ) -> dict[str, np.ndarray]:
     """Model inputs as numpy arrays.
 
@@ -247,6 +317,10 @@ class Processor:
       padding_side: "left" or "right"; default from the tokenizer config.
       add_eos_token: end with `</s>`.
       add_special_tokens: start with `<s>` (and allow `</s>`).
+      modalities: other-modality vectors for the text's `<name>`
+        placeholders: a list of (name, vector) pairs or a dict {name:
+        [vectors]} (each modality's vectors in the order of its
+        placeholders); for a batch, a list of those (or None) per text.
 
     Returns:
       `input_ids`, `attention_mask` (int64, (B, L); B = 1 for a single
@@ -254,10 +328,16 @@ class Processor:
       `image_embeds_position_mask` and `pixel_values` (float32, (N, 3, H, W),
       or (N, max images, 3, H, W) when a text has `<image>` placeholders or
       images come as lists; a row with fewer images is padded with zero
-      images, which no slot reads).
+      images, which no slot reads). With `modalities`, also
+      `modality_embeds` (float32, (B, M, D): each row's vectors in slot
+      order, zero-padded to the widest modality) and `modality_types`
+      (int32, (B, M): index in sorted modality names, -1 after a row's
+      items), and 2 on their slots in `image_embeds_position_mask`.
     """
     if text is None and images is None:
       raise ValueError("pass text, images or both")
+    if text is None and modalities is not None:
+      raise ValueError("modalities need a text with their <name> placeholders")
     out = {}
     if images is not None:
       image_list = images if isinstance(images, list) else [images]
@@ -290,11 +370,24 @@ class Processor:
       raise ValueError(
         f"got {len(texts)} texts and {len(image_list)} images; pass one image per text"
       )
+    check = lambda entry, where: modalities_lib.vectors_by_name(entry, self.modalities, where)
+    if single:
+      vectors = [check(modalities, "")]
+    elif modalities is None:
+      vectors = [{}] * len(texts)
+    else:
+      if not isinstance(modalities, list) or len(modalities) != len(texts):
+        raise ValueError(
+          f"modalities must be None or a list with one entry per text ({len(texts)})"
+        )
+      vectors = [check(e, f"[{i}]") for i, e in enumerate(modalities)]
 
     with_bos = add_special_tokens
     rows = []
     for i, (t, b) in enumerate(zip(texts, box_lists)):
-      ids = self.vocab.encode(self.prompt_text(t, 0 if images is None else len(per_text[i]), b))
+      prompt = self.prompt_text(t, 0 if images is None else len(per_text[i]), b)
+      counts = {name: len(v) for name, v in vectors[i].items()}
+      ids = self.vocab.encode(self.expand_modalities(prompt, counts))
       if with_bos:
         ids = [self.vocab.bos_id] + ids
       if add_special_tokens and add_eos_token:
@@ -304,12 +397,26 @@ class Processor:
     image_masks = None
     if images is not None:
       image_masks = [self._slot_mask(ids) for ids in rows]
+    if modalities is not None and self.modalities:
+      slots = (
+        modalities_lib.slot_mask(ids, self.vocab, self.modalities, self.modality_tokens)
+        for ids in rows
+      )
+      masks, items = zip(*slots)
+      out["modality_embeds"], out["modality_types"] = modalities_lib.stack(
+        vectors, items, self.modalities
+      )
+      # Image (1) and modality (2) slots never overlap.
+      image_masks = [
+        [a + b for a, b in zip(image, modal)]
+        for image, modal in zip(image_masks or [[0] * len(r) for r in rows], masks)
+      ]
 
     side = padding_side or self.padding_side
     if side not in ("left", "right"):
       raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
     length = max(map(len, rows))
-    if (images is None and not padding) and len(set(map(len, rows))) > 1:
+    if (image_masks is None and not padding) and len(set(map(len, rows))) > 1:
       raise ValueError("texts encode to different lengths; pass padding=True to get arrays")
     out["input_ids"] = _pad(rows, self.vocab.pad_id, length, side)
     out["attention_mask"] = _pad([[1] * len(r) for r in rows], 0, length, side)

@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from kosmos_jax import sharding
 from kosmos_jax.models import batch as batch_lib
+from kosmos_jax.models import config as model_config
 from kosmos_jax.train import optim
 from kosmos_jax.train import state as state_lib
 from kosmos_jax.train import step as step_lib
@@ -40,10 +41,21 @@ class CompileReport:
 
 
 def abstract_batch(config) -> dict:
-  """ShapeDtypeStructs of one global training batch (the layout of models/batch.py)."""
+  """ShapeDtypeStructs of one global training batch (the layout of models/batch.py).
+
+  A model with `modalities` gets `data.modalities_per_row` vectors per row,
+  as wide as its widest modality.
+  """
   v = config.model.vision
+  widths = model_config.modality_widths(config.model)
   shapes = batch_lib.shapes(
-    config.batch_size, config.seq_len, config.images_per_row, v.image_size, v.num_channels
+    config.batch_size,
+    config.seq_len,
+    config.images_per_row,
+    v.image_size,
+    v.num_channels,
+    modalities_per_row=config.data.get("modalities_per_row", 0) if widths else 0,
+    modality_dim=max(widths.values(), default=0),
   )
   return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()}
 
