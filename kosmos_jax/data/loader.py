@@ -16,7 +16,13 @@ import seqio
 import tensorflow as tf
 
 # Importing tasks registers the built-in tasks and mixtures.
-from kosmos_jax.data import feature_converter, instruction_tasks, quality, tasks
+from kosmos_jax.data import (
+  conversation_tasks,
+  feature_converter,
+  instruction_tasks,
+  quality,
+  tasks,
+)
 
 
 def register_user_tasks(data_config, model_config=None) -> None:
@@ -26,7 +32,9 @@ def register_user_tasks(data_config, model_config=None) -> None:
   model's) and shapes tasks of
   its own sizes (`data.shapes_tasks`: `tasks.register_shapes_tasks`' arguments),
   then an instruction task mixed into one of them (`data.instructions`: see
-  instruction_tasks.py; set `data.mixture` to the name it registers)."""
+  instruction_tasks.py; set `data.mixture` to the name it registers) and a
+  conversation task, alone or mixed in (`data.conversations`: see
+  conversation_tasks.py; its modalities are `model_config`'s)."""
   shapes_tasks = data_config.get("shapes_tasks")
   if shapes_tasks:
     tasks.register_shapes_tasks(**shapes_tasks.to_dict())
@@ -44,6 +52,14 @@ def register_user_tasks(data_config, model_config=None) -> None:
     instruction_tasks.register_from_config(
       instructions, data_config.get("data_dir", ""), data_config.get("spm_model_file", "")
     )
+  conversations = data_config.get("conversations")
+  if conversations:
+    conversation_tasks.register_from_config(
+      conversations,
+      data_config.get("data_dir", ""),
+      data_config.get("spm_model_file", ""),
+      model_config,
+    )
 
 
 def dataset(
@@ -59,8 +75,12 @@ def dataset(
   shard_index: int = 0,
   num_shards: int = 1,
   autotune: bool = True,
+  modalities_per_row: int = 0,
 ) -> tf.data.Dataset:
   """Packed, batched rows of `mixture` for one host (`batch_size` rows per host).
+
+  `modalities_per_row` > 0: rows carry that many modality vectors
+  (`modality_embeds`, `modality_types`), for a model with modalities.
 
   `autotune=False` turns off tf.data's autotuning thread. On a 2-core
   machine the pipeline keeps up without it (2.4 ms a batch of the demo's
@@ -68,9 +88,12 @@ def dataset(
   sometimes waited 54-60 s for that thread (2 of 3 demo runs, the main
   thread in RootDataset::Iterator's destructor).
   """
+  lengths = {"targets": seq_len, "images": images_per_row}
+  if modalities_per_row:
+    lengths["modalities"] = modalities_per_row
   ds = seqio.get_dataset(
     mixture,
-    {"targets": seq_len, "images": images_per_row},
+    lengths,
     feature_converter.MultimodalFeatureConverter(pack=True),
     dataset_split=split,
     shuffle=shuffle,
@@ -83,7 +106,18 @@ def dataset(
   # pipeline; the iterator's checkpoint leaves them out rather than refusing.
   options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
   options.autotune.enabled = autotune
-  return ds.batch(batch_size, drop_remainder=True).prefetch(2).with_options(options)
+  if repeat:
+    ds = ds.batch(batch_size, drop_remainder=True)
+  else:
+    # A single pass (evaluation) pads its last batch with empty rows (loss
+    # weights 0) instead of dropping it: a small held-out set still counts.
+    ds = ds.batch(batch_size).map(lambda b: {k: _pad_rows(v, batch_size) for k, v in b.items()})
+  return ds.prefetch(2).with_options(options)
+
+
+def _pad_rows(x: tf.Tensor, rows: int) -> tf.Tensor:
+  pad = [[0, rows - tf.shape(x)[0]]] + [[0, 0]] * (x.shape.rank - 1)
+  return tf.ensure_shape(tf.pad(x, pad), [rows, *x.shape[1:]])
 
 
 def numpy_batches(iterator) -> Iterator[dict[str, Any]]:

@@ -11,8 +11,10 @@ Every family produces the same features, so tasks mix:
   loss_weights  int32 [len]  1 where the token is a prediction target: not `<s>`,
                              `<image>`, image slots or prompt (reference 1.10: a caption
                              pair is learnt from `</image>` on, `</s>` included)
-  image_mask    int32 [len]  1 on image slots
+  image_mask    int32 [len]  1 on image slots (2 on modality slots: conversation_tasks.py)
   images        float32 [k, 3, S, S]  the k images of the sequence, in slot order
+  (modality_embeds float32 [m, D], modality_types int32 [m]: only conversation
+  tasks of a model with modalities, conversation_tasks.py)
   key           string
 plus `_issues`/`_drop` for `quality.filter_and_count`. The tasks in tasks.py
 chain: family preprocessor -> `trim` -> `quality.filter_and_count`.
@@ -201,7 +203,7 @@ def image_text(
   return dataset.unbatch()
 
 
-def _object_ids(vocab, boxes: tf.Tensor, quantizer: str) -> tf.Tensor:
+def object_ids(vocab, boxes: tf.Tensor, quantizer: str) -> tf.Tensor:
   """`<object><patch_index_a><patch_index_b></object>` per box: int32 [n, 4]."""
   pairs = tf_text.quantize_boxes(boxes, vocab.num_patches_per_side, quantizer)
   n = tf.shape(boxes)[0]
@@ -262,7 +264,7 @@ def referring(
     # The box as a one-character GrIT span, so that it gets the same checks.
     rows = tf.concat([tf.constant([[0.0, 1.0]]), x["box"][None], tf.constant([[1.0]])], 1)
     spans, boxes, _, box_issues = tf_text.clean_spans(rows, [0], [1], 0.0)
-    pairs = tf.reshape(_object_ids(vocab, boxes, quantizer), [-1])
+    pairs = tf.reshape(object_ids(vocab, boxes, quantizer), [-1])
     prompt = tf.concat(
       [
         [vocab.tag_id("<grounding>"), vocab.tag_id("<phrase>")],
@@ -328,7 +330,7 @@ def _referring_per_image(dataset, vocab, image_size, quantizer, num_image_tokens
       tag("<phrase>"),
       phrases,
       tag("</phrase>"),
-      dense(_object_ids(vocab, boxes, quantizer)),
+      dense(object_ids(vocab, boxes, quantizer)),
     ]
     ids = tf.concat(pieces, 1)
     weights = tf.concat([tf.zeros_like(p) for p in pieces[:3]] + [tf.ones_like(pieces[3])], 1)
@@ -430,38 +432,50 @@ def text_documents(
 
 
 def trim(dataset: tf.data.Dataset, sequence_length: dict[str, int]) -> tf.data.Dataset:
-  """Fits each sequence into `sequence_length["targets"]` tokens and
-  `sequence_length["images"]` images without cutting an image block.
+  """Fits each sequence into `sequence_length["targets"]` tokens,
+  `sequence_length["images"]` images and (when given) `["modalities"]`
+  modality vectors, without cutting an image or modality block.
 
-  The cut goes before the first image block that does not end inside the
-  token limit or that exceeds the image budget, else at the token limit.
-  Counted as `truncated`; a sequence left with < 2 tokens is dropped.
+  The cut goes before the first block that does not end inside the token
+  limit or that exceeds its budget, else at the token limit. Counted as
+  `truncated`; a sequence left with < 2 tokens is dropped.
   """
   max_length, max_images = sequence_length["targets"], sequence_length["images"]
+  max_modalities = sequence_length.get("modalities")
 
   @tf.autograph.experimental.do_not_convert
   def example(x):
     mask = x["image_mask"]
     length = tf.size(mask)
-    # An image block runs from `<image>` (one before its first slot) to
-    # `</image>` (one after its last slot).
-    edges = mask[1:] - mask[:-1]
+    # A block runs from its opening tag (one before its first slot) to its
+    # closing tag (one after its last); slot mask 1 = image, 2 = modality.
+    slot = tf.cast(mask > 0, tf.int32)
+    edges = slot[1:] - slot[:-1]
     starts = tf.cast(tf.where(tf.equal(edges, 1))[:, 0], tf.int32)
     ends = tf.cast(tf.where(tf.equal(edges, -1))[:, 0], tf.int32) + 1
-    bad = (ends >= max_length) | (tf.range(tf.size(starts)) >= max_images)
+    is_image = tf.equal(tf.gather(mask, starts + 1), 1)
+    rank = lambda on: tf.cumsum(tf.cast(on, tf.int32)) - 1  # index among blocks of its kind
+    bad = (ends >= max_length) | (is_image & (rank(is_image) >= max_images))
+    if max_modalities is not None:
+      bad |= ~is_image & (rank(~is_image) >= max_modalities)
     cut = tf.minimum(
       tf.minimum(length, max_length), tf.reduce_min(tf.where(bad, starts, max_length))
     )
-    kept_images = tf.reduce_sum(tf.cast(starts < cut, tf.int32))
+    kept = lambda on: tf.reduce_sum(tf.cast((starts < cut) & on, tf.int32))
     out = dict(
       x,
       targets=x["targets"][:cut],
       loss_weights=x["loss_weights"][:cut],
       image_mask=mask[:cut],
-      images=x["images"][:kept_images],
+      images=x["images"][: kept(is_image)],
     )
+    for key in ("modality_embeds", "modality_types"):
+      if key in x:
+        out[key] = x[key][: kept(~is_image)]
+    # A record already dropped for a reason is not counted again as too short.
+    short = (cut < 2) & tf.logical_not(x.get("_drop", False))
     return quality.with_issues(
-      out, quality.issue("truncated", cut < length) + quality.issue("too_short", cut < 2), cut < 2
+      out, quality.issue("truncated", cut < length) + quality.issue("too_short", short), cut < 2
     )
 
   return dataset.map(example, num_parallel_calls=tf.data.AUTOTUNE)

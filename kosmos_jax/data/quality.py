@@ -62,6 +62,48 @@ REASONS = {
     "filter",
     "instruction example whose prompt fills the sequence length (no response token left)",
   ),
+  # Conversation records (data/conversations.py has the format).
+  "conversation_bad_json": ("drop", "conversation line that is not a JSON object"),
+  "conversation_bad_turns": (
+    "drop",
+    "conversations missing or not a list of {from, value} with string values and known roles",
+  ),
+  "conversation_roles": (
+    "drop",
+    "roles not alternating human, assistant from a human turn, or ending with a human turn",
+  ),
+  "conversation_empty_value": ("drop", "conversation turn whose value is blank"),
+  "conversation_image_count": (
+    "drop",
+    "image not a path or list of paths, or <image> placeholders differing from the images",
+  ),
+  "conversation_modality_unknown": (
+    "drop",
+    "field holding vectors (or with a <name> placeholder) that is not a modality of the model",
+  ),
+  "conversation_modality_count": (
+    "drop",
+    "<name> placeholders differing in number from the record's vectors of that modality",
+  ),
+  "conversation_modality_missing": ("drop", "modality .npy file missing or unreadable"),
+  "conversation_modality_width": (
+    "drop",
+    "modality vector not one row of finite numbers of the modality's configured width",
+  ),
+  "conversation_bad_boxes": (
+    "drop",
+    "boxes not [[x0, y0, x1, y1], ...] numbers, unknown box_units, or <box> markers "
+    "differing from the boxes in number",
+  ),
+  "conversation_box_outside": (
+    "drop",
+    "box outside [0, 1] of the picture or with x0 >= x1 or y0 >= y1 (pixel boxes: divided "
+    "by the first picture's size; no picture: outside)",
+  ),
+  "conversation_answer_cut": (
+    "filter",
+    "conversation example cut by the sequence length before its first answer token",
+  ),
 }
 __doc__ += "".join(f"\n  {n:27s}{k:7s} {r}" for n, (k, r) in REASONS.items())
 REASON_NAMES = tuple(REASONS)

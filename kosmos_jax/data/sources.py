@@ -15,14 +15,23 @@ Instructions: *.jsonl in the formats of instructions.py, as key ("file:line"),
 prompt (the template applied), response and problem (a quality reason or "":
 the JSON structure and field types can only be checked where the line is
 parsed, so instructions.py names the problem and the preprocessor counts it).
+Conversations: *.jsonl in the format of conversations.py, as key ("file:line"),
+problem, the segments (texts, kinds, weights, refs), images (encoded bytes),
+modality_embeds [m, D] and modality_types [m] (vectors read here: a width can
+only be checked against the model's), boxes [b, 4] and box_pixels.
 
-These readers run in Python (`from_generator`) because archive and JSON
-parsing have no TensorFlow ops; they only move bytes and numbers. Everything
+These readers run in Python because archive and JSON parsing have no
+TensorFlow ops; they only move bytes and numbers. Instructions and
+conversations are parsed line by line under `tf.py_function` over a
+`TextLineDataset`, so a training job's checkpoint can save the iterator's
+position in them; the other kinds are `from_generator` readers, whose
+position tf.data cannot save. Everything
 that inspects content (decoding, checks, repairs) is in the tf-op
 preprocessors, so a malformed row is normalized here (a span row that is not 7
 numbers becomes NaNs, a missing image empty bytes) and counted there.
 """
 
+import functools
 import json
 import os
 import tarfile
@@ -31,7 +40,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from kosmos_jax.data import instructions
+from kosmos_jax.data import conversations, instructions
 
 _IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp")
 IMAGE_TEXT_SIGNATURE = dict(
@@ -50,6 +59,20 @@ TEXT_SIGNATURE = dict(key=tf.TensorSpec([], tf.string), text=tf.TensorSpec([], t
 INSTRUCTION_SIGNATURE = {
   k: tf.TensorSpec([], tf.string) for k in ("key", "prompt", "response", "problem")
 }
+
+CONVERSATION_SIGNATURE = dict(
+  key=tf.TensorSpec([], tf.string),
+  problem=tf.TensorSpec([], tf.string),
+  texts=tf.TensorSpec([None], tf.string),
+  kinds=tf.TensorSpec([None], tf.int32),
+  weights=tf.TensorSpec([None], tf.int32),
+  refs=tf.TensorSpec([None], tf.int32),
+  images=tf.TensorSpec([None], tf.string),
+  modality_embeds=tf.TensorSpec([None, None], tf.float32),
+  modality_types=tf.TensorSpec([None], tf.int32),
+  boxes=tf.TensorSpec([None, 4], tf.float32),
+  box_pixels=tf.TensorSpec([], tf.bool),
+)
 
 
 def span_rows(value) -> np.ndarray:
@@ -81,12 +104,16 @@ def image_text_record(key, image: bytes, meta: dict, caption=None) -> dict:
   )
 
 
-def _read_file(path: str) -> bytes:
+def _read_or_none(path: str) -> bytes | None:
   try:
     with tf.io.gfile.GFile(path, "rb") as f:
       return f.read()
   except (tf.errors.OpError, OSError):
-    return b""  # counted as image_missing
+    return None
+
+
+def _read_file(path: str) -> bytes:
+  return _read_or_none(path) or b""  # counted as image_missing
 
 
 def _json(raw: bytes) -> dict:
@@ -176,19 +203,77 @@ def read_text(path: str):
     )
 
 
-def read_instructions(path: str):
-  """Instruction records; a bad line is kept as a record with its problem,
-  keyed by the file and its 1-based line number (strict mode names it)."""
-  # surrogatepass: a lone surrogate (from JSON or from invalid input bytes)
-  # becomes invalid UTF-8, which the preprocessor repairs and counts.
-  text = lambda s: s.encode("utf-8", "surrogatepass")
-  with tf.io.gfile.GFile(path, "rb") as f:
-    for number, line in enumerate(f, 1):
-      if line.strip():
-        for r in instructions.parse_line(line, f"{path}:{number}"):
-          yield dict(
-            key=text(r.key), prompt=text(r.prompt), response=text(r.response), problem=r.problem
-          )
+# JSON-lines kinds read line by line in tf.data (TextLineDataset + a Python
+# parse per line), not by a generator: tf.data cannot save a generator's
+# position, and a fine-tune's checkpoints must hold its data iterator.
+_surrogates = lambda s: s.encode("utf-8", "surrogatepass")
+
+
+def instruction_records(path: str, number: int, line: bytes) -> list[dict]:
+  """The instruction records of line `number` (1-based) of `path`; a bad line
+  is kept as a record with its problem, keyed "file:line" (strict mode names
+  it). Lone surrogates (from JSON or invalid input bytes) become invalid
+  UTF-8, which the preprocessor repairs and counts."""
+  return [
+    dict(
+      key=_surrogates(r.key),
+      prompt=_surrogates(r.prompt),
+      response=_surrogates(r.response),
+      problem=r.problem,
+    )
+    for r in instructions.parse_line(line, f"{path}:{number}")
+  ]
+
+
+def conversation_records(
+  path: str, number: int, line: bytes, modalities: dict[str, int] | None = None, image_dir: str = ""
+) -> list[dict]:
+  """The conversation record of line `number` of `path` (`modalities`: the
+  model's, name -> width), kept with its problem if bad."""
+  r = conversations.parse_line(
+    line, f"{path}:{number}", os.path.dirname(path), modalities, image_dir, _read_or_none
+  )
+  record = dict(
+    key=_surrogates(r.key),
+    problem=r.problem,
+    texts=np.array([_surrogates(t) for t in r.texts], object).reshape(-1),
+    kinds=np.array(r.kinds, np.int32).reshape(-1),
+    weights=np.array(r.weights, np.int32).reshape(-1),
+    refs=np.array(r.refs, np.int32).reshape(-1),
+    images=np.array([_read_file(i) for i in r.images], object).reshape(-1),
+    modality_embeds=r.modality_embeds,
+    modality_types=r.modality_types,
+    boxes=r.boxes,
+    box_pixels=r.box_pixels,
+  )
+  return [record]
+
+
+def _line_records(path: tf.Tensor, parse, signature: dict, per_line: str) -> tf.data.Dataset:
+  """The records `parse(path, number, line)` makes of each non-blank line of
+  the file at `path`. `per_line`: "one" record per line, or "many" (fields
+  all scalars, stacked, then unbatched)."""
+  keys = list(signature)
+
+  def py(file, number, line):
+    records = parse(file.numpy().decode(), int(number), line.numpy())
+    if per_line == "one":
+      return [records[0][k] for k in keys]
+    return [
+      np.array([r[k] for r in records], object if signature[k].dtype == tf.string else None)
+      for k in keys
+    ]
+
+  def example(number, line):
+    values = tf.py_function(py, [path, number, line], [signature[k].dtype for k in keys])
+    lead = [] if per_line == "one" else [None]
+    return {
+      k: tf.ensure_shape(v, lead + signature[k].shape.as_list()) for k, v in zip(keys, values)
+    }
+
+  lines = tf.data.Dataset.zip(tf.data.Dataset.counter(1), tf.data.TextLineDataset(path))
+  ds = lines.filter(lambda _, line: tf.strings.length(tf.strings.strip(line)) > 0).map(example)
+  return ds if per_line == "one" else ds.unbatch()
 
 
 def _image_text_reader(path: str):
@@ -203,7 +288,11 @@ _KINDS = {
   "image_text": (_image_text_reader, IMAGE_TEXT_SIGNATURE),
   "documents": (read_documents, DOCUMENT_SIGNATURE),
   "text": (read_text, TEXT_SIGNATURE),
-  "instructions": (read_instructions, INSTRUCTION_SIGNATURE),
+}
+# kind -> (line parser, signature, records per line)
+_LINE_KINDS = {
+  "instructions": (instruction_records, INSTRUCTION_SIGNATURE, "many"),
+  "conversations": (conversation_records, CONVERSATION_SIGNATURE, "one"),
 }
 
 
@@ -214,11 +303,12 @@ def file_dataset(
   shuffle_files: bool = False,
   seed: int | None = None,
   cycle_length: int = 4,
+  reader_args: dict | None = None,
 ) -> tf.data.Dataset:
-  """Records of `kind` ("image_text", "documents", "text", "instructions")
-  from the files that `patterns[split]` (a glob, or several joined by ",")
-  matches, read `cycle_length` files at a time, deterministically."""
-  reader, signature = _KINDS[kind]
+  """Records of `kind` ("image_text", "documents", "text", "instructions",
+  "conversations") from the files that `patterns[split]` (a glob, or several
+  joined by ",") matches, read `cycle_length` files at a time,
+  deterministically; `reader_args`: keyword arguments of the kind's reader."""
   files = sorted(
     f for p in patterns[split].split(",") for f in tf.io.gfile.glob(os.path.expanduser(p))
   )
@@ -229,18 +319,25 @@ def file_dataset(
   ds = tf.data.Dataset.from_tensor_slices(files)
   if shuffle_files:
     ds = ds.shuffle(len(files), seed=seed)
-  read = lambda f: tf.data.Dataset.from_generator(
-    lambda path: reader(path.decode()), args=(f,), output_signature=signature
-  )
+  if kind in _LINE_KINDS:
+    parse, signature, per_line = _LINE_KINDS[kind]
+    parse = functools.partial(parse, **(reader_args or {}))
+    read = lambda f: _line_records(f, parse, signature, per_line)
+  else:
+    reader, signature = _KINDS[kind]
+    reader = functools.partial(reader, **(reader_args or {}))
+    read = lambda f: tf.data.Dataset.from_generator(
+      lambda path: reader(path.decode()), args=(f,), output_signature=signature
+    )
   return ds.interleave(
     read, cycle_length=cycle_length, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
   )
 
 
-def function_source(patterns: dict[str, str], kind: str):
+def function_source(patterns: dict[str, str], kind: str, reader_args: dict | None = None):
   """A seqio.FunctionDataSource over `file_dataset`."""
 
   def dataset_fn(split, shuffle_files, seed=None):
-    return file_dataset(patterns, kind, split, shuffle_files, seed)
+    return file_dataset(patterns, kind, split, shuffle_files, seed, reader_args=reader_args)
 
   return seqio.FunctionDataSource(dataset_fn, splits=tuple(patterns))

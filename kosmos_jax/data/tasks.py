@@ -17,7 +17,9 @@ rates). Other sizes (e.g. the tiny test model) register
 their own twins with `register_shapes_tasks(prefix=..., image_size=...)`; so
 does `make demo`, from its config (`data.shapes_tasks` in configs/shapes.py).
 Language-only instruction tasks, and a pretraining mixture with one mixed in,
-are registered by instruction_tasks.py (`data.instructions` in a config).
+are registered by instruction_tasks.py (`data.instructions` in a config);
+conversation tasks (images, boxes, modality vectors) by conversation_tasks.py
+(`data.conversations`).
 """
 
 import functools
@@ -41,15 +43,22 @@ SHAPES_RATES = dict(KOSMOS2_RATES, rec=1117)
 KOSMOS1_RATES = {"text": 49, "caption": 1117, "interleaved": 20}
 
 
-def output_features(vocab: vocab_lib.KosmosVocabulary) -> dict[str, seqio.Feature]:
-  """Every feature the converter needs (mixtures keep only declared features)."""
+def output_features(
+  vocab: vocab_lib.KosmosVocabulary, modalities: bool = False
+) -> dict[str, seqio.Feature]:
+  """Every feature the converter needs (mixtures keep only declared features);
+  `modalities`: also the modality vectors of conversation_tasks.py."""
   ints = seqio.PassThroughVocabulary(size=0)
-  return {
+  features = {
     "targets": seqio.Feature(vocab, add_eos=False, dtype=tf.int32),
     "loss_weights": seqio.Feature(ints, add_eos=False, dtype=tf.int32),
     "image_mask": seqio.Feature(ints, add_eos=False, dtype=tf.int32),
     "images": seqio.ContinuousFeature(dtype=tf.float32, rank=4, add_eos=False),
   }
+  if modalities:
+    features["modality_embeds"] = seqio.ContinuousFeature(dtype=tf.float32, rank=2, add_eos=False)
+    features["modality_types"] = seqio.Feature(ints, add_eos=False, dtype=tf.int32)
+  return features
 
 
 def _register(name: str, source, preprocessors_, vocab, strict: bool):
