@@ -60,6 +60,8 @@ def experiment_config(model: ml_collections.ConfigDict) -> ml_collections.Config
     spm_model_file="",
     data_dir="",
     autotune=True,  # tf.data's autotuning (data/loader.py: off for small CPU runs)
+    # Modality vectors per packed row (model.modalities; models/batch.py); 0: none.
+    modalities_per_row=0,
   )
   config.optim = optim.optim_config()
   # Low-rank adapters (models/lora.py), off at rank 0; on, only they and

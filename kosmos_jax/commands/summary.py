@@ -21,7 +21,6 @@ def add_parser(sub) -> None:
 
 def run(args, overrides) -> None:
   import jax  # pylint: disable=g-import-not-at-top
-
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
   from kosmos_jax import config as config_lib  # pylint: disable=g-import-not-at-top

@@ -76,7 +76,10 @@ def make_train_step(
 
   def step(state: TrainState, batch: dict):
     rng, step_rng = jax.random.split(state.rng)
-    micro = jax.tree.map(lambda x: x.reshape(accumulation, -1, *x.shape[1:]), batch)
+    # Explicit sizes: -1 cannot be inferred for an empty feature (0 images per row).
+    micro = jax.tree.map(
+      lambda x: x.reshape(accumulation, x.shape[0] // accumulation, *x.shape[1:]), batch
+    )
     if trainable is None:
       params, frozen = state.params, None
     else:

@@ -73,7 +73,7 @@ def _init_params(config, abstract_params, mesh, rules):
   # Adapters (config.lora) go on after the base weights, from a stream of their own.
   adapt = lambda m: lora.add(m, config.get("lora"), lora.adapter_rngs(config.seed))
   if config.init_from:
-    model = adapt(loading.from_pretrained(config.init_from, **_numerics(config)))
+    model = adapt(loading.from_pretrained(config.init_from, **_fine_tune_overrides(config)))
     return jax.device_put(nnx.state(model, nnx.Param), shardings)
   init = jax.jit(
     lambda: nnx.state(adapt(Kosmos2(config.model, rngs=nnx.Rngs(config.seed))), nnx.Param),
@@ -83,9 +83,24 @@ def _init_params(config, abstract_params, mesh, rules):
     return init()
 
 
-def _numerics(config) -> dict:
+def _fine_tune_overrides(config) -> dict:
+  """What a fine-tune's `config.model` changes of `init_from`'s model: the
+  numerics, and the soft-token modalities it adds (new tag rows and
+  projections; models/modalities.py). Everything else is the checkpoint's."""
   m = config.model
-  return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention=m.attention)
+  out = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention=m.attention)
+  if m.get("modalities"):
+    out.update(modalities=m.modalities.to_dict(), modality_tokens=m.modality_tokens)
+  return out
+
+
+def _fine_tune(config) -> None:
+  """With `init_from`: `config.model` becomes the checkpoint's model (with the
+  overrides above), and the vocabulary defaults to the checkpoint's own
+  sentencepiece model (a snapshot's file, or a workdir's data config)."""
+  config.model = loading.pretrained_config(config.init_from, **_fine_tune_overrides(config))
+  if not config.data.spm_model_file:
+    config.data.spm_model_file = loading.sentencepiece_file(config.init_from)
 
 
 def _write_json_line(path: epath.Path, record: dict) -> None:
@@ -128,6 +143,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
   on another mesh restores onto this one.
   """
   config = config.copy_and_resolve_references()
+  if config.init_from:
+    _fine_tune(config)
   workdir = orbax_ckpt.as_path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   primary = jax.process_index() == 0
@@ -158,6 +175,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
     shard_index=jax.process_index(),
     num_shards=jax.process_count(),
     autotune=config.data.autotune,
+    modalities_per_row=config.data.get("modalities_per_row", 0),
   )
   iterator = iter(ds)
 
@@ -342,6 +360,7 @@ def evaluate(config, graphdef, params, mesh, rules, workdir, step: int) -> dict:
     repeat=False,
     shard_index=jax.process_index(),
     num_shards=jax.process_count(),
+    modalities_per_row=config.data.get("modalities_per_row", 0),
   )
   eval_step = jax.jit(step_lib.make_eval_step(graphdef))
   totals = dict(loss=0.0, correct=0.0, weight=0.0)
