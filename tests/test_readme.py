@@ -4,6 +4,7 @@ The examples name `kosmos-2-patch14-224`, the directory a user gets from the hub
 here it is a random-weight transformers model plus a processor trained in the test.
 """
 
+import json
 import os
 import re
 import shlex
@@ -26,6 +27,14 @@ def workdir(tmp_path_factory):
   path = tmp_path_factory.mktemp("readme")
   make_tiny_snapshot(path / "kosmos-2-patch14-224")
   write_snowman(path / "snowman.jpg")
+  # The fine-tuning examples' conversation file (README "Fine-tune on your data").
+  turns = [
+    {"from": "human", "value": "<image> What is in the picture?"},
+    {"from": "gpt", "value": "<phrase>A snowman</phrase><box> in the snow."},
+  ]
+  line = {"image": "snowman.jpg", "conversations": turns, "boxes": [[120, 10, 310, 200]]}
+  line["box_units"] = "pixels"
+  (path / "chat.jsonl").write_text("\n".join([json.dumps(line)] * 4) + "\n")
   return path
 
 

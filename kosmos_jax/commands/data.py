@@ -68,8 +68,14 @@ def run(args, overrides) -> None:
   lengths = None
   if args.config:
     config = config_lib.load(args.config, overrides)
+    if config.init_from:  # a fine-tune: the checkpoint's model and vocabulary
+      from kosmos_jax.train import trainer  # pylint: disable=g-import-not-at-top
+
+      trainer.resolve_init_from(config)
     loader.register_user_tasks(config.data, config.model)
     lengths = {"targets": config.seq_len, "images": config.images_per_row}
+    if config.data.get("modalities_per_row"):
+      lengths["modalities"] = config.data.modalities_per_row
   try:
     splits = data_inspect.splits(args.name)
   except ValueError as e:

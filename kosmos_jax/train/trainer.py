@@ -94,7 +94,7 @@ def _fine_tune_overrides(config) -> dict:
   return out
 
 
-def _fine_tune(config) -> None:
+def resolve_init_from(config) -> None:
   """With `init_from`: `config.model` becomes the checkpoint's model (with the
   overrides above), and the vocabulary defaults to the checkpoint's own
   sentencepiece model (a snapshot's file, or a workdir's data config)."""
@@ -144,7 +144,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
   """
   config = config.copy_and_resolve_references()
   if config.init_from:
-    _fine_tune(config)
+    resolve_init_from(config)
   workdir = orbax_ckpt.as_path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   primary = jax.process_index() == 0
