@@ -21,11 +21,14 @@ modality_embeds [m, D] and modality_types [m] (vectors read here: a width can
 only be checked against the model's), boxes [b, 4] and box_pixels.
 
 These readers run in Python because archive and JSON parsing have no
-TensorFlow ops; they only move bytes and numbers. Instructions and
-conversations are parsed line by line under `tf.py_function` over a
-`TextLineDataset`, so a training job's checkpoint can save the iterator's
-position in them; the other kinds are `from_generator` readers, whose
-position tf.data cannot save. Everything
+TensorFlow ops; they only move bytes and numbers. A training job's
+checkpoint saves its data iterator, and tf.data cannot save a position
+inside a Python generator, so `file_dataset` reads through positions tf.data
+owns: JSON lines and .txt by line (`TextLineDataset`, each line parsed under
+`tf.py_function`), a tar shard through an index of its members' offsets
+(headers only), a parquet file by row number (a row group in memory at a
+time). Only a glob mixing those kinds falls back to the generator readers,
+whose position cannot be saved. Everything
 that inspects content (decoding, checks, repairs) is in the tf-op
 preprocessors, so a malformed row is normalized here (a span row that is not 7
 numbers becomes NaNs, a missing image empty bytes) and counted there.
@@ -178,8 +181,12 @@ def read_image_text_jsonl(path: str):
 
 
 def read_documents(path: str):
+  return _documents(path, _jsonl(path))
+
+
+def _documents(path: str, rows):
   base = os.path.dirname(path)
-  for number, row in _jsonl(path):
+  for number, row in rows:
     texts, images = row.get("texts") or [], row.get("images") or []
     items = max(len(texts), len(images))
     texts, images = texts + [None] * (items - len(texts)), images + [None] * (items - len(images))
@@ -249,6 +256,24 @@ def conversation_records(
   return [record]
 
 
+def image_text_records(path: str, number: int, line: bytes) -> list[dict]:
+  row = _json(line)
+  image = _read_file(os.path.join(os.path.dirname(path), row["image"])) if row.get("image") else b""
+  return [image_text_record(row.get("key", f"{os.path.basename(path)}:{number - 1}"), image, row)]
+
+
+def document_records(path: str, number: int, line: bytes) -> list[dict]:
+  return list(_documents(path, [(number - 1, _json(line))]))
+
+
+def text_records(path: str, number: int, line: bytes) -> list[dict]:
+  key = f"{os.path.basename(path)}:{number - 1}"
+  if path.endswith(".txt"):
+    return [dict(key=_text(key), text=line)]
+  row = _json(line)
+  return [dict(key=_text(row.get("key", key)), text=_text(row.get("text", "")))]
+
+
 def _line_records(path: tf.Tensor, parse, signature: dict, per_line: str) -> tf.data.Dataset:
   """The records `parse(path, number, line)` makes of each non-blank line of
   the file at `path`. `per_line`: "one" record per line, or "many" (fields
@@ -257,7 +282,7 @@ def _line_records(path: tf.Tensor, parse, signature: dict, per_line: str) -> tf.
 
   def py(file, number, line):
     records = parse(file.numpy().decode(), int(number), line.numpy())
-    if per_line == "one":
+    if per_line != "many":
       return [records[0][k] for k in keys]
     return [
       np.array([r[k] for r in records], object if signature[k].dtype == tf.string else None)
@@ -266,14 +291,116 @@ def _line_records(path: tf.Tensor, parse, signature: dict, per_line: str) -> tf.
 
   def example(number, line):
     values = tf.py_function(py, [path, number, line], [signature[k].dtype for k in keys])
-    lead = [] if per_line == "one" else [None]
+    lead = [None] if per_line == "many" else []
     return {
       k: tf.ensure_shape(v, lead + signature[k].shape.as_list()) for k, v in zip(keys, values)
     }
 
   lines = tf.data.Dataset.zip(tf.data.Dataset.counter(1), tf.data.TextLineDataset(path))
   ds = lines.filter(lambda _, line: tf.strings.length(tf.strings.strip(line)) > 0).map(example)
-  return ds if per_line == "one" else ds.unbatch()
+  return ds.unbatch() if per_line == "many" else ds
+
+
+def tar_index(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """(keys [n], members [n]) of an img2dataset tar shard, a sample per key in
+  file order; members: JSON {extension: [offset, size]} of its files' data.
+  Only the headers are read (the archive is seeked over), so building the
+  index costs a small part of reading the shard."""
+  keys, members = [], []
+  with tf.io.gfile.GFile(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+    for member in tar:
+      if not member.isfile():
+        continue
+      stem, _, ext = os.path.basename(member.name).partition(".")
+      if not keys or keys[-1] != stem:
+        keys.append(stem)
+        members.append({})
+      members[-1][ext.lower()] = [member.offset_data, member.size]
+  return np.array(keys, object), np.array([json.dumps(m) for m in members], object)
+
+
+_OPEN_SHARDS: dict = {}  # path -> open GFile: seeks on one handle are range reads
+
+
+def tar_sample(path: str, key: bytes, members: bytes) -> dict:
+  """One sample of a shard from its `tar_index` entry."""
+  if path not in _OPEN_SHARDS:
+    if len(_OPEN_SHARDS) >= 16:
+      _OPEN_SHARDS.pop(next(iter(_OPEN_SHARDS))).close()
+    _OPEN_SHARDS[path] = tf.io.gfile.GFile(path, "rb")
+  f, data = _OPEN_SHARDS[path], {}
+  for ext, (offset, size) in json.loads(members).items():
+    f.seek(offset)
+    data[ext] = f.read(size)
+  image = next((data[e] for e in _IMAGE_EXTENSIONS if e in data), b"")
+  return image_text_record(key, image, _json(data.get("json", b"{}")), data.get("txt", b""))
+
+
+def _tar_records(path: tf.Tensor) -> tf.data.Dataset:
+  """A shard's samples through its index: tf.data saves the position in the
+  index, which it cannot do inside a generator."""
+
+  def index(p):  # in a map, not around the dataset: tf.data saves map state only
+    keys, members = tf.py_function(
+      lambda p: tar_index(p.numpy().decode()), [p], [tf.string, tf.string]
+    )
+    return tf.ensure_shape(keys, [None]), tf.ensure_shape(members, [None])
+
+  names = list(IMAGE_TEXT_SIGNATURE)
+
+  def sample(key, member):
+    py = lambda p, k, m: [tar_sample(p.numpy().decode(), k.numpy(), m.numpy())[n] for n in names]
+    values = tf.py_function(py, [path, key, member], [IMAGE_TEXT_SIGNATURE[n].dtype for n in names])
+    return {n: tf.ensure_shape(v, IMAGE_TEXT_SIGNATURE[n].shape) for n, v in zip(names, values)}
+
+  samples = tf.data.Dataset.from_tensors(path).map(index)
+  return samples.flat_map(lambda k, m: tf.data.Dataset.from_tensor_slices((k, m))).map(sample)
+
+
+def _parquet_file(path: str):
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  from pyarrow import fs  # pylint: disable=g-import-not-at-top
+
+  filesystem, location = fs.FileSystem.from_uri(path if "://" in path else os.path.abspath(path))
+  return pq.ParquetFile(filesystem.open_input_file(location))
+
+
+_GROUP_ENDS: dict = {}  # path -> cumulative row counts of its row groups
+_ROW_GROUP: dict = {}  # the last row group read: key (path, group), rows
+
+
+def parquet_sample(path: str, row: int) -> dict:
+  """Row `row` of an img2dataset parquet file (one row group in memory)."""
+  if path not in _GROUP_ENDS:
+    meta = _parquet_file(path).metadata
+    _GROUP_ENDS[path] = np.cumsum([meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+  ends = _GROUP_ENDS[path]
+  group = int(np.searchsorted(ends, row, side="right"))
+  if _ROW_GROUP.get("key") != (path, group):
+    _ROW_GROUP.update(key=(path, group), rows=_parquet_file(path).read_row_group(group).to_pylist())
+  r = _ROW_GROUP["rows"][row - (int(ends[group - 1]) if group else 0)]
+  image = r.get("jpg", r.get("image"))
+  image = image.get("bytes") if isinstance(image, dict) else image
+  return image_text_record(r.get("key", ""), image, r)
+
+
+def _parquet_records(path: tf.Tensor) -> tf.data.Dataset:
+  """A parquet file's rows by number: tf.data saves that position."""
+  names = list(IMAGE_TEXT_SIGNATURE)
+
+  def rows(p):
+    count = tf.py_function(
+      lambda p: _parquet_file(p.numpy().decode()).metadata.num_rows, [p], tf.int64
+    )
+    return tf.range(tf.ensure_shape(count, []))
+
+  def sample(row):
+    py = lambda p, r: [parquet_sample(p.numpy().decode(), int(r))[n] for n in names]
+    values = tf.py_function(py, [path, row], [IMAGE_TEXT_SIGNATURE[n].dtype for n in names])
+    return {n: tf.ensure_shape(v, IMAGE_TEXT_SIGNATURE[n].shape) for n, v in zip(names, values)}
+
+  numbers = tf.data.Dataset.from_tensors(path).map(rows)
+  return numbers.flat_map(tf.data.Dataset.from_tensor_slices).map(sample)
 
 
 def _image_text_reader(path: str):
@@ -289,10 +416,13 @@ _KINDS = {
   "documents": (read_documents, DOCUMENT_SIGNATURE),
   "text": (read_text, TEXT_SIGNATURE),
 }
-# kind -> (line parser, signature, records per line)
+# kind -> (line parser, signature, records per line, file endings read line by line)
 _LINE_KINDS = {
-  "instructions": (instruction_records, INSTRUCTION_SIGNATURE, "many"),
-  "conversations": (conversation_records, CONVERSATION_SIGNATURE, "one"),
+  "instructions": (instruction_records, INSTRUCTION_SIGNATURE, "many", (".jsonl",)),
+  "conversations": (conversation_records, CONVERSATION_SIGNATURE, "one", (".jsonl",)),
+  "image_text": (image_text_records, IMAGE_TEXT_SIGNATURE, "one", (".jsonl", ".json")),
+  "documents": (document_records, DOCUMENT_SIGNATURE, "one", (".jsonl", ".json")),
+  "text": (text_records, TEXT_SIGNATURE, "one", (".jsonl", ".json", ".txt")),
 }
 
 
@@ -319,8 +449,15 @@ def file_dataset(
   ds = tf.data.Dataset.from_tensor_slices(files)
   if shuffle_files:
     ds = ds.shuffle(len(files), seed=seed)
-  if kind in _LINE_KINDS:
-    parse, signature, per_line = _LINE_KINDS[kind]
+  # Line by line (or a tar shard through its index) when every file allows
+  # it: tf.data can save that position, not a Python generator's.
+  by_lines = kind in _LINE_KINDS and all(f.endswith(_LINE_KINDS[kind][3]) for f in files)
+  if kind == "image_text" and all(f.endswith(".tar") for f in files):
+    read = _tar_records
+  elif kind == "image_text" and all(f.endswith(".parquet") for f in files):
+    read = _parquet_records
+  elif by_lines:
+    parse, signature, per_line, _ = _LINE_KINDS[kind]
     parse = functools.partial(parse, **(reader_args or {}))
     read = lambda f: _line_records(f, parse, signature, per_line)
   else:
