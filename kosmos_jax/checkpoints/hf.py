@@ -102,6 +102,12 @@ def _check_convertible(cfg: ml_collections.ConfigDict) -> None:
       "equivalent; only a model without modalities converts to or from "
       "transformers (use Orbax checkpoints)"
     )
+  # Nor SPHINX's extra vision towers (their own loaders: checkpoints/towers.py).
+  if cfg.get("towers"):
+    raise ConversionError(
+      f"model.towers={sorted(cfg.towers)} has no Hugging Face Kosmos-2 equivalent; only "
+      "a model without extra towers converts to or from transformers (use Orbax checkpoints)"
+    )
   # Nor has it xPos (KOSMOS-1): its decoder only adds the sinusoidal table.
   position = cfg.text.get("position", "sinusoidal")
   if position != "sinusoidal":

@@ -97,6 +97,12 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
   # `with_modalities`, which grows `text.vocab_size`; empty = none.
   c.modalities = {}
   c.modality_tokens = 4  # soft tokens per modality item (PandaGPT: 1)
+  # SPHINX's visual encoder mix (models/mixing.py): towers beside the CLIP
+  # ViT, name -> tower config (models/towers.py dinov2_config / siglip_config,
+  # models/convnext.py, models/qformer.py; optional `mean`, `std` of its
+  # input and, for a Q-Former, `input`: the tower it reads). Empty: the
+  # released model.
+  c.towers = {}
   # Numerics and memory: float32/bfloat16 compute, float32 master weights.
   c.dtype = "float32"
   c.param_dtype = "float32"

@@ -17,6 +17,7 @@ from kosmos_jax.models import (
   decoder,
   generation,
   layers,
+  mixing,
   modalities,
   resampler,
   scoring,
@@ -35,13 +36,15 @@ def _as_array(x, dtype=None):
 
 
 def _connector(config, **kw) -> nnx.Module:
-  """The `config.connector` module: [n, tokens, vision width] -> [n, latents, text width]."""
+  """The `config.connector` module: [n, tokens, vision width] -> [n, latents, text width]
+  (tokens of the text width after a tower mix, models/mixing.py)."""
   # .get: configs saved before the option restore as the released connector.
   kind = config.get("connector", "kosmos2")
+  width = config.text.width if mixing.names(config) else config.vision.width
   common = dict(attention=config.attention, attention_dropout=config.text.attention_dropout, **kw)
   if kind == "kosmos2":
     return connector.ImageToTextProjection(
-      config.vision.width,
+      width,
       config.text.width,
       config.text.heads,
       config.latent_query_num,
@@ -50,7 +53,7 @@ def _connector(config, **kw) -> nnx.Module:
     )
   if kind == "perceiver":
     return resampler.PerceiverResampler(
-      config.vision.width,
+      width,
       config.text.width,
       config.latent_query_num,
       config.perceiver,
@@ -71,6 +74,10 @@ class Kosmos2(nnx.Module):
     self.vision_model = vit.VisionTransformer(
       config.vision, remat=config.remat, attention=config.attention, **kw
     )
+    if mixing.names(config):  # SPHINX's encoder mix (models/mixing.py)
+      mixing.check(config)
+      self.towers = mixing.Towers(config, dict(kw, remat=config.remat, attention=config.attention))
+      self.tower_mix = mixing.TowerMix(config, **kw)
     self.image_to_text_projection = _connector(config, **kw)
     self.text_model = decoder.TextDecoder(
       config.text,
@@ -103,7 +110,10 @@ class Kosmos2(nnx.Module):
     # post_layernorm on every token, then L2 normalisation (eps as torch's F.normalize).
     hidden = self.vision_model.post_layernorm(hidden).astype(jnp.float32)
     hidden = hidden / jnp.maximum(jnp.linalg.norm(hidden, axis=-1, keepdims=True), 1e-12)
-    embeds = self.image_to_text_projection(hidden.astype(self.vision_model.dtype), r_proj)
+    hidden = hidden.astype(self.vision_model.dtype)
+    if mixing.names(self.config):
+      hidden = mixing.mix(self.config, self.towers, self.tower_mix, images, hidden)
+    embeds = self.image_to_text_projection(hidden, r_proj)
     return embeds.reshape(b, n * embeds.shape[1], embeds.shape[2])
 
   def encode_modalities(self, modality_embeds: Any, modality_types: Any) -> jax.Array | None:

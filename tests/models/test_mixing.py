@@ -1,0 +1,131 @@
+"""SPHINX's encoder mix: token layout, per-tower pixels, the channel and spatial
+mixes, and a mixed-encoder model that trains, resumes bitwise and generates."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from kosmos_jax import config as config_lib
+from kosmos_jax.checkpoints import loading
+from kosmos_jax.models import convnext, mixing, qformer, towers
+from kosmos_jax.models.kosmos import Kosmos2
+from kosmos_jax.train import trainer
+from tests.train import test_trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _tiny_towers():
+  # configs/tiny.py's CLIP: 32 px, 8 px patches -> a 4 x 4 grid + CLS.
+  dino = towers.dinov2_config("S/14", width=16, depth=1, heads=2, mlp_dim=32, image_size=28)
+  sig = towers.siglip_config(
+    "B/16", width=8, depth=1, heads=2, mlp_dim=16, image_size=16, patch_size=8
+  )
+  return {"dino": dino, "sig": sig}
+
+
+def _config(extra=()):
+  config = config_lib.load(os.path.join(ROOT, "configs/tiny.py"), list(extra))
+  config.model.towers = _tiny_towers()
+  return config
+
+
+def test_clip_layout_keeps_a_class_token_or_prepends_the_mean():
+  rng = np.random.default_rng(0)
+  with_cls = rng.normal(size=(2, 1 + 4, 3)).astype(np.float32)  # 2 x 2 grid + CLS
+  out = np.asarray(mixing.clip_layout(with_cls, towers.dinov2_config("S/14"), grid=4))
+  assert out.shape == (2, 17, 3)
+  np.testing.assert_array_equal(out[:, 0], with_cls[:, 0])
+  grid = out[:, 1:].reshape(2, 4, 4, 3)
+  np.testing.assert_array_equal(grid[:, 2, 3], with_cls[:, 1 + 1 * 2 + 1])  # nearest upsampling
+  no_cls = rng.normal(size=(2, 16, 3)).astype(np.float32)
+  out = np.asarray(mixing.clip_layout(no_cls, towers.siglip_config("B/16"), grid=4))
+  np.testing.assert_allclose(out[:, 0], no_cls.mean(axis=1), rtol=1e-6)
+  np.testing.assert_array_equal(out[:, 1:], no_cls)
+  with pytest.raises(ValueError, match="3x3 grid does not divide CLIP's 4x4"):
+    mixing.clip_layout(rng.normal(size=(1, 10, 3)), towers.dinov2_config("S/14"), grid=4)
+
+
+def test_each_tower_sees_the_picture_in_its_own_normalisation():
+  picture = np.full((1, 32, 32, 3), 0.25, np.float32)  # 8-bit value 63.75 in every channel
+  clip = (picture - np.asarray(mixing.CLIP_MEAN)) / np.asarray(mixing.CLIP_STD)
+  dino = np.asarray(
+    mixing.tower_pixels(clip.astype(np.float32), towers.dinov2_config("S/14", image_size=28))
+  )
+  assert dino.shape == (1, 28, 28, 3)
+  np.testing.assert_allclose(
+    dino[0, 5, 7],
+    (0.25 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225]),
+    rtol=1e-5,
+  )
+  sig = np.asarray(
+    mixing.tower_pixels(clip.astype(np.float32), towers.siglip_config("B/16", image_size=32))
+  )
+  np.testing.assert_allclose(sig, (0.25 - 0.5) / 0.5, rtol=1e-5)
+
+
+def test_the_channel_mix_concatenates_every_grid_tower():
+  config = _config()
+  model = Kosmos2(config.model, rngs=nnx.Rngs(0))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  # CLIP 32 + DINOv2 16 + SigLIP 8 channels -> the text width, then the connector.
+  assert params["tower_mix"]["channel"]["kernel"].shape == (56, 64)
+  assert params["image_to_text_projection"]["dense"]["kernel"].shape == (64, 64)
+  pixels = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
+  embeds = model.encode_images(pixels)
+  assert embeds.shape == (2, config.model.latent_query_num, 64)
+  # Each tower reaches the slots: changing one tower's weights changes the embeddings.
+  model.towers.sig.norm.bias[...] = model.towers.sig.norm.bias[...] + 1.0
+  assert not np.allclose(model.encode_images(pixels), embeds)
+
+
+def test_the_spatial_mix_puts_the_query_tokens_first():
+  config = _config()
+  config.model.towers = {
+    "conv": convnext.convnext_config(
+      "tiny", depths=(1, 1, 1, 1), hidden_sizes=(8, 8, 8, 8), image_size=64
+    ),
+    "q": qformer.qformer_config(
+      num_query_tokens=4, width=16, depth=2, heads=2, mlp_dim=32, encoder_hidden_size=32
+    ),
+  }
+  model = Kosmos2(config.model, rngs=nnx.Rngs(0))
+  assert model.tower_mix.channel.kernel.shape == (32 + 8, 64)  # CLIP + ConvNeXt's last stage
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(2, 32, 32, 3)).astype(np.float32)
+  clip = rng.normal(size=(2, 17, 32)).astype(np.float32)
+  out = np.asarray(mixing.mix(config.model, model.towers, model.tower_mix, images, clip))
+  assert out.shape == (2, 4 + 17, 64)
+  queries = model.tower_mix.q_norm(model.tower_mix.q_proj(model.towers.q(clip)))
+  np.testing.assert_allclose(out[:, :4], queries, rtol=1e-5, atol=1e-6)
+  assert model.encode_images(images.transpose(0, 3, 1, 2)).shape == (2, 8, 64)
+  config.model.towers.q.encoder_hidden_size = 24
+  with pytest.raises(
+    ValueError, match="encoder_hidden_size 24 != the width 32 of its input 'clip'"
+  ):
+    Kosmos2(config.model, rngs=nnx.Rngs(0))
+
+
+def test_a_mixed_encoder_model_trains_resumes_bitwise_and_generates(tmp_path):
+  overrides = ["total_steps=6", "checkpoint_every=3", "log_every=1", "batch_size=4"]
+  overrides += ["seq_len=64", "mesh.fsdp=1", "evaluators={}"]
+  one = jax.devices()[:1]
+  reference = str(tmp_path / "reference")
+  trainer.train(_config(overrides), reference, devices=one)
+  workdir = str(tmp_path / "preempted")
+  test_trainer._send_sigterm_at(workdir, 2)
+  preempted = trainer.train(_config(overrides), workdir, devices=one)["preempted_at"]
+  assert 2 <= preempted < 6
+  trainer.train(_config(overrides), workdir, devices=one)
+  losses = test_trainer._losses(workdir)
+  assert losses == test_trainer._losses(reference) and losses[6] < losses[1]
+  model = loading.from_pretrained(workdir)
+  assert hasattr(model.towers, "dino") and hasattr(model.towers, "sig")
+  ids = np.array([[0, *range(4, 12), 5, 6]])
+  mask = np.array([[0] + [1] * 8 + [0, 0]])
+  pixels = np.zeros((1, 3, 32, 32), np.float32)
+  out = np.asarray(model.generate(ids, pixels, image_embeds_position_mask=mask, max_new_tokens=4))
+  assert out.shape == (1, ids.shape[1] + 4)
