@@ -59,7 +59,10 @@ setuptools.setup(
   version="0.1.0",
   description="KOSMOS-1/2 grounded multimodal LLMs in JAX/Flax, TPU-native.",
   packages=setuptools.find_packages(include=["kosmos_jax", "kosmos_jax.*"]),
-  package_data={"kosmos_jax.serve": ["page.html", "page.js"]},  # `kosmos-jax serve`'s page
+  package_data={
+    "kosmos_jax.serve": ["page.html", "page.js"],  # `kosmos-jax serve`'s page
+    "kosmos_jax.data": ["task_prompts.json"],  # the task prompts (data/task_prompts.py)
+  },
   python_requires=">=3.11,<3.12",
   install_requires=INSTALL_REQUIRES,
   extras_require=EXTRAS_REQUIRE,

@@ -24,6 +24,9 @@ From a config (`loader.register_user_tasks`), the optional `data.conversations`:
   image_size        0: the model's (or the mixture's tasks', or 224)
   quantizer         of `<box>` ("hf" as grounded captions, or "original")
   strict            stop at the first bad record (its file and line) instead of counting it
+  template          a task prompt's name (task_prompts.py: "vqa", "rec", ...): each
+                    human value is put through it ("": the values as they are)
+  prompts_file      a JSON file of more task prompts (name -> template)
 The pictures' slots, location bins, modalities (`model.modalities`: name ->
 width) and `model.modality_tokens` (default 4) come from the model config.
 """
@@ -41,6 +44,7 @@ from kosmos_jax.data import (
   preprocessors,
   quality,
   sources,
+  task_prompts,
   tasks,
   tf_image,
   tf_text,
@@ -57,6 +61,8 @@ CONFIG_DEFAULTS = dict(
   image_size=0,
   quantizer="hf",
   strict=False,
+  template="",
+  prompts_file="",
 )
 DEFAULT_MODALITY_TOKENS = 4
 
@@ -191,6 +197,35 @@ def drop_cut_answers(dataset: tf.data.Dataset) -> tf.data.Dataset:
   return dataset.map(example, num_parallel_calls=tf.data.AUTOTUNE)
 
 
+def _templated_records(path: str, number: int, line: bytes, text: str, **reader_args) -> list:
+  return sources.conversation_records(
+    path, number, task_prompts.apply_to_line(line, text), **reader_args
+  )
+
+
+def _templated_source(patterns: dict[str, str], reader_args: dict, text: str):
+  """The conversation files' records, each human value put through template
+  `text` before the line is parsed (so `<box>` and `<image>` in a template
+  count as the line's own). Read line by line, as sources.file_dataset reads
+  conversations, so the position stays checkpointable."""
+  parse = functools.partial(_templated_records, text=text, **reader_args)
+
+  def dataset_fn(split, shuffle_files, seed=None):
+    globs = patterns[split].split(",")
+    files = sorted(f for p in globs for f in tf.io.gfile.glob(os.path.expanduser(p)))
+    if not files:
+      raise FileNotFoundError(f"no files match {patterns[split]!r} (split {split!r})")
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if shuffle_files:
+      ds = ds.shuffle(len(files), seed=seed)
+    read = lambda f: sources._line_records(f, parse, sources.CONVERSATION_SIGNATURE, "one")
+    return ds.interleave(
+      read, cycle_length=4, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
+
+  return seqio.FunctionDataSource(dataset_fn, splits=tuple(patterns))
+
+
 def register_conversation_task(
   name: str,
   patterns: dict[str, str],
@@ -202,9 +237,12 @@ def register_conversation_task(
   image_dir: str = "",
   quantizer: str = "hf",
   strict: bool = False,
+  template: str = "",
+  prompts_file: str = "",
 ) -> None:
   """The task `name` over the JSONL files `patterns` (split -> comma-separated
-  globs); `modalities`: name -> vector width, those of `vocab`."""
+  globs); `modalities`: name -> vector width, those of `vocab`; `template`:
+  a task prompt's name (task_prompts.py), looked up in `prompts_file` too."""
   modalities = dict(modalities or {})
   if tuple(sorted(modalities)) != vocab.modalities:
     raise ValueError(f"modalities {sorted(modalities)} differ from the vocabulary's")
@@ -213,9 +251,13 @@ def register_conversation_task(
   if name in seqio.TaskRegistry.names():
     seqio.TaskRegistry.remove(name)
   reader_args = dict(modalities=modalities, image_dir=image_dir)
+  if template:
+    source = _templated_source(patterns, reader_args, task_prompts.template(template, prompts_file))
+  else:
+    source = sources.function_source(patterns, "conversations", reader_args)
   seqio.TaskRegistry.add(
     name,
-    source=sources.function_source(patterns, "conversations", reader_args),
+    source=source,
     preprocessors=[
       functools.partial(
         conversation_examples,
@@ -330,8 +372,79 @@ def register_from_config(entry, data_dir: str = "", spm_model_file: str = "", mo
     image_dir=entry["image_dir"],
     quantizer=entry["quantizer"],
     strict=entry["strict"],
+    template=entry["template"],
+    prompts_file=entry["prompts_file"],
   )
   if not base:
     return name
   instruction_tasks.register_instruction_mixture(f"{base}_{name}", base, name, entry["rate"])
   return f"{base}_{name}"
+
+
+# ------------------------------------------------------- task-prompted mixtures
+# `data.conversation_mixture` (SPHINX's task mix): several conversation tasks,
+# each with its own files and task prompt, mixed by rate:
+#
+#   name                the mixture ("conversation_mixture"); task `key` is `{name}_{key}`
+#   one_task_per_batch  True (SPHINX): each training batch holds one task, drawn by
+#                       rate (loader.py); False: seqio mixes examples by rate
+#   prompts_file        a JSON file of more task prompts (name -> template)
+#   tasks               key -> dict(files, validation_files, image_dir, template,
+#                       rate, quantizer, strict), as data.conversations' keys
+MIXTURE_DEFAULTS = dict(
+  name="conversation_mixture", one_task_per_batch=True, prompts_file="", tasks={}
+)
+MIXTURE_TASK_DEFAULTS = dict(
+  files="", validation_files="", image_dir="", template="", rate=1.0, quantizer="hf", strict=False
+)
+
+
+def _known(entry: dict, defaults: dict, where: str) -> dict:
+  unknown = set(entry) - set(defaults)
+  if unknown:
+    raise errors.UserError(f"{where}: unknown keys {sorted(unknown)} (known: {sorted(defaults)})")
+  return dict(defaults, **entry)
+
+
+def register_mixture_from_config(entry, spm_model_file: str, model_config=None) -> tuple[str, bool]:
+  """Registers `data.conversation_mixture`'s tasks and their mixture; returns
+  (the mixture's name, one_task_per_batch)."""
+  as_dict = lambda x: x.to_dict() if hasattr(x, "to_dict") else dict(x)
+  where = "data.conversation_mixture"
+  entry = _known(as_dict(entry), MIXTURE_DEFAULTS, where)
+  if not entry["tasks"]:
+    raise errors.UserError(f"{where}.tasks: no tasks")
+  if not spm_model_file:
+    raise errors.UserError(f"{where} needs data.spm_model_file")
+  sizes = _model_sizes(model_config)
+  vocab = vocab_lib.KosmosVocabulary(
+    spm_model_file, sizes["num_patches_per_side"], modalities=tuple(sorted(sizes["modalities"]))
+  )
+  rates = {}
+  for key, task in as_dict(entry["tasks"]).items():
+    task = _known(as_dict(task), MIXTURE_TASK_DEFAULTS, f"{where}.tasks.{key}")
+    if not task["files"]:
+      raise errors.UserError(f"{where}.tasks.{key}: no files")
+    if not task["rate"] > 0:
+      raise errors.UserError(f"{where}.tasks.{key}.rate must be > 0")
+    patterns = {"train": task["files"]}
+    if task["validation_files"]:
+      patterns["validation"] = task["validation_files"]
+    name = f"{entry['name']}_{key}"
+    register_conversation_task(
+      name,
+      patterns,
+      vocab,
+      image_size=sizes["image_size"],
+      num_image_tokens=sizes["num_image_tokens"],
+      modalities=sizes["modalities"],
+      modality_tokens=sizes["modality_tokens"],
+      image_dir=task["image_dir"],
+      quantizer=task["quantizer"],
+      strict=task["strict"],
+      template=task["template"],
+      prompts_file=entry["prompts_file"],
+    )
+    rates[name] = float(task["rate"])
+  tasks.register_mixture(entry["name"], rates)
+  return entry["name"], bool(entry["one_task_per_batch"])

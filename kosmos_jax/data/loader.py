@@ -21,8 +21,13 @@ from kosmos_jax.data import (
   feature_converter,
   instruction_tasks,
   quality,
+  shapes_instruct,
   tasks,
 )
+
+# Mixtures whose training batches each hold one task (SPHINX's grouped
+# sampler; `data.conversation_mixture.one_task_per_batch`), by name.
+ONE_TASK_PER_BATCH: set[str] = set()
 
 
 def register_user_tasks(data_config, model_config=None) -> None:
@@ -34,7 +39,10 @@ def register_user_tasks(data_config, model_config=None) -> None:
   then an instruction task mixed into one of them (`data.instructions`: see
   instruction_tasks.py; set `data.mixture` to the name it registers) and a
   conversation task, alone or mixed in (`data.conversations`: see
-  conversation_tasks.py; its modalities are `model_config`'s)."""
+  conversation_tasks.py; its modalities are `model_config`'s), and a mixture
+  of task-prompted conversation tasks (`data.conversation_mixture`, the
+  shapes world's written first when `data.shapes_instruct` is set:
+  shapes_instruct.prepare's arguments)."""
   shapes_tasks = data_config.get("shapes_tasks")
   if shapes_tasks:
     tasks.register_shapes_tasks(**shapes_tasks.to_dict())
@@ -60,6 +68,15 @@ def register_user_tasks(data_config, model_config=None) -> None:
       data_config.get("spm_model_file", ""),
       model_config,
     )
+  instruct = data_config.get("shapes_instruct")
+  if instruct:
+    shapes_instruct.prepare(**instruct.to_dict())
+  mixture = data_config.get("conversation_mixture")
+  if mixture:
+    name, one_task = conversation_tasks.register_mixture_from_config(
+      mixture, data_config.get("spm_model_file", ""), model_config
+    )
+    (ONE_TASK_PER_BATCH.add if one_task else ONE_TASK_PER_BATCH.discard)(name)
 
 
 def dataset(
@@ -76,11 +93,16 @@ def dataset(
   num_shards: int = 1,
   autotune: bool = True,
   modalities_per_row: int = 0,
+  one_task_per_batch: bool | None = None,
 ) -> tf.data.Dataset:
   """Packed, batched rows of `mixture` for one host (`batch_size` rows per host).
 
   `modalities_per_row` > 0: rows carry that many modality vectors
   (`modality_embeds`, `modality_types`), for a model with modalities.
+
+  `one_task_per_batch` (None: whether `mixture` is in ONE_TASK_PER_BATCH):
+  with `repeat`, every batch comes whole from one task of the mixture
+  (`one_task_batches`); a single pass reads the mixture as usual.
 
   `autotune=False` turns off tf.data's autotuning thread. On a 2-core
   machine the pipeline keeps up without it (2.4 ms a batch of the demo's
@@ -91,8 +113,8 @@ def dataset(
   lengths = {"targets": seq_len, "images": images_per_row}
   if modalities_per_row:
     lengths["modalities"] = modalities_per_row
-  ds = seqio.get_dataset(
-    mixture,
+  rows = lambda name: seqio.get_dataset(
+    name,
     lengths,
     feature_converter.MultimodalFeatureConverter(pack=True),
     dataset_split=split,
@@ -101,18 +123,52 @@ def dataset(
     seed=seed,
     shard_info=seqio.ShardInfo(index=shard_index, num_shards=num_shards),
   )
+  if one_task_per_batch is None:
+    one_task_per_batch = mixture in ONE_TASK_PER_BATCH
   options = tf.data.Options()
   # The bad-record counters (quality.DataStats) are tf.Variables updated in the
   # pipeline; the iterator's checkpoint leaves them out rather than refusing.
   options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
   options.autotune.enabled = autotune
-  if repeat:
-    ds = ds.batch(batch_size, drop_remainder=True)
+  if repeat and one_task_per_batch:
+    ds = one_task_batches(mixture, lambda t: rows(t).batch(batch_size, drop_remainder=True), seed)
+  elif repeat:
+    ds = rows(mixture).batch(batch_size, drop_remainder=True)
   else:
     # A single pass (evaluation) pads its last batch with empty rows (loss
     # weights 0) instead of dropping it: a small held-out set still counts.
-    ds = ds.batch(batch_size).map(lambda b: {k: _pad_rows(v, batch_size) for k, v in b.items()})
+    ds = rows(mixture).batch(batch_size)
+    ds = ds.map(lambda b: {k: _pad_rows(v, batch_size) for k, v in b.items()})
   return ds.prefetch(2).with_options(options)
+
+
+# ------------------------------------------------------ one task per batch
+# SPHINX trains on a task mix with every global batch drawn from one task, so
+# a step's gradient never averages conflicting instructions. Here the task of
+# batch i is a stateless draw from (seed, i) by the mixture's rates: every
+# host draws the same task for a step (each then reads its own shard of that
+# task), and the draw's only state is the counter's position, which the
+# iterator checkpoint saves with each task's reading position.
+
+
+def task_choices(rates, seed: int) -> tf.data.Dataset:
+  """Endless int64 task indices, index j with probability rates[j] / sum."""
+  logits = tf.math.log(tf.constant([rates], tf.float64))
+  seed = tf.constant(seed, tf.int64)
+  draw = lambda i: tf.random.stateless_categorical(logits, 1, tf.stack([seed, i]))[0, 0]
+  return tf.data.Dataset.counter().map(draw)
+
+
+def one_task_batches(mixture: str, batches, seed: int) -> tf.data.Dataset:
+  """Batches of one task each: task j's next batch (`batches(task_name)`,
+  endless) where `task_choices` draws j."""
+  provider = seqio.get_mixture_or_task(mixture)
+  members = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+  rates = [provider.get_rate(t) if isinstance(provider, seqio.Mixture) else 1.0 for t in members]
+  members = [t for t, r in zip(members, rates) if r > 0]
+  rates = [r for r in rates if r > 0]
+  streams = [batches(t.name) for t in members]
+  return tf.data.Dataset.choose_from_datasets(streams, task_choices(rates, seed))
 
 
 def _pad_rows(x: tf.Tensor, rows: int) -> tf.Tensor:
