@@ -197,35 +197,6 @@ def drop_cut_answers(dataset: tf.data.Dataset) -> tf.data.Dataset:
   return dataset.map(example, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def _templated_records(path: str, number: int, line: bytes, text: str, **reader_args) -> list:
-  return sources.conversation_records(
-    path, number, task_prompts.apply_to_line(line, text), **reader_args
-  )
-
-
-def _templated_source(patterns: dict[str, str], reader_args: dict, text: str):
-  """The conversation files' records, each human value put through template
-  `text` before the line is parsed (so `<box>` and `<image>` in a template
-  count as the line's own). Read line by line, as sources.file_dataset reads
-  conversations, so the position stays checkpointable."""
-  parse = functools.partial(_templated_records, text=text, **reader_args)
-
-  def dataset_fn(split, shuffle_files, seed=None):
-    globs = patterns[split].split(",")
-    files = sorted(f for p in globs for f in tf.io.gfile.glob(os.path.expanduser(p)))
-    if not files:
-      raise FileNotFoundError(f"no files match {patterns[split]!r} (split {split!r})")
-    ds = tf.data.Dataset.from_tensor_slices(files)
-    if shuffle_files:
-      ds = ds.shuffle(len(files), seed=seed)
-    read = lambda f: sources._line_records(f, parse, sources.CONVERSATION_SIGNATURE, "one")
-    return ds.interleave(
-      read, cycle_length=4, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
-    )
-
-  return seqio.FunctionDataSource(dataset_fn, splits=tuple(patterns))
-
-
 def register_conversation_task(
   name: str,
   patterns: dict[str, str],
@@ -252,7 +223,8 @@ def register_conversation_task(
     seqio.TaskRegistry.remove(name)
   reader_args = dict(modalities=modalities, image_dir=image_dir)
   if template:
-    source = _templated_source(patterns, reader_args, task_prompts.template(template, prompts_file))
+    text = task_prompts.template(template, prompts_file)
+    source = sources.function_source(patterns, "conversations", dict(reader_args, template=text))
   else:
     source = sources.function_source(patterns, "conversations", reader_args)
   seqio.TaskRegistry.add(

@@ -43,7 +43,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from kosmos_jax.data import conversations, instructions
+from kosmos_jax.data import conversations, instructions, task_prompts
 
 _IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp")
 IMAGE_TEXT_SIGNATURE = dict(
@@ -233,10 +233,19 @@ def instruction_records(path: str, number: int, line: bytes) -> list[dict]:
 
 
 def conversation_records(
-  path: str, number: int, line: bytes, modalities: dict[str, int] | None = None, image_dir: str = ""
+  path: str,
+  number: int,
+  line: bytes,
+  modalities: dict[str, int] | None = None,
+  image_dir: str = "",
+  template: str = "",
 ) -> list[dict]:
   """The conversation record of line `number` of `path` (`modalities`: the
-  model's, name -> width), kept with its problem if bad."""
+  model's, name -> width), kept with its problem if bad; `template`: a task
+  prompt (task_prompts.py) each human value is put through first, so `<box>`
+  and `<image>` in it count as the line's own."""
+  if template:
+    line = task_prompts.apply_to_line(line, template)
   r = conversations.parse_line(
     line, f"{path}:{number}", os.path.dirname(path), modalities, image_dir, _read_or_none
   )
