@@ -12,11 +12,23 @@ import os
 import sys
 
 from kosmos_jax import errors, heap
-from kosmos_jax.commands import aot, convert, data, demo, evaluate, generate, serve, summary, train
+from kosmos_jax.commands import (
+  aot,
+  convert,
+  data,
+  demo,
+  evaluate,
+  generate,
+  mix,
+  serve,
+  summary,
+  train,
+)
 
 # In the order `kosmos-jax --help` lists them.
 COMMANDS = {
   "convert": convert,
+  "mix": mix,
   "summary": summary,
   "aot": aot,
   "train": train,
