@@ -12,8 +12,9 @@ to 2048 ("channel mix"); BLIP-2's Q-Former gives 32 tokens that go first
     --config.init_from=kosmos-2-patch14-224 --config.data.conversations.files=...
 
 CLIP, ConvNeXt and DINOv2 frozen as SPHINX freezes its encoders; the
-Q-Former, mix projections, connector and decoder train. Tower weights load with checkpoints/towers.py,
-convnext.py and qformer.py (transformers and big_vision formats) into the
+Q-Former, mix projections, connector and decoder train. Tower weights load
+with checkpoints/towers.py, convnext.py and qformer.py (transformers and
+big_vision formats) into the
 `towers/<name>` parameters. One deviation: SPHINX's Q-Former reads BLIP-2's
 EVA ViT-g (1408 wide), which is not among our towers; here it reads CLIP's
 1024-wide tokens, so its cross-attention keys and values cannot come from the
