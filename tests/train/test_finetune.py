@@ -100,7 +100,7 @@ def test_a_fine_tune_from_a_released_snapshot_learns_the_answers(snapshot, tmp_p
 
 @pytest.fixture(scope="module")
 def shapes_model(tmp_path_factory):
-  """A tiny model pretrained on the shapes mixture: its decoder knows the
+  """A tiny model pretrained 200 steps on the shapes mixture: its decoder knows the
   colour words (a random snapshot's frozen std-0.02 tied embeddings cap
   every logit near 1.3, so no adapter could make it say one)."""
   workdir = str(tmp_path_factory.mktemp("shapes_pretrain"))
@@ -108,8 +108,8 @@ def shapes_model(tmp_path_factory):
     os.path.join(ROOT, "configs/tiny.py"),
     [
       *SMALL,
-      "total_steps=300",
-      "checkpoint_every=300",
+      "total_steps=200",
+      "checkpoint_every=200",
       "evaluators={}",
       "optim.learning_rate=3e-3",
     ],
