@@ -185,18 +185,6 @@ def conversation_examples(
   return dataset if strict else dataset.ignore_errors()
 
 
-def drop_cut_answers(dataset: tf.data.Dataset) -> tf.data.Dataset:
-  """After `preprocessors.trim`: an example left without an answer token
-  teaches nothing but fills a row: dropped."""
-
-  @tf.autograph.experimental.do_not_convert
-  def example(x):
-    cut = tf.equal(tf.reduce_sum(x["loss_weights"]), 0) & ~x["_drop"]
-    return quality.with_issues(x, quality.issue("conversation_answer_cut", cut), cut)
-
-  return dataset.map(example, num_parallel_calls=tf.data.AUTOTUNE)
-
-
 def register_conversation_task(
   name: str,
   patterns: dict[str, str],
@@ -242,7 +230,7 @@ def register_conversation_task(
         strict=strict,
       ),
       preprocessors.trim,
-      drop_cut_answers,
+      functools.partial(preprocessors.drop_without_loss, reason="conversation_answer_cut"),
       functools.partial(quality.filter_and_count, strict=strict),
     ],
     output_features=tasks.output_features(vocab, modalities=bool(modalities)),

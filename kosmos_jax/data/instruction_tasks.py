@@ -76,18 +76,6 @@ def instruction_examples(
   return dataset.map(example, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def drop_cut_responses(dataset: tf.data.Dataset) -> tf.data.Dataset:
-  """After `preprocessors.trim`: an example left without a response token
-  (a prompt as long as the row) teaches nothing but fills a row: dropped."""
-
-  @tf.autograph.experimental.do_not_convert
-  def example(x):
-    cut = tf.equal(tf.reduce_sum(x["loss_weights"]), 0) & ~x["_drop"]
-    return quality.with_issues(x, quality.issue("instruction_response_cut", cut), cut)
-
-  return dataset.map(example, num_parallel_calls=tf.data.AUTOTUNE)
-
-
 def register_instruction_task(
   name: str,
   patterns: dict[str, str],
@@ -104,7 +92,7 @@ def register_instruction_task(
     preprocessors=[
       functools.partial(instruction_examples, vocab=vocab, image_size=image_size),
       preprocessors.trim,
-      drop_cut_responses,
+      functools.partial(preprocessors.drop_without_loss, reason="instruction_response_cut"),
       functools.partial(quality.filter_and_count, strict=strict),
     ],
     output_features=tasks.output_features(vocab),

@@ -431,6 +431,18 @@ def text_documents(
   return dataset.map(example, num_parallel_calls=tf.data.AUTOTUNE)
 
 
+def drop_without_loss(dataset: tf.data.Dataset, reason: str) -> tf.data.Dataset:
+  """After `trim`: an example left without a loss-carrying token (a prompt as
+  long as the row) teaches nothing but fills a row: counted as `reason` and dropped."""
+
+  @tf.autograph.experimental.do_not_convert
+  def example(x):
+    cut = tf.equal(tf.reduce_sum(x["loss_weights"]), 0) & ~x["_drop"]
+    return quality.with_issues(x, quality.issue(reason, cut), cut)
+
+  return dataset.map(example, num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def trim(dataset: tf.data.Dataset, sequence_length: dict[str, int]) -> tf.data.Dataset:
   """Fits each sequence into `sequence_length["targets"]` tokens,
   `sequence_length["images"]` images and (when given) `["modalities"]`
