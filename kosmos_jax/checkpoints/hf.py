@@ -236,7 +236,7 @@ def key_map(cfg: ml_collections.ConfigDict) -> list[tuple[str, tuple[str, ...], 
   return entries
 
 
-def _to_ours(x: np.ndarray, layout: str) -> np.ndarray:
+def to_ours(x: np.ndarray, layout: str) -> np.ndarray:
   return {"linear": lambda a: a.T, "conv": lambda a: a.transpose(2, 3, 1, 0), "same": lambda a: a}[
     layout
   ](x)
@@ -248,7 +248,7 @@ def _to_hf(x: np.ndarray, layout: str) -> np.ndarray:
   ](x)
 
 
-def _nested_set(tree: dict, path: tuple[str, ...], value) -> None:
+def nested_set(tree: dict, path: tuple[str, ...], value) -> None:
   for p in path[:-1]:
     tree = tree.setdefault(p, {})
   tree[path[-1]] = value
@@ -301,13 +301,13 @@ def hf_to_params(
   for hf_key, path, layer, layout in tqdm.tqdm(
     entries, desc="converting", unit="tensor", disable=not progress
   ):
-    value = _to_ours(np.asarray(tensors[hf_key]), layout)
+    value = to_ours(np.asarray(tensors[hf_key]), layout)
     if layer is None:
-      _nested_set(params, path, value)
+      nested_set(params, path, value)
     else:
       stacks.setdefault(path, []).append(value)
   for path, values in stacks.items():
-    _nested_set(params, path, np.stack(values))
+    nested_set(params, path, np.stack(values))
 
   if expected_shapes is not None:
     bad = []
@@ -372,7 +372,7 @@ def read_hf_dir(
         f"{pickle_file}: pickle checkpoints can run code when loaded and are "
         "refused; convert to safetensors or pass --allow-pickle"
       )
-    return hf_config, _read_pickle(pickle_file)
+    return hf_config, read_pickle(pickle_file)
   else:
     raise FileNotFoundError(
       f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin"
@@ -387,7 +387,7 @@ def read_hf_dir(
   return hf_config, tensors
 
 
-def _read_pickle(path: str) -> dict[str, np.ndarray]:
+def read_pickle(path: str) -> dict[str, np.ndarray]:
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:

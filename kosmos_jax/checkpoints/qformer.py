@@ -134,17 +134,11 @@ def qformer_from_hf(tensors: dict, cfg) -> dict:
     )
   params = {}
   for key, path, fn in entries:
-    _nested_set(params, path, fn(np.asarray(tensors[key])))
+    hf.nested_set(params, path, fn(np.asarray(tensors[key])))
   bad = list(_shape_mismatches(params, qformer.abstract_params(cfg)))
   if bad:
     raise ConversionError("shape mismatch:\n  " + "\n  ".join(bad))
   return params
-
-
-def _nested_set(tree: dict, path: tuple, value) -> None:
-  for p in path[:-1]:
-    tree = tree.setdefault(p, {})
-  tree[path[-1]] = value
 
 
 def _shape_mismatches(params: dict, expected: dict, prefix=()):

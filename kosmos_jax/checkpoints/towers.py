@@ -1,24 +1,29 @@
-"""DINOv2 and SigLIP tower weights (models/towers.py) from outside checkpoints.
+"""DINOv2, SigLIP, ViT and EVA tower weights (models/towers.py) from outside checkpoints.
 
-Sources: transformers state dicts of Dinov2Model and SiglipVisionModel (also
-with the `dinov2.` / `vision_model.` prefix of a bigger model's state dict,
-and DINOv2's pre-v5 key names that hub files still carry), and big_vision
-`.npz` SigLIP checkpoints (the `img` tower, looped `encoderblock_{i}` or
-scanned `encoderblock` layout). The result is a nested dict in our layout,
-layers stacked on axis 0, for `towers.from_params`.
+Sources: transformers state dicts of Dinov2Model, SiglipVisionModel,
+ViTModel and Blip2VisionModel (BLIP-2's EVA ViT-g) (also with the `dinov2.`
+/ `vision_model.` / `vit.` prefix of a bigger model's state dict, and the
+pre-v5 key names that hub files still carry), and `.npz` checkpoints of
+big_vision (SigLIP's `img` tower, plain ViTs) and of
+google-research/vision_transformer (the augreg ViTs), looped
+`encoderblock_{i}` or scanned `encoderblock` layout. The result is a nested
+dict in our layout, layers stacked on axis 0, for `towers.from_params`.
 
 Like the Kosmos-2 converter, nothing is dropped or initialised silently: a
 key that is neither mapped nor named below as ignored, or a missing key, or a
 shape that differs from the tower's, raises with the keys listed.
 """
 
+import json
 import math
+import os
 import re
 from collections.abc import Callable
 
 import ml_collections
 import ml_dtypes
 import numpy as np
+import safetensors
 
 from kosmos_jax.checkpoints import hf
 from kosmos_jax.checkpoints.hf import ConversionError
@@ -88,6 +93,49 @@ def siglip_config_from_hf(hf: dict) -> ml_collections.ConfigDict:
   )
 
 
+def vit_config_from_hf(hf: dict) -> ml_collections.ConfigDict:
+  """Tower config from a transformers ViTConfig dict (`config.json`)."""
+  if hf.get("model_type") not in ("vit", None):
+    raise ConversionError(f"config model_type {hf.get('model_type')!r} is not 'vit'")
+  if not hf.get("qkv_bias", True):
+    raise ConversionError("ViTConfig qkv_bias=False is not supported (released ViTs have biases)")
+  return towers.vit_config(
+    width=hf.get("hidden_size", 768),
+    depth=hf.get("num_hidden_layers", 12),
+    heads=hf.get("num_attention_heads", 12),
+    mlp_dim=hf.get("intermediate_size", 3072),
+    mlp=hf.get("hidden_act", "gelu"),
+    image_size=_side(hf.get("image_size", 224)),
+    patch_size=_side(hf.get("patch_size", 16)),
+    num_channels=hf.get("num_channels", 3),
+    layer_norm_eps=hf.get("layer_norm_eps", 1e-12),  # ViTConfig's default, not flax's
+  )
+
+
+def eva_config_from_hf(hf: dict) -> ml_collections.ConfigDict:
+  """EVA tower config from a Blip2VisionConfig dict, or a Blip2Config's (its
+  `vision_config`; BLIP-2's hub files spell out only what differs from the
+  defaults, which are the release's)."""
+  v = hf.get("vision_config", hf)
+  if hf.get("model_type") not in ("blip-2", "blip_2_vision_model", None):
+    raise ConversionError(f"config model_type {hf.get('model_type')!r} is not a BLIP-2 model")
+  if not v.get("qkv_bias", True):
+    raise ConversionError(
+      "Blip2VisionConfig qkv_bias=False is not supported (released BLIP-2 has biases)"
+    )
+  return towers.eva_config(
+    width=v.get("hidden_size", 1408),
+    depth=v.get("num_hidden_layers", 39),
+    heads=v.get("num_attention_heads", 16),
+    mlp_dim=v.get("intermediate_size", 6144),
+    mlp=v.get("hidden_act", "gelu"),
+    image_size=_side(v.get("image_size", 224)),
+    patch_size=_side(v.get("patch_size", 14)),
+    num_channels=v.get("num_channels", 3),
+    layer_norm_eps=v.get("layer_norm_eps", 1e-6),
+  )
+
+
 def _side(size) -> int:
   if isinstance(size, (list, tuple)):
     if size[0] != size[1]:
@@ -141,39 +189,41 @@ def _convert(tensors: dict, entries: list[Entry], ignored: re.Pattern, cfg) -> d
       f"  missing ({len(missing)}): {missing[:20]}\n"
       f"  unexpected ({len(unexpected)}): {unexpected[:20]}"
     )
-  params, stacks = {}, {}
+  expected, params, stacks, bad = towers.abstract_params(cfg), {}, {}, []
   for key, path, layer, fn in entries:
-    value = fn(np.asarray(tensors[key]))
-    if layer is None:
-      _nested_set(params, path, value)
+    want = _nested_get(expected, path).shape[0 if layer is None else 1 :]
+    value = _converted(tensors[key], fn, want)
+    if value is None:  # checked per array: a bad layer would otherwise fail np.stack
+      bad.append(f"{key} -> {'/'.join(path)}: checkpoint {np.shape(tensors[key])} vs tower {want}")
+    elif layer is None:
+      hf.nested_set(params, path, value)
     else:
       stacks.setdefault(path, []).append(value)
+  if bad:
+    raise ConversionError(
+      "shape mismatch (tower shapes in our layout; stacked layers: one layer's):\n  "
+      + "\n  ".join(bad[:20])
+      + "\n(a position table of another grid loads with position_grid set to its side; "
+      "the tower then resizes it to image_size)"
+    )
   for path, values in stacks.items():
-    _nested_set(params, path, np.stack(values))
-  _check_shapes(params, towers.abstract_params(cfg), cfg)
+    hf.nested_set(params, path, np.stack(values))
   return params
 
 
-def _nested_set(tree: dict, path: tuple[str, ...], value) -> None:
-  for p in path[:-1]:
-    tree = tree.setdefault(p, {})
-  tree[path[-1]] = value
+def _converted(array, fn, want: tuple) -> np.ndarray | None:
+  """fn(array) if it has the shape `want`, else None."""
+  try:
+    value = fn(np.asarray(array))
+  except (ValueError, IndexError):  # e.g. a reshape that the wrong shape cannot take
+    return None
+  return value if tuple(value.shape) == tuple(want) else None
 
 
-def _check_shapes(params: dict, expected: dict, cfg, prefix=()) -> None:
-  bad = []
-  for key, value in params.items():
-    if isinstance(value, dict):
-      _check_shapes(value, expected[key], cfg, (*prefix, key))
-    elif tuple(value.shape) != tuple(expected[key].shape):
-      bad.append(
-        f"{'/'.join((*prefix, key))}: checkpoint {value.shape} vs tower {expected[key].shape}"
-      )
-  if bad:
-    raise ConversionError(
-      "shape mismatch:\n  " + "\n  ".join(bad) + "\n(a position table of another grid loads with "
-      "position_grid set to its side; the tower then resizes it to image_size)"
-    )
+def _nested_get(tree: dict, path: tuple[str, ...]):
+  for p in path:
+    tree = tree[p]
+  return tree
 
 
 # --------------------------------------------------------------------------- DINOv2
@@ -280,10 +330,163 @@ def siglip_from_hf(tensors: dict, cfg) -> dict:
   return _convert(tensors, siglip_key_map(cfg), re.compile(ignored), cfg)
 
 
-# --------------------------------------------------------------------------- SigLIP, big_vision
+# --------------------------------------------------------------------------- ViT, transformers
+
+# transformers before v5 (and the hub's google/vit-* files): old -> new names,
+# in this order (the attention's `output.dense` goes before the MLP's).
+_VIT_RENAMES = (
+  ("encoder.layer.", "layers."),
+  (".attention.attention.query.", ".attention.q_proj."),
+  (".attention.attention.key.", ".attention.k_proj."),
+  (".attention.attention.value.", ".attention.v_proj."),
+  (".attention.output.dense.", ".attention.o_proj."),
+  (".intermediate.dense.", ".mlp.fc1."),
+  (".output.dense.", ".mlp.fc2."),
+)
+# mask_token: masked-image modelling only; pooler: a Dense + tanh after the tower.
+_VIT_IGNORED = re.compile(r"embeddings\.mask_token|pooler\..*")
 
 
-_IMG_PREFIXES = ("params/img/", "img/", "")
+def _vit_modern(tensors: dict) -> dict:
+  out = {}
+  for key, value in tensors.items():
+    for old, new in _VIT_RENAMES:
+      key = key.replace(old, new)
+    out[key] = value
+  return out
+
+
+def vit_key_map(cfg) -> list[Entry]:
+  """Every tensor of a transformers ViTModel and where it lives in ours."""
+  entries = [
+    ("embeddings.cls_token", ("cls_token",), None, _row),
+    # [1, 1 + grid², d]: a class-token row first, as our class-token towers'.
+    ("embeddings.position_embeddings", ("position_embedding",), None, _rows),
+    ("embeddings.patch_embeddings.projection.weight", ("patch_embedding", "kernel"), None, _conv),
+    ("embeddings.patch_embeddings.projection.bias", ("patch_embedding", "bias"), None, _same),
+    *_norm_entries("layernorm", ("norm",)),
+  ]
+  for i in range(cfg.depth):
+    src = f"layers.{i}"
+    entries += _norm_entries(f"{src}.layernorm_before", ("layers", "norm1"), i)
+    entries += _norm_entries(f"{src}.layernorm_after", ("layers", "norm2"), i)
+    for ours, theirs in zip(("q_proj", "k_proj", "v_proj", "out_proj"), "qkvo"):
+      entries += _linear_entries(f"{src}.attention.{theirs}_proj", ("layers", "attn", ours), i)
+    for name in ("fc1", "fc2"):
+      entries += _linear_entries(f"{src}.mlp.{name}", ("layers", "mlp", name), i)
+  return entries
+
+
+def vit_from_hf(tensors: dict, cfg) -> dict:
+  """transformers ViTModel state dict (numpy arrays; keys bare or under `vit.`
+  as in ViTForImageClassification; v5 or older names) -> our params."""
+  if not cfg.class_token or cfg.head:
+    raise ConversionError("a transformers ViTModel has a class token and no MAP head")
+  tensors = _strip_prefix(tensors, "embeddings.cls_token", ("", "vit."))
+  return _convert(_vit_modern(tensors), vit_key_map(cfg), _VIT_IGNORED, cfg)
+
+
+# --------------------------------------------------------------------------- EVA (BLIP-2)
+
+# Under `vision_model.` in a whole BLIP-2's state dict; the keys beside it
+# (qformer., query_tokens: checkpoints/qformer.py; language_model.,
+# language_projection.: not a tower's) are never read.
+_EVA_PREFIXES = ("", "vision_model.")
+_EVA_MARKER = "embeddings.class_embedding"
+_NOTHING = re.compile(r"(?!)")  # a Blip2VisionModel has no buffers to skip
+
+
+def _eva_fused_bias(tensors: dict) -> dict:
+  """LAVIS's per-layer `q_bias` / `v_bias` (the names of early conversions)
+  -> transformers' fused `qkv.bias` [q; 0; v], as transformers' own
+  conversion builds it; dicts that already have `qkv.bias` pass unchanged."""
+  out = dict(tensors)
+  for key in [k for k in tensors if k.endswith(".self_attn.q_bias")]:
+    block = key[: -len("q_bias")]
+    if block + "v_bias" not in tensors:
+      continue  # reported as unexpected by _convert, with qkv.bias missing
+    if block + "qkv.bias" in tensors:
+      raise ConversionError(f"{block}q_bias/v_bias and {block}qkv.bias: two key layouts at once")
+    q, v = np.asarray(out.pop(key)), np.asarray(out.pop(block + "v_bias"))
+    out[block + "qkv.bias"] = np.concatenate([q, np.zeros_like(q), v])
+  return out
+
+
+def _qkv_entries(src, ours, layer, width) -> list[Entry]:
+  """The fused torch `qkv` Linear [3 * width, width] (q, k, v rows in that
+  order, transformers' Blip2Attention) -> our separate projections."""
+  entries = []
+  for n, name in enumerate(("q_proj", "k_proj", "v_proj")):
+    rows = slice(n * width, (n + 1) * width)
+    weight, bias = (lambda a, r=rows: a[r].T), (lambda a, r=rows: a[r])
+    entries.append((f"{src}.qkv.weight", (*ours, name, "kernel"), layer, weight))
+    entries.append((f"{src}.qkv.bias", (*ours, name, "bias"), layer, bias))
+  return entries
+
+
+def eva_key_map(cfg) -> list[Entry]:
+  """Every tensor of a transformers Blip2VisionModel and where it lives in ours."""
+  entries = [
+    ("embeddings.class_embedding", ("cls_token",), None, _row),
+    ("embeddings.position_embedding", ("position_embedding",), None, _rows),  # class row first
+    ("embeddings.patch_embedding.weight", ("patch_embedding", "kernel"), None, _conv),
+    ("embeddings.patch_embedding.bias", ("patch_embedding", "bias"), None, _same),
+    *_norm_entries("post_layernorm", ("norm",)),
+  ]
+  for i in range(cfg.depth):
+    src = f"encoder.layers.{i}"
+    entries += _norm_entries(f"{src}.layer_norm1", ("layers", "norm1"), i)
+    entries += _norm_entries(f"{src}.layer_norm2", ("layers", "norm2"), i)
+    entries += _qkv_entries(f"{src}.self_attn", ("layers", "attn"), i, cfg.width)
+    entries += _linear_entries(f"{src}.self_attn.projection", ("layers", "attn", "out_proj"), i)
+    for name in ("fc1", "fc2"):
+      entries += _linear_entries(f"{src}.mlp.{name}", ("layers", "mlp", name), i)
+  return entries
+
+
+def eva_from_hf(tensors: dict, cfg) -> dict:
+  """transformers Blip2VisionModel state dict (numpy arrays; keys bare, or
+  under `vision_model.` as in Blip2Model / Blip2ForConditionalGeneration
+  files, whose other keys are not read) -> our params."""
+  if cfg.kind != "eva" or not cfg.class_token or cfg.head or cfg.layer_scale is not None:
+    raise ConversionError("a Blip2VisionModel loads into an eva_config tower")
+  tensors = _eva_fused_bias(_strip_prefix(tensors, _EVA_MARKER, _EVA_PREFIXES))
+  return _convert(tensors, eva_key_map(cfg), _NOTHING, cfg)
+
+
+def _read_vision_model(path: str) -> dict | None:
+  """Only the `vision_model.` tensors of a whole BLIP-2's safetensors
+  snapshot (its LLM is many times the tower's size), or None where the
+  snapshot is not that (then hf.read_hf_dir reads or explains)."""
+  index = os.path.join(path, "model.safetensors.index.json")
+  single = os.path.join(path, "model.safetensors")
+  if os.path.isfile(index):
+    with open(index) as f:
+      weight_map = json.load(f)["weight_map"]
+  elif os.path.isfile(single):
+    with safetensors.safe_open(single, "numpy") as f:
+      weight_map = dict.fromkeys(f.keys(), "model.safetensors")
+  else:
+    return None
+  by_file = {}
+  for key, name in weight_map.items():
+    if key.startswith("vision_model."):
+      by_file.setdefault(name, []).append(key)
+  if not by_file:
+    return None
+  tensors = {}
+  for name, keys in sorted(by_file.items()):
+    with safetensors.safe_open(os.path.join(path, name), "numpy") as f:
+      tensors.update({k: f.get_tensor(k) for k in keys})
+  return tensors
+
+
+# --------------------------------------------------------------------------- big_vision
+
+
+# SigLIP / PaliGemma files keep the tower under `img`; a ViT's is the root,
+# under `params/` in a full training checkpoint.
+_IMG_PREFIXES = ("params/img/", "img/", "params/", "")
 
 
 def read_npz(path: str, prefix: str = "") -> dict[str, np.ndarray]:
@@ -313,26 +516,29 @@ def _img_tree(arrays: dict, prefix: str | None) -> dict:
   return out
 
 
-def siglip_config_from_big_vision(arrays: dict, prefix: str | None = None, **overrides):
-  """A SigLIP tower config read off a big_vision checkpoint's shapes
-  (big_vision keeps no config beside the weights); **overrides e.g. head."""
-  tree = _img_tree(arrays, prefix)
+def _shapes(tree: dict, grid: int) -> dict:
+  """The config fields that a big_vision ViT tree's shapes tell (big_vision
+  keeps no config beside the weights)."""
   p, _, c, width = tree["embedding/kernel"].shape
-  grid = math.isqrt(tree["pos_embedding"].shape[-2])
   block = "Transformer/encoderblock_0/"
-  return towers.siglip_config(
-    **{
-      "width": width,
-      "patch_size": p,
-      "num_channels": c,
-      "image_size": grid * p,
-      "depth": sum(1 for k in tree if k.endswith("/LayerNorm_0/scale") and "encoderblock_" in k),
-      "heads": tree[block + "MultiHeadDotProductAttention_0/query/kernel"].shape[1],
-      "mlp_dim": tree[block + "MlpBlock_0/Dense_0/kernel"].shape[-1],
-      "head": "MAPHead_0/probe" in tree,
-      **overrides,
-    }
-  )
+  return {
+    "width": width,
+    "patch_size": p,
+    "num_channels": c,
+    "image_size": grid * p,
+    "depth": sum(1 for k in tree if k.endswith("/LayerNorm_0/scale") and "encoderblock_" in k),
+    "heads": tree[block + "MultiHeadDotProductAttention_0/query/kernel"].shape[1],
+    "mlp_dim": tree[block + "MlpBlock_0/Dense_0/kernel"].shape[-1],
+    "head": "MAPHead_0/probe" in tree,
+  }
+
+
+def siglip_config_from_big_vision(arrays: dict, prefix: str | None = None, **overrides):
+  """A SigLIP tower config read off a big_vision checkpoint's shapes;
+  **overrides e.g. head."""
+  tree = _img_tree(arrays, prefix)
+  grid = math.isqrt(tree["pos_embedding"].shape[-2])
+  return towers.siglip_config(**{**_shapes(tree, grid), **overrides})
 
 
 def _bv_attention(src, ours, layer=None) -> list[Entry]:
@@ -360,13 +566,16 @@ def _bv_norm(src, ours, layer=None) -> list[Entry]:
 
 
 def big_vision_key_map(cfg) -> list[Entry]:
-  """Every array of big_vision's looped SigLIP `img` tree and where it lives in ours."""
+  """Every array of big_vision's looped ViT tree (SigLIP's `img` tower, or a
+  plain ViT's) and where it lives in ours."""
   entries = [
     ("embedding/kernel", ("patch_embedding", "kernel"), None, _same),  # already HWIO
     ("embedding/bias", ("patch_embedding", "bias"), None, _same),
     ("pos_embedding", ("position_embedding",), None, _rows),
     *_bv_norm("Transformer/encoder_norm", ("norm",)),
   ]
+  if cfg.class_token:
+    entries.append(("cls", ("cls_token",), None, _row))
   for i in range(cfg.depth):
     src = f"Transformer/encoderblock_{i}"
     entries += _bv_norm(f"{src}/LayerNorm_0", ("layers", "norm1"), i)
@@ -394,13 +603,136 @@ def siglip_from_big_vision(arrays: dict, cfg, prefix: str | None = None) -> dict
   return _convert(_img_tree(arrays, prefix), big_vision_key_map(cfg), re.compile(ignored), cfg)
 
 
+# --------------------------------------------------------------------------- ViT, big_vision
+
+# Where the position table lives: big_vision's vit.py; google-research/
+# vision_transformer's (the augreg files); big_vision's name for the latter
+# in its files from before 2022.
+_POSEMB_KEYS = (
+  "pos_embedding",
+  "Transformer/posembed_input/pos_embedding",
+  "Transformer/pos_embedding",
+)
+# vision_transformer's files keep the pre-linen module numbering, counted
+# across module types within a block; big_vision's count per type (what
+# flax's convert_pre_linen turns the former into).
+_PRE_LINEN = {
+  "LayerNorm_2": "LayerNorm_1",
+  "MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0",
+  "MlpBlock_3": "MlpBlock_0",
+}
+_BLOCK = re.compile(r"(Transformer/encoderblock_\d+/)([^/]+)(/.*)")
+
+
+def _vit_tree(arrays: dict, prefix: str | None) -> dict:
+  """A big_vision or vision_transformer ViT tree in big_vision's naming,
+  layers looped, the position table at `pos_embedding`."""
+  tree = _img_tree(arrays, prefix)
+  tables = [k for k in _POSEMB_KEYS if k in tree]
+  if len(tables) != 1:
+    raise ConversionError(
+      f"expected one position table of {list(_POSEMB_KEYS)}, found {tables}"
+      + ("" if tables else " (big_vision's fixed sincos2d positions are not supported)")
+    )
+  pre_linen = any("/MultiHeadDotProductAttention_1/" in k for k in tree)
+  out, source = {}, {}
+  for key, value in tree.items():
+    new = "pos_embedding" if key == tables[0] else key
+    block = _BLOCK.fullmatch(key)
+    if pre_linen and block and block[2] in _PRE_LINEN:
+      new = block[1] + _PRE_LINEN[block[2]] + block[3]
+    if new in out:
+      raise ConversionError(f"{source[new]!r} and {key!r} both name {new!r}: mixed naming")
+    out[new], source[new] = value, key
+  return out
+
+
+def _grid_of(rows: int) -> tuple[int, bool]:
+  """(grid side, whether a class-token row leads) of a position table."""
+  for class_row in (False, True):
+    side = math.isqrt(rows - class_row)
+    if side * side == rows - class_row:
+      return side, class_row
+  raise ConversionError(f"pos_embedding of {rows} rows: neither a square grid nor 1 + one")
+
+
+def vit_config_from_big_vision(arrays: dict, prefix: str | None = None, **overrides):
+  """A ViT tower config read off a big_vision or vision_transformer
+  checkpoint's shapes; **overrides e.g. mlp, layer_norm_eps."""
+  tree = _vit_tree(arrays, prefix)
+  grid, class_row = _grid_of(tree["pos_embedding"].shape[-2])
+  if class_row and "cls" not in tree:
+    raise ConversionError("pos_embedding has a class-token row, but there is no `cls`")
+  # Both repositories' MlpBlock use flax's nn.gelu: the tanh approximation.
+  return towers.vit_config(
+    **{
+      **_shapes(tree, grid),
+      "class_token": "cls" in tree,
+      "mlp": "gelu_pytorch_tanh",
+      **overrides,
+    }
+  )
+
+
+def _class_row(table: np.ndarray, cfg) -> np.ndarray:
+  """big_vision adds the positions before prepending the class token, so its
+  table has no class-token row; ours has (towers.vit_config). Adding a zero
+  row is exact."""
+  table = _rows(np.asarray(table))
+  if cfg.class_token and table.shape[0] == towers.table_grid(cfg) ** 2:
+    table = np.concatenate([np.zeros_like(table[:1]), table])
+  return table
+
+
+def vit_from_big_vision(arrays: dict, cfg, prefix: str | None = None) -> dict:
+  """big_vision / vision_transformer ViT arrays (`read_npz`; the tree found
+  under `params/img/`, `img/`, `params/` or the root, or under `prefix`) ->
+  our params. Ignored: `head/*`, `pre_logits/*` (classifier layers after the
+  tower) and, with cfg.head False, `MAPHead_0/*`."""
+  tree = _vit_tree(arrays, prefix)
+  tree["pos_embedding"] = _class_row(tree["pos_embedding"], cfg)
+  ignored = r"head/.*|pre_logits/.*" + ("" if cfg.head else r"|MAPHead_0/.*")
+  return _convert(tree, big_vision_key_map(cfg), re.compile(ignored), cfg)
+
+
+def npz_kind(arrays: dict, prefix: str | None = None) -> str:
+  """The tower kind of a big_vision tree: "vit" with a class token (`cls`)
+  or vision_transformer's names, else "siglip". A big_vision ViT without class token ("gap" / "map"
+  pooling) thus reads as "siglip": SigLIP's image tower is that same network
+  (same activation, norms and [-1, 1] inputs); pass kind="vit" to label it so."""
+  tree = _img_tree(arrays, prefix)
+  old = any(k in tree for k in _POSEMB_KEYS[1:]) or any(
+    "/MultiHeadDotProductAttention_1/" in k for k in tree
+  )
+  return "vit" if "cls" in tree or old else "siglip"
+
+
 # --------------------------------------------------------------------------- files
 
 
+def _read_hf_dir(path: str, allow_pickle: bool) -> tuple[dict, dict]:
+  """(config.json, tensors) of a snapshot; of a whole BLIP-2's, only the
+  vision model's tensors."""
+  config_path = os.path.join(path, "config.json")
+  if os.path.isfile(config_path):
+    with open(config_path) as f:
+      hf_config = json.load(f)
+    if hf_config.get("model_type") == "blip-2":
+      tensors = _read_vision_model(path)
+      if tensors is not None:
+        return hf_config, tensors
+  return hf.read_hf_dir(path, allow_pickle=allow_pickle)
+
+
+_HF_KINDS = ("dinov2", "siglip", "siglip_vision_model", "vit", "blip-2", "blip_2_vision_model")
+
+
 def tower_from_hf_dir(path: str, *, allow_pickle: bool = False, **kw) -> towers.VisionTower:
-  """A DINOv2 or SigLIP tower from a transformers snapshot directory
-  (`config.json` + safetensors); **kw: dtype, param_dtype, remat, attention."""
-  hf_config, tensors = hf.read_hf_dir(path, allow_pickle=allow_pickle)
+  """A DINOv2, SigLIP, ViT or EVA tower from a transformers snapshot
+  directory (`config.json` + safetensors; of a whole BLIP-2, only its
+  `vision_model.` tensors are read); **kw: dtype, param_dtype, remat,
+  attention."""
+  hf_config, tensors = _read_hf_dir(path, allow_pickle)
   kind = hf_config.get("model_type")
   if kind == "dinov2":
     cfg = dinov2_config_from_hf(hf_config)
@@ -408,17 +740,30 @@ def tower_from_hf_dir(path: str, *, allow_pickle: bool = False, **kw) -> towers.
   if kind in ("siglip", "siglip_vision_model"):
     cfg = siglip_config_from_hf(hf_config)
     return towers.from_params(cfg, siglip_from_hf(tensors, cfg), **kw)
-  raise ConversionError(
-    f"{path}: model_type {kind!r} is not 'dinov2', 'siglip' or 'siglip_vision_model'"
-  )
+  if kind == "vit":
+    cfg = vit_config_from_hf(hf_config)
+    return towers.from_params(cfg, vit_from_hf(tensors, cfg), **kw)
+  if kind in ("blip-2", "blip_2_vision_model"):
+    cfg = eva_config_from_hf(hf_config)
+    return towers.from_params(cfg, eva_from_hf(tensors, cfg), **kw)
+  raise ConversionError(f"{path}: model_type {kind!r} is not one of {list(_HF_KINDS)}")
 
 
-def tower_from_npz(path: str, prefix: str | None = None, **kw) -> towers.VisionTower:
-  """A SigLIP tower from a big_vision `.npz`, its config read off the shapes;
-  **kw: dtype, param_dtype, remat, attention."""
+def tower_from_npz(
+  path: str, prefix: str | None = None, kind: str | None = None, **kw
+) -> towers.VisionTower:
+  """A SigLIP or ViT tower from a big_vision / vision_transformer `.npz`, its
+  config read off the shapes; kind None: `npz_kind`'s guess; **kw: dtype,
+  param_dtype, remat, attention."""
   if prefix is None:
     with np.load(path, allow_pickle=False) as f:
       prefix = _find_prefix(f.files, "embedding/kernel", _IMG_PREFIXES)
   arrays = read_npz(path, prefix)
-  cfg = siglip_config_from_big_vision(arrays, prefix)
-  return towers.from_params(cfg, siglip_from_big_vision(arrays, cfg, prefix), **kw)
+  kind = kind or npz_kind(arrays, prefix)
+  if kind == "vit":
+    cfg = vit_config_from_big_vision(arrays, prefix)
+    return towers.from_params(cfg, vit_from_big_vision(arrays, cfg, prefix), **kw)
+  if kind == "siglip":
+    cfg = siglip_config_from_big_vision(arrays, prefix)
+    return towers.from_params(cfg, siglip_from_big_vision(arrays, cfg, prefix), **kw)
+  raise ConversionError(f"{path}: kind {kind!r} is not 'vit' or 'siglip'")

@@ -8,11 +8,21 @@
   SigLIP (transformers' SiglipVisionModel, big_vision's `img` tower): conv
     patches with bias, no class token, tanh-GELU MLP, `post_layernorm`.
     Output [b, grid², width]; `pool` is the optional MAP head ([b, width]).
+  ViT (transformers' ViTModel, big_vision's and google-research/
+    vision_transformer's `vit.py`): conv patches with bias, a class token
+    (none for big_vision's "gap"/"map" pooling), GELU MLP, final norm
+    (`layernorm`, big_vision `Transformer/encoder_norm`). Output as DINOv2's.
+  EVA (BLIP-2's EVA ViT-g/14, transformers' Blip2VisionModel): conv patches
+    with bias, class token, learned positions with a class row, exact-GELU
+    MLP, `post_layernorm` on every token. Output as DINOv2's (257 x 1408 at
+    224 px), what BLIP-2's Q-Former reads. Its fused `qkv` projection (no key
+    bias) loads into separate q/k/v projections (the key's bias as stored,
+    zero in BLIP-2's releases): the same attention, so one block for all.
 
 Any input whose sides are multiples of the patch size runs: when its grid is
 not the position table's, the patch rows are resized bicubically, exactly as
-transformers' `interpolate_pos_encoding` (DINOv2 always does; SigLIP with
-`interpolate_pos_encoding=True`). Checkpoint loading is in
+transformers' `interpolate_pos_encoding` (DINOv2 always does; SigLIP, ViT and
+EVA with `interpolate_pos_encoding=True`). Checkpoint loading is in
 `kosmos_jax/checkpoints/towers.py`.
 """
 
@@ -45,6 +55,22 @@ SIGLIP_VARIANTS = {
   "So400m/14": dict(width=1152, depth=27, heads=16, mlp_dim=4304, patch_size=14),
 }
 
+# big_vision's decode_variant (Table 2 of arXiv:2106.04560) with the usual patches.
+VIT_VARIANTS = {
+  "Ti/16": dict(width=192, depth=12, heads=3, mlp_dim=768, patch_size=16),
+  "S/16": dict(width=384, depth=12, heads=6, mlp_dim=1536, patch_size=16),
+  "B/16": dict(width=768, depth=12, heads=12, mlp_dim=3072, patch_size=16),
+  "B/32": dict(width=768, depth=12, heads=12, mlp_dim=3072, patch_size=32),
+  "L/16": dict(width=1024, depth=24, heads=16, mlp_dim=4096, patch_size=16),
+  "L/14": dict(width=1024, depth=24, heads=16, mlp_dim=4096, patch_size=14),
+}
+
+# BLIP-2's vision encoder (transformers' Blip2VisionConfig defaults, the
+# Salesforce/blip2-* releases): EVA-CLIP ViT-g/14 without its last block.
+EVA_VARIANTS = {
+  "g/14": dict(width=1408, depth=39, heads=16, mlp_dim=6144, patch_size=14),
+}
+
 
 def _config(base: dict, variant: dict, overrides: dict) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict({**base, **variant})
@@ -68,6 +94,7 @@ def dinov2_config(variant: str = "g/14", **overrides) -> ml_collections.ConfigDi
     class_token=True,
     position_grid=None,  # side of the position table's grid; None: image_size // patch_size
     head=False,
+    channel_mix=True,  # models/mixing.py: False feeds a Q-Former only
   )
   return _config(base, DINOV2_VARIANTS[variant], overrides)
 
@@ -84,8 +111,49 @@ def siglip_config(variant: str = "So400m/14", **overrides) -> ml_collections.Con
     class_token=False,
     position_grid=None,
     head=False,
+    channel_mix=True,
   )
   return _config(base, SIGLIP_VARIANTS[variant], overrides)
+
+
+def vit_config(variant: str = "B/16", **overrides) -> ml_collections.ConfigDict:
+  """Plain ViT tower config. The position table has a class-token row when
+  class_token is set, as transformers' ViTModel; big_vision adds its table
+  before prepending the class token (no such row), so its loader puts a zero
+  row there: exact, and one layout for both sources (checkpoints/towers.py)."""
+  base = dict(
+    kind="vit",
+    image_size=224,
+    num_channels=3,
+    # Exact GELU: transformers' ViTConfig; big_vision trained with flax's
+    # tanh approximation, which vit_config_from_big_vision picks.
+    mlp="gelu",
+    layer_norm_eps=1e-6,  # flax's default (transformers' config.json: 1e-12)
+    layer_scale=None,
+    class_token=True,  # big_vision pool_type "tok"; False for "gap" / "map"
+    position_grid=None,
+    head=False,  # True: big_vision's MAP head ("map" pooling)
+    channel_mix=True,
+  )
+  return _config(base, VIT_VARIANTS[variant], overrides)
+
+
+def eva_config(variant: str = "g/14", **overrides) -> ml_collections.ConfigDict:
+  """BLIP-2's EVA image tower config (g/14 at 224 px: 257 tokens of 1408).
+  SPHINX feeds it to the Q-Former only: pass channel_mix=False there."""
+  base = dict(
+    kind="eva",
+    image_size=224,
+    num_channels=3,
+    mlp="gelu",  # Blip2VisionConfig hidden_act: exact GELU
+    layer_norm_eps=1e-6,  # Blip2VisionConfig's default, also post_layernorm's
+    layer_scale=None,
+    class_token=True,
+    position_grid=None,
+    head=False,
+    channel_mix=True,
+  )
+  return _config(base, EVA_VARIANTS[variant], overrides)
 
 
 def table_grid(cfg) -> int:
@@ -202,8 +270,9 @@ class PatchEmbed(nnx.Module):
 
 
 class VisionTower(nnx.Module):
-  """A DINOv2 or SigLIP image tower (see the module doc); config from
-  `dinov2_config` / `siglip_config` or the checkpoint readers."""
+  """A DINOv2, SigLIP, ViT or EVA image tower (see the module doc); config
+  from `dinov2_config` / `siglip_config` / `vit_config` / `eva_config` or the
+  checkpoint readers."""
 
   def __init__(
     self, cfg, *, rngs, dtype=jnp.float32, param_dtype=jnp.float32, remat="none", attention="xla"

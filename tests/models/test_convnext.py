@@ -11,6 +11,7 @@ from flax import nnx
 from kosmos_jax.checkpoints import convnext as ckpt
 from kosmos_jax.checkpoints.hf import ConversionError
 from kosmos_jax.models import convnext
+from tests.helpers import parity
 
 TOL = 1e-4  # max abs difference, relative to the largest output
 # Compiled once per shape: eager runs retrace every stage's scan per call.
@@ -23,28 +24,14 @@ def tiny():
   hf = transformers.ConvNextConfig(
     depths=[1, 1, 2, 1], hidden_sizes=[8, 16, 32, 64], image_size=64, layer_norm_eps=1e-6
   )
-  model = transformers.ConvNextModel(hf).eval()
-  torch.manual_seed(0)
-  with torch.no_grad():  # every parameter random and O(1) activations, no trivial 0 or 1
-    for name, p in model.named_parameters():
-      if name.endswith("layer_scale_parameter") or ("norm" in name and name.endswith("weight")):
-        p.copy_(1.0 + 0.2 * torch.randn_like(p))
-      elif p.ndim >= 2:
-        p.copy_(torch.randn_like(p) * p[0].numel() ** -0.5)
-      else:
-        p.copy_(0.3 * torch.randn_like(p))
+  model = parity.randomize(transformers.ConvNextModel(hf), 0)
   cfg = ckpt.convnext_config_from_hf(hf.to_dict())
   state = {k: v.numpy() for k, v in model.state_dict().items()}
   return model, cfg, state, convnext.from_params(cfg, ckpt.convnext_from_hf(state, cfg))
 
 
 def _check(ref, got):
-  ref, got = np.asarray(ref), np.asarray(got)
-  assert got.shape == ref.shape
-  scale = float(np.abs(ref).max())
-  assert scale > 0.5  # not a comparison between near-zeros
-  err = float(np.abs(ref - got).max())
-  assert err / scale < TOL, f"max abs diff {err:.2e}, relative {err / scale:.2e}"
+  parity.assert_close(ref, got, TOL)
 
 
 @pytest.mark.parametrize("size", [(64, 64), (70, 45)], ids=["native", "ragged"])

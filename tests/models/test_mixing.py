@@ -129,3 +129,37 @@ def test_a_mixed_encoder_model_trains_resumes_and_generates(tmp_path):
   pixels = np.zeros((1, 3, 32, 32), np.float32)
   out = np.asarray(model.generate(ids, pixels, image_embeds_position_mask=mask, max_new_tokens=4))
   assert out.shape == (1, ids.shape[1] + 4)
+
+
+def test_a_tower_without_channel_mix_only_feeds_its_q_former():
+  config = _config()
+  # EVA at 42 px: a 3 x 3 grid, which could not be laid out on CLIP's 4 x 4;
+  # a Q-Former's input alone is read as it comes.
+  eva = towers.eva_config(width=16, depth=1, heads=2, mlp_dim=32, image_size=42, channel_mix=False)
+  q = qformer.qformer_config(
+    num_query_tokens=4, width=16, depth=2, heads=2, mlp_dim=32, encoder_hidden_size=16
+  )
+  q.input = "eva"
+  config.model.towers = {"dino": _tiny_towers()["dino"], "eva": eva, "q": q}
+  model = Kosmos2(config.model, rngs=nnx.Rngs(0))
+  assert mixing.channel_towers(config.model) == ["dino"]
+  assert model.tower_mix.channel.kernel.shape == (32 + 16, 64)  # CLIP + DINOv2, no EVA
+  rng = np.random.default_rng(1)
+  images = rng.normal(size=(2, 32, 32, 3)).astype(np.float32)
+  clip = rng.normal(size=(2, 17, 32)).astype(np.float32)
+  out = np.asarray(mixing.mix(config.model, model.towers, model.tower_mix, images, clip))
+  assert out.shape == (2, 4 + 17, 64)
+  eva_tokens = model.towers.eva(mixing.tower_pixels(images, eva))
+  assert eva_tokens.shape == (2, 1 + 9, 16)
+  queries = model.tower_mix.q_norm(model.tower_mix.q_proj(model.towers.q(eva_tokens)))
+  np.testing.assert_allclose(out[:, :4], queries, rtol=1e-5, atol=1e-6)
+  assert model.encode_images(images.transpose(0, 3, 1, 2)).shape == (2, 8, 64)
+  # EVA reaches the query tokens only, never the channel-mixed grid tokens.
+  model.towers.eva.norm.bias[...] = model.towers.eva.norm.bias[...] + 1.0
+  moved = np.asarray(mixing.mix(config.model, model.towers, model.tower_mix, images, clip))
+  np.testing.assert_array_equal(moved[:, 4:], out[:, 4:])
+  assert not np.allclose(moved[:, :4], out[:, :4])
+  # Read by no Q-Former, it would run for nothing: refused by name.
+  config.model.towers.q.input, config.model.towers.q.encoder_hidden_size = "clip", 32
+  with pytest.raises(ValueError, match="towers.eva: channel_mix False, but no Q-Former reads it"):
+    Kosmos2(config.model, rngs=nnx.Rngs(0))

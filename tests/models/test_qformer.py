@@ -11,6 +11,7 @@ from flax import nnx
 from kosmos_jax.checkpoints import qformer as ckpt
 from kosmos_jax.checkpoints.hf import ConversionError
 from kosmos_jax.models import qformer
+from tests.helpers import parity
 
 TOL = 1e-4  # max abs difference, relative to the largest output
 QUERIES, ENCODER = 8, 24
@@ -72,12 +73,7 @@ def _features(b=2, n=10, seed=5):
 
 
 def _check(ref, got):
-  ref, got = np.asarray(ref), np.asarray(got)
-  assert got.shape == ref.shape
-  scale = float(np.abs(ref).max())
-  assert scale > 0.5  # not a comparison between near-zeros
-  err = float(np.abs(ref - got).max())
-  assert err / scale < TOL, f"max abs diff {err:.2e}, relative {err / scale:.2e}"
+  parity.assert_close(ref, got, TOL)
 
 
 def _run_hf(model, tokens, features, mask=None):
