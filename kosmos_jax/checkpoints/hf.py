@@ -25,6 +25,7 @@ import tqdm
 from kosmos_jax import errors
 from kosmos_jax.models import vit
 from kosmos_jax.models.config import model_config
+from kosmos_jax.processing import views
 
 # Buffers some checkpoints carry; they are derived, never learned.
 _IGNORED = (
@@ -107,6 +108,12 @@ def _check_convertible(cfg: ml_collections.ConfigDict) -> None:
     raise ConversionError(
       f"model.towers={sorted(cfg.towers)} has no Hugging Face Kosmos-2 equivalent; only "
       "a model without extra towers converts to or from transformers (use Orbax checkpoints)"
+    )
+  # Nor SPHINX's sub-image views (their tags are parameters it lacks).
+  if views.tagged(cfg.vision):
+    raise ConversionError(
+      f"model.vision.views={dict(cfg.vision.views)} has no Hugging Face Kosmos-2 "
+      "equivalent; only a single view converts to or from transformers (use Orbax checkpoints)"
     )
   # Nor has it xPos (KOSMOS-1): its decoder only adds the sinusoidal table.
   position = cfg.text.get("position", "sinusoidal")

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 
+import jax
 import ml_collections
 
 from kosmos_jax.checkpoints import hf
@@ -16,8 +17,9 @@ from kosmos_jax.checkpoints import lora as lora_ckpt
 from kosmos_jax.checkpoints import orbax as orbax_ckpt
 from kosmos_jax.models import build, modalities, vit
 from kosmos_jax.models import config as model_config_lib
-from kosmos_jax.models.kosmos import Kosmos2
+from kosmos_jax.models.kosmos import Kosmos2, init_view_tags
 from kosmos_jax.processing import files as processor_files
+from kosmos_jax.processing import views
 
 # Files of a Hugging Face snapshot besides the weights that a converted
 # checkpoint keeps, so that tokenizer, image processor and generation defaults
@@ -145,12 +147,43 @@ def _modality_overrides(config, overrides: dict) -> tuple[dict, dict | None, int
 def _configs(where: Location, overrides: dict):
   """(the config the stored weights are shaped for, the loaded model's)."""
   stored = model_config(where)
+  saved_views = dict(stored.vision.get("views") or {})
   overrides, names, tokens = _modality_overrides(stored, overrides)
   apply_overrides(stored, overrides)
-  if names is None and tokens is None:
-    return stored, stored
-  names = model_config_lib.modality_widths(stored) if names is None else names
-  return stored, model_config_lib.with_modalities(stored, names, tokens)
+  config = stored
+  if names is not None or tokens is not None:
+    names = model_config_lib.modality_widths(stored) if names is None else names
+    config = model_config_lib.with_modalities(stored, names, tokens)
+  had_tags = views.tagged({"views": saved_views})
+  if views.tagged(config.vision) and not had_tags:
+    # Views added to a single-view checkpoint (SPHINX-1k from SPHINX): the
+    # weights are read as stored, then `_grow` adds the tags.
+    stored = ml_collections.ConfigDict(stored.to_dict())
+    stored.vision.views = saved_views or {"grid": 1, "global": False}
+  elif had_tags and not views.tagged(config.vision):
+    raise ValueError(
+      f"{where.path}: the checkpoint was trained with views {saved_views}; "
+      "it cannot run without them"
+    )
+  return stored, config
+
+
+# The seed of the view tags `from_pretrained` adds to a single-view checkpoint.
+VIEWS_SEED = 0
+
+
+def _grow(params: dict, stored, config) -> dict:
+  """The stored parameters extended to `config`: new modalities
+  (models/modalities.py) and view tags (processing/views.py)."""
+  if model_config_lib.modality_widths(stored) != model_config_lib.modality_widths(
+    config
+  ) or model_config_lib.modality_tokens(stored) != model_config_lib.modality_tokens(config):
+    params = modalities.grow_params(params, stored, config, seed=MODALITY_SEED)
+  if views.tagged(config.vision) and "view_tags" not in params:
+    embed = params["text_model"]["embed_tokens"]
+    key = jax.random.key(VIEWS_SEED)
+    params = dict(params, view_tags=init_view_tags(key, embed.shape[1], embed.dtype))
+  return params
 
 
 def pretrained_config(path, **config_overrides) -> ml_collections.ConfigDict:
@@ -196,7 +229,9 @@ def from_pretrained(
       the tags' embedding rows are appended (normal(0.02), seed
       `MODALITY_SEED`) and the new projections initialised; every stored row
       and weight stays as it was. A checkpoint saved with modalities loads
-      exactly without the option.
+      exactly without the option. Likewise `vision={"views": {"grid": 2,
+      "global": True}}` runs a single-view checkpoint with SPHINX's views,
+      adding the view tags (normal(0.02), seed `VIEWS_SEED`).
 
   The directory's `generation_config.json`, if any, becomes
   `model.generation_config`: the defaults of `model.generate`.
@@ -213,7 +248,7 @@ def from_pretrained(
     _, tensors = hf.read_hf_dir(where.path, allow_pickle=allow_pickle, progress=progress)
     params = hf.hf_to_params(tensors, stored, expected_shapes=abstract, progress=progress)
   if config is not stored:
-    params = modalities.grow_params(params, stored, config, seed=MODALITY_SEED)
+    params = _grow(params, stored, config)
   model = build.model_from_params(config, params)
   model.generation_config = read_generation_config(where.path)
   return model

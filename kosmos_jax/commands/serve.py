@@ -90,6 +90,7 @@ def run(args, overrides) -> None:
 
   from kosmos_jax.checkpoints import loading  # pylint: disable=g-import-not-at-top
   from kosmos_jax.processing import processor as processor_lib  # pylint: disable=g-import-not-at-top
+  from kosmos_jax.processing import views  # pylint: disable=g-import-not-at-top
   from kosmos_jax.serve import server  # pylint: disable=g-import-not-at-top
 
   if args.batch_window_ms < 0:
@@ -103,10 +104,10 @@ def run(args, overrides) -> None:
   processor = processor_lib.Processor.from_pretrained(
     where.path, image_size=config.vision.image_size
   )
-  if processor.num_image_tokens != config.latent_query_num:
+  if processor.num_image_tokens != views.image_slots(config):
     raise SystemExit(
       f"--checkpoint {where.path}: the processor files give {processor.num_image_tokens} "
-      f"image slots, the model {config.latent_query_num} latents"
+      f"image slots, the model {views.image_slots(config)}"
     )
   # Bound before the weights load: a taken port fails at once. Connections wait
   # in the listen queue until the model is warm.

@@ -25,6 +25,7 @@ def run(args, overrides) -> None:
 
   from kosmos_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from kosmos_jax.models import build, lora  # pylint: disable=g-import-not-at-top
+  from kosmos_jax.processing import views  # pylint: disable=g-import-not-at-top
   from kosmos_jax.train import optim  # pylint: disable=g-import-not-at-top
 
   config = config_lib.load(args.config, overrides)
@@ -43,6 +44,9 @@ def run(args, overrides) -> None:
     **counts,
     "float32_gib": round(total * 4 / 2**30, 3),
     "bfloat16_gib": round(total * 2 / 2**30, 3),
+    # What one picture costs in the sequence and at the input (views.py).
+    "picture_px": views.input_size(config.model.vision),
+    "image_slots_per_picture": views.image_slots(config.model),
   }
   patterns = optim.trainable_patterns(config)
   if patterns is not None:

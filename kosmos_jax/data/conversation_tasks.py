@@ -49,6 +49,7 @@ from kosmos_jax.data import (
   tf_image,
   tf_text,
 )
+from kosmos_jax.processing import views
 from kosmos_jax.processing import vocab as vocab_lib
 
 CONFIG_DEFAULTS = dict(
@@ -265,8 +266,8 @@ def _model_sizes(model_config) -> dict:
   modalities = model_config.get("modalities", None) or {}
   modalities = modalities.to_dict() if hasattr(modalities, "to_dict") else dict(modalities)
   return dict(
-    image_size=model_config.vision.image_size,
-    num_image_tokens=model_config.latent_query_num,
+    image_size=views.input_size(model_config.vision),
+    num_image_tokens=views.image_slots(model_config),
     num_patches_per_side=model_config.text.num_patches_per_side,
     modalities={k: int(v) for k, v in modalities.items()},
     modality_tokens=int(model_config.get("modality_tokens", DEFAULT_MODALITY_TOKENS)),

@@ -24,6 +24,7 @@ from kosmos_jax.data import (
   shapes_instruct,
   tasks,
 )
+from kosmos_jax.processing import views
 
 # Mixtures whose training batches each hold one task (SPHINX's grouped
 # sampler; `data.conversation_mixture.one_task_per_batch`), by name.
@@ -50,8 +51,8 @@ def register_user_tasks(data_config, model_config=None) -> None:
     sizes = {}
     if model_config is not None:  # e.g. a 448 px run of the 224 release
       sizes = dict(
-        image_size=model_config.vision.image_size,
-        num_image_tokens=model_config.latent_query_num,
+        image_size=views.input_size(model_config.vision),
+        num_image_tokens=views.image_slots(model_config),
         num_patches_per_side=model_config.text.num_patches_per_side,
       )
     tasks.register_kosmos2_tasks(data_config.spm_model_file, data_config.data_dir, **sizes)

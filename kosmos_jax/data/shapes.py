@@ -49,6 +49,9 @@ class ShapesConfig(tfds.core.BuilderConfig):
   image_size: int = 224
   num_train: int = 4000
   num_test: int = 400
+  # Shape sides as fractions of the picture's (uniform): small objects, as
+  # benchmarks/views.py draws them, need a high-resolution look.
+  object_scale: tuple[float, float] = (0.2, 0.4)
 
 
 def _where(box) -> str:
@@ -61,14 +64,17 @@ def _where(box) -> str:
   return "at the " + " ".join(w for w in (row, col) if w)
 
 
-def sample_scene(rng: np.random.Generator, image_size: int) -> list[dict]:
-  """1-3 objects: shape, colour, pixel box; boxes apart by a margin."""
+def sample_scene(
+  rng: np.random.Generator, image_size: int, object_scale: tuple[float, float] = (0.2, 0.4)
+) -> list[dict]:
+  """1-3 objects: shape, colour, pixel box (side a uniform `object_scale`
+  fraction of the picture's); boxes apart by a margin."""
   pairs = [(c, s) for c in COLOURS for s in SHAPES]
   chosen = rng.choice(len(pairs), size=rng.integers(1, 4), replace=False)
   objects, margin = [], max(2, image_size // 32)
   for index in chosen:
     for _ in range(50):  # rejection sampling; 3 objects of <= 40% side always fit
-      side = int(rng.uniform(0.2, 0.4) * image_size)
+      side = max(2, int(rng.uniform(*object_scale) * image_size))
       x0, y0 = rng.integers(0, image_size - side, size=2)
       box = (int(x0), int(y0), int(x0) + side, int(y0) + side)
       if all(
@@ -130,10 +136,12 @@ def describe(objects: list[dict], image_size: int) -> dict:
   )
 
 
-def make_example(split: str, index: int, image_size: int) -> dict:
+def make_example(
+  split: str, index: int, image_size: int, object_scale: tuple[float, float] = (0.2, 0.4)
+) -> dict:
   """Example `index` of `split`: a pure function of its arguments."""
   rng = np.random.default_rng([_SEEDS[split], index])
-  objects = sample_scene(rng, image_size)
+  objects = sample_scene(rng, image_size, tuple(object_scale))
   buffer = io.BytesIO()
   Image.fromarray(draw(rng, objects, image_size)).save(buffer, "JPEG", quality=90)
   return dict(
@@ -194,7 +202,8 @@ class KosmosShapes(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, split: str, count: int):
     for index in range(count):
-      example = make_example(split, index, self.builder_config.image_size)
+      config = self.builder_config
+      example = make_example(split, index, config.image_size, config.object_scale)
       example["image"] = io.BytesIO(example["image"])
       yield example["key"], example
 

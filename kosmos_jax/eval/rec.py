@@ -19,7 +19,7 @@ import numpy as np
 from kosmos_jax.data import loader
 from kosmos_jax.eval import boxes as boxes_lib
 from kosmos_jax.eval import common, official_boxes
-from kosmos_jax.processing import grounding
+from kosmos_jax.processing import grounding, views
 from kosmos_jax.processing import images as images_lib
 from kosmos_jax.processing import processor as processor_lib
 
@@ -46,11 +46,12 @@ def first_box(text: str, num_patches_per_side: int) -> grounding.Box | None:
 
 def processor_for(vocab, model_config: ml_collections.ConfigDict) -> processor_lib.Processor:
   """A processor for a model trained on our pipeline: square pictures at the
-  vision tower's size, as many slots as latents, prompts padded on the left."""
-  size = model_config.vision.image_size
+  vision tower's size (times the views' grid), the model's slots per
+  picture, prompts padded on the left."""
+  size = views.input_size(model_config.vision)
   options = images_lib.ImageOptions(size=(size, size), crop_size=(size, size))
   return processor_lib.Processor(
-    vocab, options, num_image_tokens=model_config.latent_query_num, padding_side="left"
+    vocab, options, num_image_tokens=views.image_slots(model_config), padding_side="left"
   )
 
 

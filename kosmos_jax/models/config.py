@@ -35,6 +35,12 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
     # forward time, as transformers' interpolate_pos_encoding=True does
     # (vit.position_grid).
     position_grid=None,
+    # SPHINX's sub-image views (processing/views.py): the picture at grid x
+    # image_size, cut into grid x grid tiles, with a downsampled whole view
+    # first when "global"; each view its own slot block between learned
+    # tags. {"grid": 2, "global": True}: SPHINX-1k's 5 views. The default is
+    # the released model's single view.
+    views={"grid": 1, "global": False},
   )
   c.text = dict(
     vocab_size=65037,
@@ -98,7 +104,7 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
   c.modalities = {}
   c.modality_tokens = 4  # soft tokens per modality item (PandaGPT: 1)
   # SPHINX's visual encoder mix (models/mixing.py): towers beside the CLIP
-  # ViT, name -> tower config (models/towers.py dinov2_config / siglip_config,
+  # ViT, name -> tower config (models/towers.py dinov2_config / siglip_config / vit_config,
   # models/convnext.py, models/qformer.py; optional `mean`, `std` of its
   # input and, for a Q-Former, `input`: the tower it reads). Empty: the
   # released model.

@@ -23,12 +23,13 @@ from kosmos_jax.models import (
   scoring,
   vit,
 )
+from kosmos_jax.processing import views
 
 
 @flax.struct.dataclass
 class KosmosOutput:
   logits: jax.Array  # [batch, length, vocab], float32
-  image_embeds: jax.Array | None  # [batch, images * latents, text width]
+  image_embeds: jax.Array | None  # [batch, images * slots, text width]
 
 
 def _as_array(x, dtype=None):
@@ -64,6 +65,12 @@ def _connector(config, **kw) -> nnx.Module:
   raise ValueError(f"model.connector {kind!r}: expected 'kosmos2' or 'perceiver'")
 
 
+def init_view_tags(key: jax.Array, width: int, dtype) -> jax.Array:
+  """[2, width] start/end view tags (processing/views.py), normal(0.02) as
+  the text embeddings they sit among."""
+  return layers.normal(0.02)(key, (2, width), dtype)
+
+
 class Kosmos2(nnx.Module):
   """The Kosmos-2 model. `config` is `kosmos_jax.models.config.model_config()`."""
 
@@ -91,11 +98,17 @@ class Kosmos2(nnx.Module):
     projections = modalities.projections(config, **kw)
     if projections is not None:
       self.modality_projections = projections
+    if views.tagged(config.vision):  # the start/end tags of every view's slots
+      self.view_tags = layers.param(
+        init_view_tags(rngs.params(), config.text.width, param_dtype), (None, "embed")
+      )
     self.config = config
 
   def encode_images(self, pixel_values: Any, rng: jax.Array | None = None) -> jax.Array:
     """pixel_values [b, C, H, W] or [b, images, C, H, W] (NCHW, as the processor
-    returns them) -> image embeddings [b, images * latents, text width]."""
+    returns them) -> image embeddings [b, images * slots, text width]; slots
+    = latents, or with views (processing/views.py) each view's latents
+    between the view tags."""
     pixel_values = jnp.asarray(pixel_values)
     if pixel_values.ndim == 4:
       pixel_values = pixel_values[:, None]
@@ -105,6 +118,9 @@ class Kosmos2(nnx.Module):
       )
     b, n = pixel_values.shape[:2]
     images = pixel_values.reshape(b * n, *pixel_values.shape[2:]).transpose(0, 2, 3, 1)
+    tagged = views.tagged(self.config.vision)
+    if tagged:
+      images = views.split(images, self.config.vision)
     r_vit, r_proj = layers.split_rng(rng, 2)
     hidden = self.vision_model(images, r_vit)
     # post_layernorm on every token, then L2 normalisation (eps as torch's F.normalize).
@@ -114,6 +130,8 @@ class Kosmos2(nnx.Module):
     if mixing.names(self.config):
       hidden = mixing.mix(self.config, self.towers, self.tower_mix, images, hidden)
     embeds = self.image_to_text_projection(hidden, r_proj)
+    if tagged:
+      embeds = views.wrap(embeds, self.view_tags[...], self.config.vision)
     return embeds.reshape(b, n * embeds.shape[1], embeds.shape[2])
 
   def encode_modalities(self, modality_embeds: Any, modality_types: Any) -> jax.Array | None:

@@ -25,6 +25,7 @@ import numpy as np
 from kosmos_jax.processing import files, grounding
 from kosmos_jax.processing import images as images_lib
 from kosmos_jax.processing import modalities as modalities_lib
+from kosmos_jax.processing import views as views_lib
 from kosmos_jax.processing import vocab as vocab_lib
 
 _PHRASE_RE = re.compile(r"<phrase>.+?</phrase>")
@@ -147,6 +148,7 @@ class Processor:
     image_size: int | None = None,
     modalities: dict[str, int] | None = None,
     modality_tokens: int | None = None,
+    views: dict | None = None,
   ) -> "Processor":
     """Reads a Hugging Face Kosmos-2 processor directory.
 
@@ -157,6 +159,10 @@ class Processor:
     files' (e.g. 448 on the 224 release): pictures are resized to it instead.
     `modalities` / `modality_tokens`: default to the model config's when the
     directory is one of our checkpoints (a model without modalities: none).
+    `views` ({"grid": N, "global": bool}, processing/views.py): likewise;
+    pictures are then resized to N x `image_size` and each takes the
+    views' slots (e.g. {"grid": 2, "global": True} on the 224 release: 448
+    px, 5 x (64 + 2) slots, for `from_pretrained(..., vision={"views": ...})`).
     """
     directory = os.fspath(directory)
     spm_file = os.path.join(directory, files.SENTENCEPIECE)
@@ -173,10 +179,18 @@ class Processor:
     vocab = vocab_lib.KosmosVocabulary(spm_file, num_patches_per_side=math.isqrt(num_patches))
     image_options = images_lib.ImageOptions.from_hf_config(image_config)
     model = _model_config(directory)
+    num_image_tokens = processor_config.get("num_image_tokens", vocab_lib.NUM_IMAGE_TOKENS)
+    vision = dict(model.get("vision") or {})
+    vision.update({} if views is None else {"views": views})
+    if views_lib.tagged(vision):  # SPHINX's views: N x the towers' side, their slots
+      side = image_size or vision.get("image_size") or image_options.crop_size[0]
+      image_size = views_lib.input_size(dict(vision, image_size=side))
+      latents = model.get("latent_query_num", num_image_tokens)
+      num_image_tokens = views_lib.image_slots({"latent_query_num": latents, "vision": vision})
     processor = cls(
       vocab,
       image_options=image_options if image_size is None else image_options.at_size(image_size),
-      num_image_tokens=processor_config.get("num_image_tokens", vocab_lib.NUM_IMAGE_TOKENS),
+      num_image_tokens=num_image_tokens,
       padding_side=tokenizer_config.get("padding_side", "right"),
       clean_up_tokenization_spaces=tokenizer_config.get("clean_up_tokenization_spaces", False),
       modalities=model.get("modalities") if modalities is None else modalities,

@@ -23,6 +23,7 @@ import time
 import traceback
 
 from kosmos_jax.data import shapes
+from kosmos_jax.processing import views
 from kosmos_jax.serve import batcher, openapi, requests
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -106,7 +107,7 @@ class App:
     return dict(
       status="ok",
       uptime_s=round(time.time() - self.started, 1),
-      image_size=config.vision.image_size,
+      image_size=views.input_size(config.vision),
       max_positions=config.text.max_positions,
       max_batch=self.engine.max_batch,
       defaults=self.engine.defaults,

@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 from kosmos_jax import sharding
 from kosmos_jax.models import batch as batch_lib
 from kosmos_jax.models import config as model_config
+from kosmos_jax.processing import views
 from kosmos_jax.train import optim
 from kosmos_jax.train import state as state_lib
 from kosmos_jax.train import step as step_lib
@@ -52,7 +53,7 @@ def abstract_batch(config) -> dict:
     config.batch_size,
     config.seq_len,
     config.images_per_row,
-    v.image_size,
+    views.input_size(v),
     v.num_channels,
     modalities_per_row=config.data.get("modalities_per_row", 0) if widths else 0,
     modality_dim=max(widths.values(), default=0),

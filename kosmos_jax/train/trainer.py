@@ -30,6 +30,7 @@ from kosmos_jax.eval import rec, runner
 from kosmos_jax.eval import tasks as eval_tasks
 from kosmos_jax.models import lora
 from kosmos_jax.models.kosmos import Kosmos2
+from kosmos_jax.processing import views
 from kosmos_jax.train import mfu, optim
 from kosmos_jax.train import state as state_lib
 from kosmos_jax.train import step as step_lib
@@ -85,12 +86,15 @@ def _init_params(config, abstract_params, mesh, rules):
 
 def _fine_tune_overrides(config) -> dict:
   """What a fine-tune's `config.model` changes of `init_from`'s model: the
-  numerics, and the soft-token modalities it adds (new tag rows and
-  projections; models/modalities.py). Everything else is the checkpoint's."""
+  numerics, the soft-token modalities it adds (new tag rows and
+  projections; models/modalities.py) and SPHINX's views (their tags are
+  added; processing/views.py). Everything else is the checkpoint's."""
   m = config.model
   out = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention=m.attention)
   if m.get("modalities"):
     out.update(modalities=m.modalities.to_dict(), modality_tokens=m.modality_tokens)
+  if views.tagged(m.vision):
+    out["vision.views"] = m.vision.views.to_dict()
   return out
 
 
@@ -101,6 +105,38 @@ def resolve_init_from(config) -> None:
   config.model = loading.pretrained_config(config.init_from, **_fine_tune_overrides(config))
   if not config.data.spm_model_file:
     config.data.spm_model_file = loading.sentencepiece_file(config.init_from)
+
+
+def _check_sequence_budget(config) -> None:
+  """A picture's slots with its `<s>`, `<image>`, `</image>` and one more
+  token must fit a row: the packer drops pictures that do not, so a views
+  model on too short rows would train on text alone."""
+  slots = views.image_slots(config.model)
+  if slots + 4 > config.seq_len:
+    raise ValueError(
+      f"seq_len {config.seq_len} cannot hold one picture: it takes {slots} slots "
+      f"({views.count(config.model.vision)} views) and 3 tags; raise seq_len"
+    )
+
+
+def _check_pictures(config, batch: dict) -> None:
+  """The mixture's pictures and slots must be the model's: the decoder would
+  otherwise read mismatched embeddings without an error (a views model on
+  tasks registered for single 224 px views, say)."""
+  name, model = config.data.mixture, config.model
+  size, slots = views.input_size(model.vision), views.image_slots(model)
+  pixels = batch.get("pixel_values")
+  if pixels is not None and pixels.shape[-2:] != (size, size):
+    raise ValueError(
+      f"mixture {name!r} gives {pixels.shape[-2]}x{pixels.shape[-1]} px pictures; "
+      f"the model reads {size}x{size} (vision.image_size x its views' grid)"
+    )
+  counts = (batch["image_embeds_position_mask"] == 1).sum(axis=1)
+  if (counts % slots).any():
+    raise ValueError(
+      f"mixture {name!r} gives rows with {sorted(set(counts.tolist()))} image slots; "
+      f"the model fills {slots} per picture (latent_query_num, times the views with their tags)"
+    )
 
 
 def _write_json_line(path: epath.Path, record: dict) -> None:
@@ -164,6 +200,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
 
   loader.register_user_tasks(config.data, config.model)
   _check_vocabulary(config)  # before the pipeline is built
+  _check_sequence_budget(config)
   ds = loader.dataset(
     config.data.mixture,
     config.data.train_split,
@@ -239,6 +276,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
     for step in range(start, config.total_steps):
       local = next(first)
       if batch_sharding is None:
+        _check_pictures(config, local)
         batch_sharding = {
           k: sharding.batch_sharding(mesh, rules, (config.batch_size, *v.shape[1:]))
           for k, v in local.items()

@@ -68,3 +68,22 @@ def test_locate_decides_once_and_names_what_is_wrong(workdir, tmp_path):
     loading.locate(tmp_path)
   with pytest.raises(FileNotFoundError, match="not a directory"):
     loading.locate(os.path.join(tmp_path, "missing"))
+
+
+def test_views_run_a_single_view_snapshot_as_sphinx_1k(tiny_snapshot):
+  """SPHINX-1k from a single-view model: every stored weight as it was, the
+  view tags added; the processor gives 448 px pictures and 5 x 66 slots."""
+  from kosmos_jax.processing.processor import Processor  # pylint: disable=g-import-not-at-top
+
+  snap = tiny_snapshot / "snap"
+  sphinx_1k = {"grid": 2, "global": True}
+  base = nnx.to_pure_dict(nnx.state(kosmos_jax.from_pretrained(snap), nnx.Param))
+  model = kosmos_jax.from_pretrained(snap, vision={"views": sphinx_1k})
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  assert params.pop("view_tags").shape == (2, 64)
+  jax.tree.map(np.testing.assert_array_equal, params, base)
+  processor = Processor.from_pretrained(snap, views=sphinx_1k)
+  assert processor.num_image_tokens == 330 and processor.image_options.size == (448, 448)
+  inputs = processor(text="<grounding>An image of", images=str(tiny_snapshot / "snowman.jpg"))
+  out = model.generate(**inputs, max_new_tokens=3)
+  assert out.shape == (1, inputs["input_ids"].shape[1] + 3)

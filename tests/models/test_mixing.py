@@ -109,26 +109,47 @@ def test_the_spatial_mix_puts_the_query_tokens_first():
     Kosmos2(config.model, rngs=nnx.Rngs(0))
 
 
-def test_a_mixed_encoder_model_trains_resumes_and_generates(tmp_path):
+def _views_config(extra=()):
+  """The mix with SPHINX-1k's 5 views: 64 px pictures (the 32 px shapes,
+  resized by the tf ops) as 4 tiles of 32 px and a global view, each 8
+  latents between 2 tags."""
+  config = _config(extra)
+  config.model.vision.views = {"grid": 2, "global": True}
+  config.data.shapes_tasks = dict(prefix="shapes_views", image_size=64, num_image_tokens=50)
+  config.data.shapes_tasks.config = "32"
+  config.data.mixture = "shapes_views_mix"
+  return config
+
+
+def test_a_mixed_encoder_five_view_model_trains_resumes_and_generates(tmp_path):
   """Preempted by SIGTERM and resumed from its checkpoint (bitwise resume of
   the trainer is tests/train/test_trainer.py's), then generation."""
   overrides = ["total_steps=5", "checkpoint_every=5", "log_every=1", "batch_size=4"]
-  overrides += ["seq_len=64", "mesh.fsdp=1", "evaluators={}"]
+  overrides += ["seq_len=128", "images_per_row=2", "mesh.fsdp=1", "evaluators={}"]
   one = jax.devices()[:1]
   workdir = str(tmp_path / "run")
   test_trainer._send_sigterm_at(workdir, 2)
-  preempted = trainer.train(_config(overrides), workdir, devices=one)["preempted_at"]
+  preempted = trainer.train(_views_config(overrides), workdir, devices=one)["preempted_at"]
   assert 2 <= preempted < 5
-  assert trainer.train(_config(overrides), workdir, devices=one)["step"] == 5
+  assert trainer.train(_views_config(overrides), workdir, devices=one)["step"] == 5
   losses = test_trainer._losses(workdir)
   assert sorted(losses) == [1, 2, 3, 4, 5] and losses[5] < losses[1]
   model = loading.from_pretrained(workdir)
   assert hasattr(model.towers, "dino") and hasattr(model.towers, "sig")
-  ids = np.array([[0, *range(4, 12), 5, 6]])
-  mask = np.array([[0] + [1] * 8 + [0, 0]])
-  pixels = np.zeros((1, 3, 32, 32), np.float32)
+  assert model.view_tags.shape == (2, 64)
+  with pytest.raises(ValueError, match="trained with views .* cannot run without them"):
+    loading.from_pretrained(workdir, vision={"views": {"grid": 1, "global": False}})
+  ids = np.array([[0, *range(4, 54), 5, 6]])
+  mask = np.array([[0] + [1] * 50 + [0, 0]])
+  pixels = np.zeros((1, 3, 64, 64), np.float32)
   out = np.asarray(model.generate(ids, pixels, image_embeds_position_mask=mask, max_new_tokens=4))
   assert out.shape == (1, ids.shape[1] + 4)
+  # A mixture sized for one view is refused before the first step, and rows
+  # too short for one picture's 50 slots before the pipeline is built.
+  with pytest.raises(ValueError, match="gives 32x32 px pictures; the model reads 64x64"):
+    trainer.train(_config(overrides + ["model.vision.views.grid=2"]), str(tmp_path / "b"), one)
+  with pytest.raises(ValueError, match="seq_len 48 cannot hold one picture: it takes 50 slots"):
+    trainer.train(_views_config(overrides + ["seq_len=48"]), str(tmp_path / "c"), one)
 
 
 def test_a_tower_without_channel_mix_only_feeds_its_q_former():
