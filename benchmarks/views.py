@@ -5,10 +5,13 @@ The shapes world at twice the tower's side (`--tile` x 2 px) with small shapes
 and the `make demo` model (configs/shapes.py) with a 32 x 32 location grid:
   single  the picture resized to one `--tile` px view (the released design);
   views   `model.vision.views = {"grid": 2, "global": True}`: the picture at
-          2 x tile, four tiles and a global view, 5 x (16 + 2) slots.
-Same training budget: the same steps, batch and pictures per row (so the
-same training examples), one run each from the same seed; REC accuracy (IoU
->= 0.5, greedy) on the same held-out pictures. One JSON line per model, with
+          2 x tile, a global view and four tiles, 5 x (16 + 2) slots.
+SPHINX-1k is tuned from SPHINX, not trained from scratch, and so is this: a
+single-view base model trains `--init-steps`, then each branch trains
+`--steps` more from it, the same steps, batch and pictures per row (the same
+training examples); the views branch adds its tags (from_pretrained with
+views). `--init-steps 0` trains both from scratch instead. REC accuracy (IoU
+>= 0.5, greedy) on the same held-out pictures; one JSON line per run with
 its train and eval seconds and this machine's matmul peak, then a line with
 both side by side. Run: `.venv/bin/python -m benchmarks.views [--steps N]`;
 `--tile 224 --patch 14` is SPHINX-1k's 448 px setting (an accelerator's job).
@@ -37,8 +40,8 @@ LATENTS, GRID = 16, 32  # the demo's latents; location cells of picture / 32
 SPHINX_1K = {"grid": 2, "global": True}
 
 
-def make_config(args, name: str):
-  """configs/shapes.py for one of the two models, its tasks registered."""
+def make_config(args, name: str, steps: int, init_from: str = ""):
+  """configs/shapes.py for a run ("base", "single", "views"), its tasks named."""
   multi = name == "views"
   vocab_size = shapes.shapes_vocabulary(GRID).vocab_size
   config = config_lib.load(
@@ -50,8 +53,8 @@ def make_config(args, name: str):
       f"model.text.num_patches_per_side={GRID}",
       f"model.text.vocab_size={vocab_size}",
       "model.text.max_positions=512",
-      f"total_steps={args.steps}",
-      f"checkpoint_every={args.steps}",
+      f"total_steps={steps}",
+      f"checkpoint_every={steps}",
       f"seed={args.seed}",
       f"batch_size={args.batch_size}",
       "images_per_row=2",
@@ -82,11 +85,12 @@ def make_config(args, name: str):
     rec_per_image=True,
   )
   config.data.mixture = f"views_{name}_mix"
+  config.init_from = init_from  # the model's shape comes from it, views added
   return config
 
 
-def run(args, name: str, workdir: str) -> dict:
-  config = make_config(args, name)
+def run(args, name: str, workdir: str, steps: int, init_from: str = "") -> dict:
+  config = make_config(args, name, steps, init_from)
   loader.register_user_tasks(config.data, config.model)
   task = eval_tasks.get("seqio_rec")
   dataset = task.load("validation", args.num_eval, seqio_task=f"views_{name}_rec")
@@ -101,7 +105,8 @@ def run(args, name: str, workdir: str) -> dict:
     views=views.count(config.model.vision),
     pixels=views.input_size(config.model.vision),
     slots_per_picture=views.image_slots(config.model),
-    steps=args.steps,
+    init_steps=args.init_steps if init_from else 0,
+    steps=steps,
     batch_size=args.batch_size,
     rec_accuracy=round(scores["rec_accuracy"], 4),
     rec_mean_iou=round(scores["rec_mean_iou"], 4),
@@ -113,7 +118,8 @@ def run(args, name: str, workdir: str) -> dict:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=4000)
+  parser.add_argument("--init-steps", type=int, default=3000, help="the single-view base")
+  parser.add_argument("--steps", type=int, default=1000, help="each branch's steps")
   parser.add_argument("--batch-size", type=int, default=8)
   parser.add_argument("--tile", type=int, default=64, help="the towers' side in px")
   parser.add_argument("--patch", type=int, default=8)
@@ -127,15 +133,21 @@ def main():
   peak = round(mfu.peak_flops() / 1e9, 1)
   results = {}
   with tempfile.TemporaryDirectory() as tmp:
+    root, base = args.workdir or tmp, ""
+    if args.init_steps:
+      base = os.path.join(root, "base")
+      print(json.dumps(dict(run(args, "base", base, args.init_steps), matmul_peak_gflops=peak)))
     for name in args.models:
-      workdir = os.path.join(args.workdir or tmp, name)
-      results[name] = dict(run(args, name, workdir), matmul_peak_gflops=peak)
+      workdir = os.path.join(root, name)
+      results[name] = dict(run(args, name, workdir, args.steps, base), matmul_peak_gflops=peak)
       print(json.dumps(results[name]), flush=True)
   print(
     json.dumps(
       dict(
         rec_accuracy={k: v["rec_accuracy"] for k, v in results.items()},
         train_s={k: v["train_s"] for k, v in results.items()},
+        init_steps=args.init_steps,
+        steps=args.steps,
         object_scale=args.object_scale,
         picture_px=2 * args.tile,
         matmul_peak_gflops=peak,
