@@ -17,7 +17,7 @@ tokens, `<phrase>`.
 CLIP, ConvNeXt, DINOv2 and EVA frozen as SPHINX freezes its encoders; the
 Q-Former, mix projections, connector and decoder train (1.48B of 4.75B
 parameters: `kosmos-jax summary` counts 4,748,984,192). Tower weights load
-with checkpoints/towers.py (EVA: `eva_from_hf` on a Salesforce/blip2-* file's
+with checkpoints/towers.py and big_vision.py (EVA: `eva_from_hf` on a Salesforce/blip2-* file's
 `vision_model.`), convnext.py and qformer.py (transformers and big_vision
 formats) into the `towers/<name>` parameters; EVA and the Q-Former both come
 from the same BLIP-2 release. Planned, like configs/kosmos2.py, for a

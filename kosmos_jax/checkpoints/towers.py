@@ -1,13 +1,12 @@
-"""DINOv2, SigLIP, ViT and EVA tower weights (models/towers.py) from outside checkpoints.
+"""DINOv2, SigLIP, ViT and EVA tower weights (models/towers.py) from transformers checkpoints.
 
-Sources: transformers state dicts of Dinov2Model, SiglipVisionModel,
-ViTModel and Blip2VisionModel (BLIP-2's EVA ViT-g) (also with the `dinov2.`
-/ `vision_model.` / `vit.` prefix of a bigger model's state dict, and the
-pre-v5 key names that hub files still carry), and `.npz` checkpoints of
-big_vision (SigLIP's `img` tower, plain ViTs) and of
-google-research/vision_transformer (the augreg ViTs), looped
-`encoderblock_{i}` or scanned `encoderblock` layout. The result is a nested
-dict in our layout, layers stacked on axis 0, for `towers.from_params`.
+Sources: state dicts of Dinov2Model, SiglipVisionModel, ViTModel and
+Blip2VisionModel (BLIP-2's EVA ViT-g) (also with the `dinov2.` /
+`vision_model.` / `vit.` prefix of a bigger model's state dict, and the
+pre-v5 key names that hub files still carry). The result is a nested dict in
+our layout, layers stacked on axis 0, for `towers.from_params`. The shared
+machinery here (`convert`, `find_prefix`, ...) also serves big_vision's
+`.npz` files (checkpoints/big_vision.py).
 
 Like the Kosmos-2 converter, nothing is dropped or initialised silently: a
 key that is neither mapped nor named below as ignored, or a missing key, or a
@@ -15,13 +14,11 @@ shape that differs from the tower's, raises with the keys listed.
 """
 
 import json
-import math
 import os
 import re
 from collections.abc import Callable
 
 import ml_collections
-import ml_dtypes
 import numpy as np
 import safetensors
 
@@ -37,10 +34,6 @@ _linear = lambda a: a.T  # torch [out, in] -> ours [in, out]
 _conv = lambda a: a.transpose(2, 3, 1, 0)  # torch [O, I, kh, kw] -> ours [kh, kw, I, O]
 _row = lambda a: a.reshape(a.shape[-1])  # [1, 1, d] or [1, d] -> [d]
 _rows = lambda a: a.reshape(-1, a.shape[-1])  # [1, n, d] -> [n, d]; [H, hd, d] -> [H * hd, d]
-
-
-def _heads_in(a):  # big_vision [d, H, hd] -> [d, H * hd]; its bias [H, hd] -> [H * hd]
-  return a.reshape(a.shape[0], -1) if a.ndim == 3 else a.reshape(-1)
 
 
 # --------------------------------------------------------------------------- configs
@@ -154,14 +147,14 @@ def _linear_entries(src, ours, layer=None) -> list[Entry]:
   ]
 
 
-def _norm_entries(src, ours, layer=None, names=("weight", "bias"), sep=".") -> list[Entry]:
+def norm_entries(src, ours, layer=None, names=("weight", "bias"), sep=".") -> list[Entry]:
   return [
     (f"{src}{sep}{names[0]}", (*ours, "scale"), layer, _same),
     (f"{src}{sep}{names[1]}", (*ours, "bias"), layer, _same),
   ]
 
 
-def _find_prefix(keys, marker: str, prefixes: tuple[str, ...]) -> str:
+def find_prefix(keys, marker: str, prefixes: tuple[str, ...]) -> str:
   """The first of `prefixes` under which `marker` is a key."""
   keys = set(keys)
   for prefix in prefixes:
@@ -172,13 +165,13 @@ def _find_prefix(keys, marker: str, prefixes: tuple[str, ...]) -> str:
   )
 
 
-def _strip_prefix(tensors: dict, marker: str, prefixes: tuple[str, ...]) -> dict:
+def strip_prefix(tensors: dict, marker: str, prefixes: tuple[str, ...]) -> dict:
   """The tensors under the first prefix that has `marker`, prefix removed."""
-  prefix = _find_prefix(tensors, marker, prefixes)
+  prefix = find_prefix(tensors, marker, prefixes)
   return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def _convert(tensors: dict, entries: list[Entry], ignored: re.Pattern, cfg) -> dict:
+def convert(tensors: dict, entries: list[Entry], ignored: re.Pattern, cfg) -> dict:
   """Applies the key map; checks completeness and every shape against the tower's."""
   known = {e[0] for e in entries}
   unexpected = sorted(k for k in tensors if k not in known and not ignored.fullmatch(k))
@@ -261,13 +254,13 @@ def dinov2_key_map(cfg) -> list[Entry]:
     ("embeddings.position_embeddings", ("position_embedding",), None, _rows),
     ("embeddings.patch_embeddings.projection.weight", ("patch_embedding", "kernel"), None, _conv),
     ("embeddings.patch_embeddings.projection.bias", ("patch_embedding", "bias"), None, _same),
-    *_norm_entries("layernorm", ("norm",)),
+    *norm_entries("layernorm", ("norm",)),
   ]
   mlp = ("gate_proj", "up_proj", "down_proj") if cfg.mlp == "swiglu" else ("fc1", "fc2")
   for i in range(cfg.depth):
     src = f"encoder.layer.{i}"
-    entries += _norm_entries(f"{src}.norm1", ("layers", "norm1"), i)
-    entries += _norm_entries(f"{src}.norm2", ("layers", "norm2"), i)
+    entries += norm_entries(f"{src}.norm1", ("layers", "norm1"), i)
+    entries += norm_entries(f"{src}.norm2", ("layers", "norm2"), i)
     for ours, theirs in zip(("q_proj", "k_proj", "v_proj", "out_proj"), ("q", "k", "v", "o")):
       entries += _linear_entries(f"{src}.attention.{theirs}_proj", ("layers", "attn", ours), i)
     for name in mlp:
@@ -280,8 +273,8 @@ def dinov2_key_map(cfg) -> list[Entry]:
 def dinov2_from_hf(tensors: dict, cfg) -> dict:
   """transformers Dinov2Model state dict (numpy arrays; keys bare or under
   `dinov2.`) -> our params for `towers.from_params(cfg, ...)`."""
-  tensors = _strip_prefix(tensors, "embeddings.cls_token", ("", "dinov2."))
-  return _convert(_dinov2_modern(tensors), dinov2_key_map(cfg), _DINOV2_IGNORED, cfg)
+  tensors = strip_prefix(tensors, "embeddings.cls_token", ("", "dinov2."))
+  return convert(_dinov2_modern(tensors), dinov2_key_map(cfg), _DINOV2_IGNORED, cfg)
 
 
 # --------------------------------------------------------------------------- SigLIP, transformers
@@ -293,12 +286,12 @@ def siglip_key_map(cfg) -> list[Entry]:
     ("embeddings.patch_embedding.weight", ("patch_embedding", "kernel"), None, _conv),
     ("embeddings.patch_embedding.bias", ("patch_embedding", "bias"), None, _same),
     ("embeddings.position_embedding.weight", ("position_embedding",), None, _same),
-    *_norm_entries("post_layernorm", ("norm",)),
+    *norm_entries("post_layernorm", ("norm",)),
   ]
   for i in range(cfg.depth):
     src = f"encoder.layers.{i}"
-    entries += _norm_entries(f"{src}.layer_norm1", ("layers", "norm1"), i)
-    entries += _norm_entries(f"{src}.layer_norm2", ("layers", "norm2"), i)
+    entries += norm_entries(f"{src}.layer_norm1", ("layers", "norm1"), i)
+    entries += norm_entries(f"{src}.layer_norm2", ("layers", "norm2"), i)
     for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
       entries += _linear_entries(f"{src}.self_attn.{name}", ("layers", "attn", name), i)
     for name in ("fc1", "fc2"):
@@ -314,7 +307,7 @@ def siglip_key_map(cfg) -> list[Entry]:
       entries.append(("head.attention.in_proj_bias", (*path, "bias"), None, bias))
     entries += _linear_entries("head.attention.out_proj", ("head", "attn", "out_proj"))
     entries += [("head.probe", ("head", "probe"), None, _row)]
-    entries += _norm_entries("head.layernorm", ("head", "norm"))
+    entries += norm_entries("head.layernorm", ("head", "norm"))
     entries += _linear_entries("head.mlp.fc1", ("head", "mlp", "fc1"))
     entries += _linear_entries("head.mlp.fc2", ("head", "mlp", "fc2"))
   return entries
@@ -324,10 +317,10 @@ def siglip_from_hf(tensors: dict, cfg) -> dict:
   """transformers SiglipVisionModel state dict (keys bare, or under
   `vision_model.` as in hub files and SiglipModel) -> our params. With
   cfg.head False, a checkpoint's MAP head is left out."""
-  tensors = _strip_prefix(tensors, "embeddings.patch_embedding.weight", ("", "vision_model."))
+  tensors = strip_prefix(tensors, "embeddings.patch_embedding.weight", ("", "vision_model."))
   # position_ids: a derived buffer some files carry.
   ignored = r"embeddings\.position_ids" + ("" if cfg.head else r"|head\..*")
-  return _convert(tensors, siglip_key_map(cfg), re.compile(ignored), cfg)
+  return convert(tensors, siglip_key_map(cfg), re.compile(ignored), cfg)
 
 
 # --------------------------------------------------------------------------- ViT, transformers
@@ -364,12 +357,12 @@ def vit_key_map(cfg) -> list[Entry]:
     ("embeddings.position_embeddings", ("position_embedding",), None, _rows),
     ("embeddings.patch_embeddings.projection.weight", ("patch_embedding", "kernel"), None, _conv),
     ("embeddings.patch_embeddings.projection.bias", ("patch_embedding", "bias"), None, _same),
-    *_norm_entries("layernorm", ("norm",)),
+    *norm_entries("layernorm", ("norm",)),
   ]
   for i in range(cfg.depth):
     src = f"layers.{i}"
-    entries += _norm_entries(f"{src}.layernorm_before", ("layers", "norm1"), i)
-    entries += _norm_entries(f"{src}.layernorm_after", ("layers", "norm2"), i)
+    entries += norm_entries(f"{src}.layernorm_before", ("layers", "norm1"), i)
+    entries += norm_entries(f"{src}.layernorm_after", ("layers", "norm2"), i)
     for ours, theirs in zip(("q_proj", "k_proj", "v_proj", "out_proj"), "qkvo"):
       entries += _linear_entries(f"{src}.attention.{theirs}_proj", ("layers", "attn", ours), i)
     for name in ("fc1", "fc2"):
@@ -382,8 +375,8 @@ def vit_from_hf(tensors: dict, cfg) -> dict:
   as in ViTForImageClassification; v5 or older names) -> our params."""
   if not cfg.class_token or cfg.head:
     raise ConversionError("a transformers ViTModel has a class token and no MAP head")
-  tensors = _strip_prefix(tensors, "embeddings.cls_token", ("", "vit."))
-  return _convert(_vit_modern(tensors), vit_key_map(cfg), _VIT_IGNORED, cfg)
+  tensors = strip_prefix(tensors, "embeddings.cls_token", ("", "vit."))
+  return convert(_vit_modern(tensors), vit_key_map(cfg), _VIT_IGNORED, cfg)
 
 
 # --------------------------------------------------------------------------- EVA (BLIP-2)
@@ -431,12 +424,12 @@ def eva_key_map(cfg) -> list[Entry]:
     ("embeddings.position_embedding", ("position_embedding",), None, _rows),  # class row first
     ("embeddings.patch_embedding.weight", ("patch_embedding", "kernel"), None, _conv),
     ("embeddings.patch_embedding.bias", ("patch_embedding", "bias"), None, _same),
-    *_norm_entries("post_layernorm", ("norm",)),
+    *norm_entries("post_layernorm", ("norm",)),
   ]
   for i in range(cfg.depth):
     src = f"encoder.layers.{i}"
-    entries += _norm_entries(f"{src}.layer_norm1", ("layers", "norm1"), i)
-    entries += _norm_entries(f"{src}.layer_norm2", ("layers", "norm2"), i)
+    entries += norm_entries(f"{src}.layer_norm1", ("layers", "norm1"), i)
+    entries += norm_entries(f"{src}.layer_norm2", ("layers", "norm2"), i)
     entries += _qkv_entries(f"{src}.self_attn", ("layers", "attn"), i, cfg.width)
     entries += _linear_entries(f"{src}.self_attn.projection", ("layers", "attn", "out_proj"), i)
     for name in ("fc1", "fc2"):
@@ -450,8 +443,8 @@ def eva_from_hf(tensors: dict, cfg) -> dict:
   files, whose other keys are not read) -> our params."""
   if cfg.kind != "eva" or not cfg.class_token or cfg.head or cfg.layer_scale is not None:
     raise ConversionError("a Blip2VisionModel loads into an eva_config tower")
-  tensors = _eva_fused_bias(_strip_prefix(tensors, _EVA_MARKER, _EVA_PREFIXES))
-  return _convert(tensors, eva_key_map(cfg), _NOTHING, cfg)
+  tensors = _eva_fused_bias(strip_prefix(tensors, _EVA_MARKER, _EVA_PREFIXES))
+  return convert(tensors, eva_key_map(cfg), _NOTHING, cfg)
 
 
 def _read_vision_model(path: str) -> dict | None:
@@ -479,232 +472,6 @@ def _read_vision_model(path: str) -> dict | None:
     with safetensors.safe_open(os.path.join(path, name), "numpy") as f:
       tensors.update({k: f.get_tensor(k) for k in keys})
   return tensors
-
-
-# --------------------------------------------------------------------------- big_vision
-
-
-# SigLIP / PaliGemma files keep the tower under `img`; a ViT's is the root,
-# under `params/` in a full training checkpoint.
-_IMG_PREFIXES = ("params/img/", "img/", "params/", "")
-
-
-def read_npz(path: str, prefix: str = "") -> dict[str, np.ndarray]:
-  """A big_vision `.npz` as a flat dict of arrays ("a/b/c" keys), only those
-  under `prefix` (the others, e.g. a PaliGemma LLM, are never read)."""
-  with np.load(path, allow_pickle=False) as f:
-    arrays = {k: f[k] for k in f.files if k.startswith(prefix)}
-  # numpy has no bfloat16: big_vision's files store it as 2-byte void.
-  return {
-    k: a.view(ml_dtypes.bfloat16) if a.dtype.kind == "V" and a.dtype.itemsize == 2 else a
-    for k, a in arrays.items()
-  }
-
-
-def _img_tree(arrays: dict, prefix: str | None) -> dict:
-  prefixes = (prefix,) if prefix is not None else _IMG_PREFIXES
-  tree = _strip_prefix(arrays, "embedding/kernel", prefixes)
-  # Scanned layout: one `encoderblock` with a leading layer axis -> looped.
-  stacked = "Transformer/encoderblock/"
-  out = {}
-  for key, value in tree.items():
-    if key.startswith(stacked):
-      for i in range(value.shape[0]):
-        out[f"Transformer/encoderblock_{i}/{key[len(stacked) :]}"] = value[i]
-    else:
-      out[key] = value
-  return out
-
-
-def _shapes(tree: dict, grid: int) -> dict:
-  """The config fields that a big_vision ViT tree's shapes tell (big_vision
-  keeps no config beside the weights)."""
-  p, _, c, width = tree["embedding/kernel"].shape
-  block = "Transformer/encoderblock_0/"
-  return {
-    "width": width,
-    "patch_size": p,
-    "num_channels": c,
-    "image_size": grid * p,
-    "depth": sum(1 for k in tree if k.endswith("/LayerNorm_0/scale") and "encoderblock_" in k),
-    "heads": tree[block + "MultiHeadDotProductAttention_0/query/kernel"].shape[1],
-    "mlp_dim": tree[block + "MlpBlock_0/Dense_0/kernel"].shape[-1],
-    "head": "MAPHead_0/probe" in tree,
-  }
-
-
-def siglip_config_from_big_vision(arrays: dict, prefix: str | None = None, **overrides):
-  """A SigLIP tower config read off a big_vision checkpoint's shapes;
-  **overrides e.g. head."""
-  tree = _img_tree(arrays, prefix)
-  grid = math.isqrt(tree["pos_embedding"].shape[-2])
-  return towers.siglip_config(**{**_shapes(tree, grid), **overrides})
-
-
-def _bv_attention(src, ours, layer=None) -> list[Entry]:
-  entries = []
-  for theirs, name in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
-    entries += [
-      (f"{src}/{theirs}/kernel", (*ours, name, "kernel"), layer, _heads_in),
-      (f"{src}/{theirs}/bias", (*ours, name, "bias"), layer, _heads_in),
-    ]
-  return entries + [
-    (f"{src}/out/kernel", (*ours, "out_proj", "kernel"), layer, _rows),  # [H, hd, d] -> [H*hd, d]
-    (f"{src}/out/bias", (*ours, "out_proj", "bias"), layer, _same),
-  ]
-
-
-def _bv_dense(src, ours, layer=None) -> list[Entry]:
-  return [
-    (f"{src}/kernel", (*ours, "kernel"), layer, _same),
-    (f"{src}/bias", (*ours, "bias"), layer, _same),
-  ]
-
-
-def _bv_norm(src, ours, layer=None) -> list[Entry]:
-  return _norm_entries(src, ours, layer, names=("scale", "bias"), sep="/")
-
-
-def big_vision_key_map(cfg) -> list[Entry]:
-  """Every array of big_vision's looped ViT tree (SigLIP's `img` tower, or a
-  plain ViT's) and where it lives in ours."""
-  entries = [
-    ("embedding/kernel", ("patch_embedding", "kernel"), None, _same),  # already HWIO
-    ("embedding/bias", ("patch_embedding", "bias"), None, _same),
-    ("pos_embedding", ("position_embedding",), None, _rows),
-    *_bv_norm("Transformer/encoder_norm", ("norm",)),
-  ]
-  if cfg.class_token:
-    entries.append(("cls", ("cls_token",), None, _row))
-  for i in range(cfg.depth):
-    src = f"Transformer/encoderblock_{i}"
-    entries += _bv_norm(f"{src}/LayerNorm_0", ("layers", "norm1"), i)
-    entries += _bv_norm(f"{src}/LayerNorm_1", ("layers", "norm2"), i)
-    entries += _bv_attention(f"{src}/MultiHeadDotProductAttention_0", ("layers", "attn"), i)
-    entries += _bv_dense(f"{src}/MlpBlock_0/Dense_0", ("layers", "mlp", "fc1"), i)
-    entries += _bv_dense(f"{src}/MlpBlock_0/Dense_1", ("layers", "mlp", "fc2"), i)
-  if cfg.head:
-    entries += [("MAPHead_0/probe", ("head", "probe"), None, _row)]
-    entries += _bv_attention("MAPHead_0/MultiHeadDotProductAttention_0", ("head", "attn"))
-    entries += _bv_norm("MAPHead_0/LayerNorm_0", ("head", "norm"))
-    entries += _bv_dense("MAPHead_0/MlpBlock_0/Dense_0", ("head", "mlp", "fc1"))
-    entries += _bv_dense("MAPHead_0/MlpBlock_0/Dense_1", ("head", "mlp", "fc2"))
-  return entries
-
-
-def siglip_from_big_vision(arrays: dict, cfg, prefix: str | None = None) -> dict:
-  """big_vision SigLIP arrays (`read_npz`; the `img` tower found under
-  `params/img/`, `img/` or the root, or under `prefix`) -> our params.
-
-  Ignored: `head/*` (a classifier, or PaliGemma's projector to the LLM, not
-  part of the tower) and, with cfg.head False, `MAPHead_0/*`.
-  """
-  ignored = r"head/.*" + ("" if cfg.head else r"|MAPHead_0/.*")
-  return _convert(_img_tree(arrays, prefix), big_vision_key_map(cfg), re.compile(ignored), cfg)
-
-
-# --------------------------------------------------------------------------- ViT, big_vision
-
-# Where the position table lives: big_vision's vit.py; google-research/
-# vision_transformer's (the augreg files); big_vision's name for the latter
-# in its files from before 2022.
-_POSEMB_KEYS = (
-  "pos_embedding",
-  "Transformer/posembed_input/pos_embedding",
-  "Transformer/pos_embedding",
-)
-# vision_transformer's files keep the pre-linen module numbering, counted
-# across module types within a block; big_vision's count per type (what
-# flax's convert_pre_linen turns the former into).
-_PRE_LINEN = {
-  "LayerNorm_2": "LayerNorm_1",
-  "MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0",
-  "MlpBlock_3": "MlpBlock_0",
-}
-_BLOCK = re.compile(r"(Transformer/encoderblock_\d+/)([^/]+)(/.*)")
-
-
-def _vit_tree(arrays: dict, prefix: str | None) -> dict:
-  """A big_vision or vision_transformer ViT tree in big_vision's naming,
-  layers looped, the position table at `pos_embedding`."""
-  tree = _img_tree(arrays, prefix)
-  tables = [k for k in _POSEMB_KEYS if k in tree]
-  if len(tables) != 1:
-    raise ConversionError(
-      f"expected one position table of {list(_POSEMB_KEYS)}, found {tables}"
-      + ("" if tables else " (big_vision's fixed sincos2d positions are not supported)")
-    )
-  pre_linen = any("/MultiHeadDotProductAttention_1/" in k for k in tree)
-  out, source = {}, {}
-  for key, value in tree.items():
-    new = "pos_embedding" if key == tables[0] else key
-    block = _BLOCK.fullmatch(key)
-    if pre_linen and block and block[2] in _PRE_LINEN:
-      new = block[1] + _PRE_LINEN[block[2]] + block[3]
-    if new in out:
-      raise ConversionError(f"{source[new]!r} and {key!r} both name {new!r}: mixed naming")
-    out[new], source[new] = value, key
-  return out
-
-
-def _grid_of(rows: int) -> tuple[int, bool]:
-  """(grid side, whether a class-token row leads) of a position table."""
-  for class_row in (False, True):
-    side = math.isqrt(rows - class_row)
-    if side * side == rows - class_row:
-      return side, class_row
-  raise ConversionError(f"pos_embedding of {rows} rows: neither a square grid nor 1 + one")
-
-
-def vit_config_from_big_vision(arrays: dict, prefix: str | None = None, **overrides):
-  """A ViT tower config read off a big_vision or vision_transformer
-  checkpoint's shapes; **overrides e.g. mlp, layer_norm_eps."""
-  tree = _vit_tree(arrays, prefix)
-  grid, class_row = _grid_of(tree["pos_embedding"].shape[-2])
-  if class_row and "cls" not in tree:
-    raise ConversionError("pos_embedding has a class-token row, but there is no `cls`")
-  # Both repositories' MlpBlock use flax's nn.gelu: the tanh approximation.
-  return towers.vit_config(
-    **{
-      **_shapes(tree, grid),
-      "class_token": "cls" in tree,
-      "mlp": "gelu_pytorch_tanh",
-      **overrides,
-    }
-  )
-
-
-def _class_row(table: np.ndarray, cfg) -> np.ndarray:
-  """big_vision adds the positions before prepending the class token, so its
-  table has no class-token row; ours has (towers.vit_config). Adding a zero
-  row is exact."""
-  table = _rows(np.asarray(table))
-  if cfg.class_token and table.shape[0] == towers.table_grid(cfg) ** 2:
-    table = np.concatenate([np.zeros_like(table[:1]), table])
-  return table
-
-
-def vit_from_big_vision(arrays: dict, cfg, prefix: str | None = None) -> dict:
-  """big_vision / vision_transformer ViT arrays (`read_npz`; the tree found
-  under `params/img/`, `img/`, `params/` or the root, or under `prefix`) ->
-  our params. Ignored: `head/*`, `pre_logits/*` (classifier layers after the
-  tower) and, with cfg.head False, `MAPHead_0/*`."""
-  tree = _vit_tree(arrays, prefix)
-  tree["pos_embedding"] = _class_row(tree["pos_embedding"], cfg)
-  ignored = r"head/.*|pre_logits/.*" + ("" if cfg.head else r"|MAPHead_0/.*")
-  return _convert(tree, big_vision_key_map(cfg), re.compile(ignored), cfg)
-
-
-def npz_kind(arrays: dict, prefix: str | None = None) -> str:
-  """The tower kind of a big_vision tree: "vit" with a class token (`cls`)
-  or vision_transformer's names, else "siglip". A big_vision ViT without class token ("gap" / "map"
-  pooling) thus reads as "siglip": SigLIP's image tower is that same network
-  (same activation, norms and [-1, 1] inputs); pass kind="vit" to label it so."""
-  tree = _img_tree(arrays, prefix)
-  old = any(k in tree for k in _POSEMB_KEYS[1:]) or any(
-    "/MultiHeadDotProductAttention_1/" in k for k in tree
-  )
-  return "vit" if "cls" in tree or old else "siglip"
 
 
 # --------------------------------------------------------------------------- files
@@ -747,23 +514,3 @@ def tower_from_hf_dir(path: str, *, allow_pickle: bool = False, **kw) -> towers.
     cfg = eva_config_from_hf(hf_config)
     return towers.from_params(cfg, eva_from_hf(tensors, cfg), **kw)
   raise ConversionError(f"{path}: model_type {kind!r} is not one of {list(_HF_KINDS)}")
-
-
-def tower_from_npz(
-  path: str, prefix: str | None = None, kind: str | None = None, **kw
-) -> towers.VisionTower:
-  """A SigLIP or ViT tower from a big_vision / vision_transformer `.npz`, its
-  config read off the shapes; kind None: `npz_kind`'s guess; **kw: dtype,
-  param_dtype, remat, attention."""
-  if prefix is None:
-    with np.load(path, allow_pickle=False) as f:
-      prefix = _find_prefix(f.files, "embedding/kernel", _IMG_PREFIXES)
-  arrays = read_npz(path, prefix)
-  kind = kind or npz_kind(arrays, prefix)
-  if kind == "vit":
-    cfg = vit_config_from_big_vision(arrays, prefix)
-    return towers.from_params(cfg, vit_from_big_vision(arrays, cfg, prefix), **kw)
-  if kind == "siglip":
-    cfg = siglip_config_from_big_vision(arrays, prefix)
-    return towers.from_params(cfg, siglip_from_big_vision(arrays, cfg, prefix), **kw)
-  raise ConversionError(f"{path}: kind {kind!r} is not 'vit' or 'siglip'")

@@ -13,6 +13,7 @@ import torch
 import transformers
 from flax import nnx
 
+from kosmos_jax.checkpoints import big_vision
 from kosmos_jax.checkpoints import towers as ckpt
 from kosmos_jax.checkpoints.hf import ConversionError
 from kosmos_jax.models import mixing, towers
@@ -204,9 +205,9 @@ def test_siglip_big_vision_npz_matches(siglip, stacked, tmp_path):
   model, cfg = siglip
   path = tmp_path / "siglip.npz"
   np.savez(path, **_to_big_vision(model, cfg, stacked))
-  read_cfg = ckpt.siglip_config_from_big_vision(ckpt.read_npz(str(path)))
+  read_cfg = big_vision.siglip_config_from_big_vision(big_vision.read_npz(str(path)))
   assert read_cfg.to_dict() == cfg.to_dict()
-  ours = ckpt.tower_from_npz(str(path))
+  ours = big_vision.tower_from_npz(str(path))
   pixels = _images(2, 32, 32, seed=5)
   with torch.no_grad():
     out = model(torch.from_numpy(pixels))
@@ -218,7 +219,7 @@ def test_siglip_big_vision_npz_matches(siglip, stacked, tmp_path):
 def test_npz_bfloat16_and_bad_checkpoints(siglip, tmp_path):
   model, cfg = siglip
   np.savez(tmp_path / "bf16.npz", a=np.arange(3, dtype=np.float32).astype(ml_dtypes.bfloat16))
-  a = ckpt.read_npz(str(tmp_path / "bf16.npz"))["a"]
+  a = big_vision.read_npz(str(tmp_path / "bf16.npz"))["a"]
   assert a.dtype == ml_dtypes.bfloat16 and a.tolist() == [0, 1, 2]
   state = _state(model)
   with pytest.raises(ConversionError, match="missing.*post_layernorm.bias"):
@@ -374,9 +375,9 @@ def _vit_to_npz(model, naming: str, stacked: bool) -> dict:
 def test_vit_npz_matches(vit_bv, naming, stacked, tmp_path):
   path = tmp_path / "vit.npz"
   np.savez(path, **_vit_to_npz(vit_bv, naming, stacked))
-  cfg = ckpt.vit_config_from_big_vision(ckpt.read_npz(str(path)))
+  cfg = big_vision.vit_config_from_big_vision(big_vision.read_npz(str(path)))
   assert cfg.to_dict() == ckpt.vit_config_from_hf(vit_bv.config.to_dict()).to_dict()
-  ours = ckpt.tower_from_npz(str(path))
+  ours = big_vision.tower_from_npz(str(path))
   assert ours.cfg.kind == "vit"
   pixels = _images(2, 32, 32, seed=9)
   with torch.no_grad():
@@ -386,23 +387,23 @@ def test_vit_npz_matches(vit_bv, naming, stacked, tmp_path):
 
 def test_vit_bad_npz(vit_bv):
   arrays = _vit_to_npz(vit_bv, "big_vision", stacked=False)
-  cfg = ckpt.vit_config_from_big_vision(arrays)
+  cfg = big_vision.vit_config_from_big_vision(arrays)
   gone = {k: v for k, v in arrays.items() if not k.endswith("encoderblock_1/LayerNorm_1/bias")}
   with pytest.raises(ConversionError, match=r"missing \(1\).*encoderblock_1/LayerNorm_1/bias"):
-    ckpt.vit_from_big_vision(gone, cfg)
+    big_vision.vit_from_big_vision(gone, cfg)
   key = "img/Transformer/encoderblock_1/MlpBlock_0/Dense_0/kernel"
   wrong = {**arrays, key: arrays[key][:, :-1]}
   with pytest.raises(ConversionError, match=r"encoderblock_1/MlpBlock_0/Dense_0/kernel -> "):
-    ckpt.vit_from_big_vision(wrong, cfg)
+    big_vision.vit_from_big_vision(wrong, cfg)
   with pytest.raises(ConversionError, match="class-token row, but there is no `cls`"):
-    ckpt.vit_config_from_big_vision(
+    big_vision.vit_config_from_big_vision(
       {k: v for k, v in _vit_to_npz(vit_bv, "vision_transformer", False).items() if k != "cls"}
     )
   both = {**arrays, "img/Transformer/posembed_input/pos_embedding": arrays["img/pos_embedding"]}
   with pytest.raises(ConversionError, match="one position table"):
-    ckpt.vit_config_from_big_vision(both)
-  assert ckpt.npz_kind(arrays) == "vit"
-  assert ckpt.npz_kind({k: v for k, v in arrays.items() if k != "img/cls"}) == "siglip"
+    big_vision.vit_config_from_big_vision(both)
+  assert big_vision.npz_kind(arrays) == "vit"
+  assert big_vision.npz_kind({k: v for k, v in arrays.items() if k != "img/cls"}) == "siglip"
 
 
 # --------------------------------------------------------------------------- EVA (BLIP-2)
