@@ -133,6 +133,20 @@ def check_processor_files(path: str) -> None:
       )
 
 
+def checkpoint_processor(where, config):
+  """The checkpoint's processor files; for a trainer workdir without them,
+  the vocabulary of the mixture it trained on at the model's sizes, as
+  `kosmos-jax eval` finds it (eval/runner.py)."""
+  if where.kind == "workdir":
+    from kosmos_jax.eval import runner  # pylint: disable=g-import-not-at-top
+
+    return runner.processor_for(where, config)
+  check_processor_files(where.path)
+  from kosmos_jax.processing import processor as processor_lib  # pylint: disable=g-import-not-at-top
+
+  return processor_lib.Processor.from_pretrained(where.path)
+
+
 def read_image(path: str, index: int):
   """An image file as an (H, W, 3) uint8 array."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
@@ -258,13 +272,11 @@ def run(args, overrides) -> None:
     where = loading.locate(args.checkpoint)  # the kind of checkpoint, decided once
   except FileNotFoundError as e:
     raise SystemExit(f"--checkpoint {e}") from None
-  check_processor_files(where.path)
-  from kosmos_jax.processing import processor as processor_lib  # pylint: disable=g-import-not-at-top
   from kosmos_jax.processing import visualize  # pylint: disable=g-import-not-at-top
 
-  processor = processor_lib.Processor.from_pretrained(where.path)
   # The model config alone first: the prompt is checked before any weights load.
   config = loading.model_config(where)
+  processor = checkpoint_processor(where, config)
   if args.prompts_file:
     lines = read_prompts_file(args.prompts_file)
     images = [[read_image(p, i) for p in line["images"]] for i, line in enumerate(lines)]

@@ -7,6 +7,7 @@ gives the address; requests that arrive together share one `generate` call.
 
 from kosmos_jax.commands.generate import (
   check_processor_files,
+  checkpoint_processor,
   non_negative_int,
   positive_float,
   positive_int,
@@ -99,11 +100,14 @@ def run(args, overrides) -> None:
     where = loading.locate(args.checkpoint)
   except FileNotFoundError as e:
     raise SystemExit(f"--checkpoint {e}") from None
-  check_processor_files(where.path)
   config = loading.model_config(where)
-  processor = processor_lib.Processor.from_pretrained(
-    where.path, image_size=config.vision.image_size
-  )
+  if where.kind == "workdir":  # its mixture's vocabulary, as `kosmos-jax eval` reads it
+    processor = checkpoint_processor(where, config)
+  else:
+    check_processor_files(where.path)
+    processor = processor_lib.Processor.from_pretrained(
+      where.path, image_size=config.vision.image_size
+    )
   if processor.num_image_tokens != views.image_slots(config):
     raise SystemExit(
       f"--checkpoint {where.path}: the processor files give {processor.num_image_tokens} "

@@ -87,3 +87,24 @@ def test_views_run_a_single_view_snapshot_as_sphinx_1k(tiny_snapshot):
   inputs = processor(text="<grounding>An image of", images=str(tiny_snapshot / "snowman.jpg"))
   out = model.generate(**inputs, max_new_tokens=3)
   assert out.shape == (1, inputs["input_ids"].shape[1] + 3)
+
+
+def test_generate_reads_a_workdir_through_its_mixtures_vocabulary(workdir, tiny_snapshot, capsys):
+  """A trainer workdir has no processor files: `kosmos-jax generate` uses the
+  vocabulary of the mixture it trained on, as `kosmos-jax eval` does."""
+  import json  # pylint: disable=g-import-not-at-top
+
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  from kosmos_jax import commands  # pylint: disable=g-import-not-at-top
+  from kosmos_jax.eval import runner  # pylint: disable=g-import-not-at-top
+
+  image = str(tiny_snapshot / "snowman.jpg")
+  argv = ["generate", "--checkpoint", str(workdir), "--image", image, "--max-new-tokens", "4"]
+  commands.main([*argv, "--json"])
+  result = json.loads(capsys.readouterr().out.splitlines()[-1])
+  where = loading.locate(str(workdir))
+  processor = runner.processor_for(where, loading.model_config(where))
+  inputs = processor(text="<grounding>An image of", images=np.asarray(Image.open(image)))
+  ids = kosmos_jax.from_pretrained(str(workdir)).generate(**inputs, max_new_tokens=4)
+  assert result["token_ids"] == [t for t in ids[0].tolist() if t != processor.vocab.pad_id]
