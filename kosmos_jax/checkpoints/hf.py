@@ -261,16 +261,16 @@ def nested_set(tree: dict, path: tuple[str, ...], value) -> None:
   tree[path[-1]] = value
 
 
-def _nested_get(tree: dict, path: tuple[str, ...]):
+def nested_get(tree: dict, path: tuple[str, ...]):
   for p in path:
     tree = tree[p]
   return tree
 
 
-def _leaf_shapes(tree: dict, prefix=()) -> Iterator[tuple[tuple[str, ...], tuple[int, ...]]]:
+def leaf_shapes(tree: dict, prefix=()) -> Iterator[tuple[tuple[str, ...], tuple[int, ...]]]:
   for k, v in tree.items():
     if isinstance(v, dict):
-      yield from _leaf_shapes(v, (*prefix, k))
+      yield from leaf_shapes(v, (*prefix, k))
     else:
       yield (*prefix, k), tuple(v.shape)
 
@@ -318,8 +318,8 @@ def hf_to_params(
 
   if expected_shapes is not None:
     bad = []
-    for path, shape in _leaf_shapes(params):
-      want = tuple(_nested_get(expected_shapes, path).shape)
+    for path, shape in leaf_shapes(params):
+      want = tuple(nested_get(expected_shapes, path).shape)
       if want != shape:
         bad.append(f"{'/'.join(path)}: checkpoint {shape} vs model {want}")
     if bad:
@@ -345,7 +345,7 @@ def params_to_hf(params: dict, cfg: ml_collections.ConfigDict) -> dict[str, np.n
   """Nested dict of our parameters -> HF state dict (lm_head left tied, as HF saves)."""
   out = {}
   for hf_key, path, layer, layout in key_map(cfg):
-    value = np.asarray(_nested_get(params, path))
+    value = np.asarray(nested_get(params, path))
     out[hf_key] = np.ascontiguousarray(_to_hf(value if layer is None else value[layer], layout))
   return out
 

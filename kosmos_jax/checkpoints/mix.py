@@ -40,7 +40,7 @@ from etils import epath
 from orbax.checkpoint.experimental import v1 as ocp_v1
 
 from kosmos_jax import errors
-from kosmos_jax.checkpoints import loading
+from kosmos_jax.checkpoints import hf, loading
 from kosmos_jax.checkpoints import orbax as orbax_ckpt
 from kosmos_jax.models import lora
 
@@ -87,18 +87,6 @@ class _Source:
   directory: str  # on disk, to refuse writing the output over it
 
 
-def _set(tree: dict, keys: tuple, value) -> None:
-  for k in keys[:-1]:
-    tree = tree.setdefault(k, {})
-  tree[keys[-1]] = value
-
-
-def _get(tree, keys: tuple):
-  for k in keys:
-    tree = tree[k]
-  return tree
-
-
 def _step_dir(where: loading.Location) -> epath.Path:
   with orbax_ckpt.checkpoint_manager(where.path, read_only=True) as manager:
     steps = sorted(manager.all_steps())
@@ -136,7 +124,7 @@ def _open(path, stack: contextlib.ExitStack) -> _Source:
     init_from = experiment.get("init_from", "")
     sidecars = init_from if init_from and os.path.isdir(init_from) else None
   checkpointer = stack.enter_context(ocp.PyTreeCheckpointer())
-  tree = _get(checkpointer.metadata(directory).item_metadata.tree, prefix)
+  tree = hf.nested_get(checkpointer.metadata(directory).item_metadata.tree, prefix)
   stored = {}
   for keypath, meta in jax.tree_util.tree_flatten_with_path(tree)[0]:
     keys = tuple(str(getattr(k, "key", k)) for k in keypath)
@@ -150,7 +138,7 @@ def _open(path, stack: contextlib.ExitStack) -> _Source:
         wanted.update(k[:-1] + (n,) for n in lora.ADAPTER_NAMES)
     item = {}
     for k in wanted:
-      _set(item, prefix + k + suffix, jax.ShapeDtypeStruct(*stored[k]))
+      hf.nested_set(item, prefix + k + suffix, jax.ShapeDtypeStruct(*stored[k]))
     # Only the leaves in `item` are read from disk (partial_restore), as
     # numpy arrays: nothing goes through a device.
     restored = checkpointer.restore(
@@ -161,7 +149,7 @@ def _open(path, stack: contextlib.ExitStack) -> _Source:
         partial_restore=True,
       ),
     )
-    values = {k: _get(restored, prefix + k + suffix) for k in wanted}
+    values = {k: hf.nested_get(restored, prefix + k + suffix) for k in wanted}
     for k in keys:
       if adapted(k):
         owner = {n: values[k[:-1] + (n,)] for n in ("kernel", *lora.ADAPTER_NAMES)}
@@ -280,7 +268,7 @@ def _write(out_dir: str, leaves, budget_bytes: int) -> None:
     with context:
       pending, size = {}, 0
       for keys, value in leaves:
-        _set(pending, keys, value)
+        hf.nested_set(pending, keys, value)
         size += value.nbytes
         del value  # `pending` holds the only reference, so a write frees the leaf
         if size >= budget_bytes:

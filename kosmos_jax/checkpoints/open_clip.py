@@ -107,16 +107,6 @@ def _check_keys(tensors: dict, known, prefix: str, ignored=(), what="tower") -> 
     )
 
 
-def _leaves(tree: dict, prefix=()) -> dict:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_leaves(value, (*prefix, key)))
-    else:
-      out[(*prefix, key)] = tuple(value.shape)
-  return out
-
-
 def _shape_errors(rows, expected: dict) -> list[str]:
   """rows: (open_clip key, its shape in the file, the array it gives (q, k or v
   alone for in_proj), our path, layer or None, array -> ours). One line per
@@ -245,7 +235,7 @@ def _vit_shapes(vision) -> dict:
     remat="none",
     attention="xla",
   )
-  return _leaves(nnx.to_pure_dict(nnx.state(nnx.eval_shape(make), nnx.Param)))
+  return dict(hf.leaf_shapes(nnx.to_pure_dict(nnx.state(nnx.eval_shape(make), nnx.Param))))
 
 
 def _vit_rows(visual: dict, entries) -> list:
@@ -376,7 +366,7 @@ def convnext_from_open_clip(tensors: dict, cfg) -> dict:
     (TRUNK + timm[key], trunk[timm[key]].shape, renamed[key], path, layer, fn)
     for key, path, layer, fn in entries
   ]
-  bad = _shape_errors(rows, _leaves(convnext.abstract_params(cfg)))
+  bad = _shape_errors(rows, dict(hf.leaf_shapes(convnext.abstract_params(cfg))))
   if bad:
     raise ConversionError("shape mismatch:\n  " + "\n  ".join(bad))
   # The one home of the layout: transformers' loader builds the params.

@@ -184,7 +184,7 @@ def convert(tensors: dict, entries: list[Entry], ignored: re.Pattern, cfg) -> di
     )
   expected, params, stacks, bad = towers.abstract_params(cfg), {}, {}, []
   for key, path, layer, fn in entries:
-    want = _nested_get(expected, path).shape[0 if layer is None else 1 :]
+    want = hf.nested_get(expected, path).shape[0 if layer is None else 1 :]
     value = _converted(tensors[key], fn, want)
     if value is None:  # checked per array: a bad layer would otherwise fail np.stack
       bad.append(f"{key} -> {'/'.join(path)}: checkpoint {np.shape(tensors[key])} vs tower {want}")
@@ -211,12 +211,6 @@ def _converted(array, fn, want: tuple) -> np.ndarray | None:
   except (ValueError, IndexError):  # e.g. a reshape that the wrong shape cannot take
     return None
   return value if tuple(value.shape) == tuple(want) else None
-
-
-def _nested_get(tree: dict, path: tuple[str, ...]):
-  for p in path:
-    tree = tree[p]
-  return tree
 
 
 # --------------------------------------------------------------------------- DINOv2

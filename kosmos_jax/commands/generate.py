@@ -134,9 +134,10 @@ def check_processor_files(path: str) -> None:
 
 
 def checkpoint_processor(where, config):
-  """The checkpoint's processor files; for a trainer workdir without them,
-  the vocabulary of the mixture it trained on at the model's sizes, as
-  `kosmos-jax eval` finds it (eval/runner.py)."""
+  """The checkpoint's processor files, pictures at the model's
+  `vision.image_size`; for a trainer workdir, the vocabulary of the mixture
+  it trained on at the model's sizes, as `kosmos-jax eval` finds it
+  (eval/runner.py)."""
   if where.kind == "workdir":
     from kosmos_jax.eval import runner  # pylint: disable=g-import-not-at-top
 
@@ -144,7 +145,7 @@ def checkpoint_processor(where, config):
   check_processor_files(where.path)
   from kosmos_jax.processing import processor as processor_lib  # pylint: disable=g-import-not-at-top
 
-  return processor_lib.Processor.from_pretrained(where.path)
+  return processor_lib.Processor.from_pretrained(where.path, image_size=config.vision.image_size)
 
 
 def read_image(path: str, index: int):

@@ -6,7 +6,6 @@ gives the address; requests that arrive together share one `generate` call.
 """
 
 from kosmos_jax.commands.generate import (
-  check_processor_files,
   checkpoint_processor,
   non_negative_int,
   positive_float,
@@ -90,7 +89,6 @@ def run(args, overrides) -> None:
   import sys  # pylint: disable=g-import-not-at-top
 
   from kosmos_jax.checkpoints import loading  # pylint: disable=g-import-not-at-top
-  from kosmos_jax.processing import processor as processor_lib  # pylint: disable=g-import-not-at-top
   from kosmos_jax.processing import views  # pylint: disable=g-import-not-at-top
   from kosmos_jax.serve import server  # pylint: disable=g-import-not-at-top
 
@@ -101,13 +99,7 @@ def run(args, overrides) -> None:
   except FileNotFoundError as e:
     raise SystemExit(f"--checkpoint {e}") from None
   config = loading.model_config(where)
-  if where.kind == "workdir":  # its mixture's vocabulary, as `kosmos-jax eval` reads it
-    processor = checkpoint_processor(where, config)
-  else:
-    check_processor_files(where.path)
-    processor = processor_lib.Processor.from_pretrained(
-      where.path, image_size=config.vision.image_size
-    )
+  processor = checkpoint_processor(where, config)
   if processor.num_image_tokens != views.image_slots(config):
     raise SystemExit(
       f"--checkpoint {where.path}: the processor files give {processor.num_image_tokens} "
