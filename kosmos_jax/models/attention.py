@@ -10,14 +10,15 @@ Implementations (config key `attention`):
   xla     plain einsum + softmax; any shapes, attention dropout; the CPU default.
   pallas  our flash kernel (kosmos_jax.kernels), TPU Mosaic or GPU Triton.
   splash  JAX's TPU splash-attention kernel.
-  cudnn   jax.nn.dot_product_attention(implementation="cudnn"), GPU only.
-The kernels serve self-attention (the ViT and decoder stacks, ~all the FLOPs);
-the connector's one small cross-attention (64 latents over 321 keys) and decode
-steps against a cache always take the xla path. Under a mesh the kernels run
-inside shard_map over the batch and heads axes of the logical rules.
+  cudnn   jax.nn.dot_product_attention(implementation="cudnn"): cuDNN's flash
+          attention, GPU only, bfloat16/float16 activations only.
+The kernels serve self-attention (the ViT and decoder stacks, ~all the FLOPs),
+each called as kernel(q, k, v, *, causal, segment_ids) with segment_ids None
+when there is one segment and no padding (the ViT). The connector's one small
+cross-attention (64 latents over 321 keys) and decode steps against a cache
+always take the xla path. Under a mesh the kernels run inside shard_map over
+the batch and heads axes of the logical rules.
 """
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -58,25 +59,40 @@ def _xla(q, k, v, *, causal, segment_ids, kv_segment_ids, dropout_rate, dropout_
   return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
 
 
-def _cudnn(q, k, v, *, causal, segment_ids, kv_segment_ids, **_):
-  b, lq = q.shape[:2]
-  mask = _mask(
-    b, lq, k.shape[1], causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids
-  )
-  out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
-  if mask is not None:
-    out = jnp.where(mask.any(-1)[:, 0, :, None, None], out, 0).astype(out.dtype)
-  return out
+def _cudnn(q, k, v, *, causal, segment_ids):
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(
+      f"attention='cudnn' takes bfloat16 or float16 activations, got {q.dtype}: "
+      "set model.dtype='bfloat16' or use another attention implementation"
+    )
+  # jax.nn.dot_product_attention's cuDNN path masks causality (is_causal) and
+  # right padding (*_seq_lengths) inside the kernel but takes no segment ids,
+  # and a boolean `mask` becomes a dense [b, 1, lq, lk] additive bias that the
+  # kernel reads and, in training, writes a gradient for (and then needs even
+  # lengths): jax/_src/cudnn/fused_attention_stablehlo.py, combine_bias_and_mask,
+  # should_export_dbias, check_is_flash_attention. So a mask only where there
+  # are segment ids (the decoder's packed rows, left-padded prompts); the ViT
+  # has none and runs mask-free.
+  mask = None
+  if segment_ids is not None:
+    # Without the `!= 0` term of the shared semantics: a padding query then
+    # attends the padding, never an empty row (which the bias would turn into
+    # a uniform average), and is zeroed below.
+    mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="cudnn")
+  if segment_ids is None:
+    return out
+  return jnp.where((segment_ids != 0)[:, :, None, None], out, 0)
 
 
-def _pallas(q, k, v, *, causal, segment_ids, **_):
+def _pallas(q, k, v, *, causal, segment_ids):
   # Lazy: Pallas' Mosaic and Triton modules load only when a model uses them.
   from kosmos_jax import kernels  # pylint: disable=g-import-not-at-top
 
   return kernels.flash_attention(q, k, v, causal=causal, segment_ids=segment_ids)
 
 
-def _splash(q, k, v, *, causal, segment_ids, **_):
+def _splash(q, k, v, *, causal, segment_ids):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash  # pylint: disable=g-import-not-at-top
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask  # pylint: disable=g-import-not-at-top
 
@@ -111,23 +127,23 @@ _KERNELS = {"pallas": _pallas, "splash": _splash, "cudnn": _cudnn}
 IMPLEMENTATIONS = ("xla", *_KERNELS)
 
 
-def _sharded(kernel, q, k, v, segment_ids, causal):
+def _sharded(kernel, q, k, v, *, causal, segment_ids):
   """Runs a kernel per device under the current mesh (shard_map), else directly."""
   mesh = jax.sharding.get_abstract_mesh()
-  run = functools.partial(kernel, causal=causal)
-  if segment_ids is None:
-    segment_ids = jnp.ones(q.shape[:2], jnp.int32)
+  # segment_ids=None reaches the kernel as None: it may skip masking entirely.
+  args = (q, k, v) if segment_ids is None else (q, k, v, segment_ids)
+  run = lambda q, k, v, s=None: kernel(q, k, v, causal=causal, segment_ids=s)
   if mesh.empty or not spmd.get_logical_axis_rules():
-    return run(q, k, v, segment_ids=segment_ids)
+    return run(*args)
   batch, heads = sharding.logical_to_spec(("act_batch", "act_heads"), q.shape[::2], mesh)
   qkv, ids = P(batch, None, heads, None), P(batch, None)
   return jax.shard_map(
-    lambda q, k, v, s: run(q, k, v, segment_ids=s),
+    run,
     mesh=mesh,
-    in_specs=(qkv, qkv, qkv, ids),
+    in_specs=(qkv, qkv, qkv, ids)[: len(args)],
     out_specs=qkv,
     check_vma=False,
-  )(q, k, v, segment_ids)
+  )(*args)
 
 
 def attention(
@@ -175,4 +191,4 @@ def attention(
       f"attention={implementation!r} has no attention dropout; set "
       "model.text.attention_dropout=0 (and vision) or use attention='xla'"
     )
-  return _sharded(_KERNELS[implementation], q, k, v, segment_ids, causal)
+  return _sharded(_KERNELS[implementation], q, k, v, causal=causal, segment_ids=segment_ids)
