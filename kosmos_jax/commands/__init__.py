@@ -94,6 +94,20 @@ def _import_tensorflow_quietly() -> None:
     os.close(devnull)
 
 
+def _use_compilation_cache() -> None:
+  """Keeps XLA's compiled programs on disk (JAX's persistent compilation
+  cache), so that a second `kosmos-jax generate` or `serve` starts warm: in
+  `$XDG_CACHE_HOME/kosmos-jax/xla` (~/.cache/kosmos-jax/xla), unless
+  JAX_COMPILATION_CACHE_DIR names another directory, or is empty to turn it
+  off. Only programs that took over a second to compile are kept (JAX's
+  jax_persistent_cache_min_compile_time_secs). Set here, before the command
+  imports JAX, which reads the variable once; a caller that imported JAX
+  already keeps its own setting."""
+  cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+  default = os.path.expanduser(os.path.join(cache_home, "kosmos-jax", "xla"))
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", default)
+
+
 def _fail(command: str, message: str):
   """One line on stderr, exit status 2 (argparse's convention for usage errors)."""
   prog = f"kosmos-jax {command}" if command else "kosmos-jax"
@@ -119,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     _fail(args.command, f"takes no --config.* overrides, got {overrides}")
   if getattr(module, "KEEPS_FREED_MEMORY", False):
     heap.keep_freed_memory()  # before jax or tf.data start a thread
+  if "jax" not in sys.modules:  # TensorFlow's import below imports it
+    _use_compilation_cache()
   if getattr(module, "USES_TENSORFLOW", False):
     _import_tensorflow_quietly()
   try:

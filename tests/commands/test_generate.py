@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -271,3 +273,20 @@ def test_generation_options_match_generate(capsys, snapshot, pair):
   assert len(results[0]["token_ids"]) < width + NEW  # the stop string ended it
   message = _error(snapshot, *common, "--num-beams", "2", "--num-return-sequences", "3")
   assert "num_return_sequences=3 is more than num_beams=2" in message
+
+
+def test_a_second_process_starts_warm_from_the_compilation_cache(snapshot, tmp_path):
+  """The CLI keeps XLA's programs in $XDG_CACHE_HOME/kosmos-jax/xla: a second
+  process compiles nothing new (every program is a cache hit)."""
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  env.update(XDG_CACHE_HOME=str(tmp_path), JAX_PLATFORMS="cpu")
+  command = [sys.executable, "-m", "kosmos_jax.commands", "generate"]
+  command += ["--checkpoint", str(snapshot / "snap"), "--image", str(snapshot / "snowman.jpg")]
+  command += ["--prompt", "<grounding>An image of", "--max-new-tokens", str(NEW)]
+  cache = tmp_path / "kosmos-jax" / "xla"
+  entries = []
+  for _ in range(2):
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    entries.append(sorted(p.name for p in cache.iterdir()))
+  assert entries[0] and entries[1] == entries[0]
