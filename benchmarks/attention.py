@@ -1,7 +1,8 @@
 """Attention forward+backward TFLOP/s on a GPU: ours (Pallas Triton), cuDNN, XLA.
 
 One JSON line per (implementation, sequence length); then one line per cache
-length for decode (the XLA path every generation step takes).
+length for decode (the XLA path every generation step takes; run_decode,
+which benchmarks/gpu_vs_hf.py's decode row also runs).
 Needs a GPU; exits with a message otherwise.
 Run: `.venv/bin/python -m benchmarks.attention [--head-dim 128 ...]`.
 """
@@ -81,46 +82,29 @@ def run_flash(args, dtype):
       print(json.dumps(record), flush=True)
 
 
-def run_decode(args, dtype):
-  batch = args.decode_batch
-  for max_length in args.seq_lens:
-    keys = jax.random.split(jax.random.PRNGKey(1), 3)
-    q = jax.random.normal(keys[0], (batch, 1, args.heads, args.head_dim), dtype)
-    cache_shape = (batch, max_length, args.heads, args.head_dim)
-    k, v = (jax.random.normal(key, cache_shape, dtype) for key in keys[1:])
-    # Half-full caches, as mid-generation: written slots have segment id 1.
-    written = (jnp.arange(max_length) < max_length // 2).astype(jnp.int32)
-    kv_segment_ids = jnp.broadcast_to(written, (batch, max_length))
-    segment_ids = jnp.ones((batch, 1), jnp.int32)
-    # The call a generation step makes per layer (models/layers.py, cached):
-    # the line says how close XLA gets to the HBM bandwidth.
-    step = jax.jit(
-      lambda q, k, v: attention.attention(
-        q, k, v, causal=False, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids
-      )
+def run_decode(batch, cache_len, heads, head_dim, dtype, repeats) -> dict:
+  """One decode step's attention over half-full caches of `cache_len`, as
+  mid-generation: the call a generation step makes per layer
+  (models/layers.py, cached), which says how close XLA gets to the HBM
+  bandwidth. Returns the valid length, the median seconds and the bytes of
+  the valid half of the K and V caches."""
+  keys = jax.random.split(jax.random.PRNGKey(1), 3)
+  q = jax.random.normal(keys[0], (batch, 1, heads, head_dim), dtype)
+  cache_shape = (batch, cache_len, heads, head_dim)
+  k, v = (jax.random.normal(key, cache_shape, dtype) for key in keys[1:])
+  # Written slots have segment id 1.
+  written = (jnp.arange(cache_len) < cache_len // 2).astype(jnp.int32)
+  kv_segment_ids = jnp.broadcast_to(written, (batch, cache_len))
+  segment_ids = jnp.ones((batch, 1), jnp.int32)
+  step = jax.jit(
+    lambda q, k, v: attention.attention(
+      q, k, v, causal=False, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids
     )
-    jax.block_until_ready(step(q, k, v))
-    seconds, _ = timed(lambda: jax.block_until_ready(step(q, k, v)), args.repeats)
-    # Bytes of the valid half of the K and V caches.
-    moved = 2 * batch * (max_length // 2) * args.heads * args.head_dim
-    moved *= jnp.dtype(dtype).itemsize
-    print(
-      json.dumps(
-        dict(
-          case="decode",
-          impl="xla",
-          batch=batch,
-          cache_len=max_length,
-          valid_len=max_length // 2,
-          heads=args.heads,
-          head_dim=args.head_dim,
-          dtype=args.dtype,
-          us=round(seconds * 1e6, 1),
-          useful_gb_per_s=round(moved / seconds / 1e9, 1),
-        )
-      ),
-      flush=True,
-    )
+  )
+  jax.block_until_ready(step(q, k, v))
+  seconds, _ = timed(lambda: jax.block_until_ready(step(q, k, v)), repeats)
+  useful = 2 * batch * (cache_len // 2) * heads * head_dim * jnp.dtype(dtype).itemsize
+  return dict(valid_len=cache_len // 2, seconds=seconds, useful_bytes=useful)
 
 
 def main():
@@ -144,7 +128,21 @@ def main():
   print(json.dumps(dict(device=jax.devices()[0].device_kind, jax=jax.__version__)), flush=True)
   dtype = jnp.dtype(args.dtype)
   run_flash(args, dtype)
-  run_decode(args, dtype)
+  for length in args.seq_lens:
+    m = run_decode(args.decode_batch, length, args.heads, args.head_dim, dtype, args.repeats)
+    record = dict(
+      case="decode",
+      impl="xla",
+      batch=args.decode_batch,
+      cache_len=length,
+      valid_len=m["valid_len"],
+      heads=args.heads,
+      head_dim=args.head_dim,
+      dtype=args.dtype,
+      us=round(m["seconds"] * 1e6, 1),
+      useful_gb_per_s=round(m["useful_bytes"] / m["seconds"] / 1e9, 1),
+    )
+    print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":

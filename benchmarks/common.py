@@ -74,6 +74,29 @@ def timed_pair(ours, theirs, repeats: int) -> tuple[float, float]:
   return statistics.median(times[0]), statistics.median(times[1])
 
 
+def feature_batch(batch: dict) -> dict:
+  """An HF-style batch (tests/helpers/hf_reference.grounded_batch) in the
+  feature converter's layout: next-token targets, loss on every real target
+  but the image slots, segment ids from the attention mask."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  ids, mask, slots = (
+    batch["input_ids"],
+    batch["attention_mask"],
+    batch["image_embeds_position_mask"],
+  )
+  targets = np.concatenate([ids[:, 1:], np.ones_like(ids[:, :1])], axis=1)
+  weights = np.concatenate([mask[:, 1:] * (1 - slots[:, 1:]), np.zeros_like(ids[:, :1])], axis=1)
+  return dict(
+    input_ids=ids.astype(np.int32),
+    targets=targets.astype(np.int32),
+    loss_weights=weights.astype(np.float32),
+    segment_ids=mask.astype(np.int32),
+    image_embeds_position_mask=slots.astype(np.int32),
+    pixel_values=batch["pixel_values"][:, None],
+  )
+
+
 def same_weights(config):
   """(transformers model, our model) holding the same random weights for `config`
   (a transformers Kosmos2Config), ours loaded through its safetensors snapshot."""

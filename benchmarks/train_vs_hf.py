@@ -22,31 +22,12 @@ import torch
 import transformers
 from flax import nnx
 
-from benchmarks.common import MID_HF_CONFIG, same_weights, timed_pair
+from benchmarks.common import MID_HF_CONFIG, feature_batch, same_weights, timed_pair
 from kosmos_jax.config import experiment_config
 from kosmos_jax.train import mfu, optim
 from kosmos_jax.train import state as state_lib
 from kosmos_jax.train import step as step_lib
 from tests.helpers.hf_reference import grounded_batch
-
-
-def _our_batch(batch: dict) -> dict:
-  """The HF-style batch in the feature converter's layout (shifted, weighted)."""
-  ids, mask, slots = (
-    batch["input_ids"],
-    batch["attention_mask"],
-    batch["image_embeds_position_mask"],
-  )
-  targets = np.concatenate([ids[:, 1:], np.ones_like(ids[:, :1])], axis=1)
-  weights = np.concatenate([mask[:, 1:] * (1 - slots[:, 1:]), np.zeros_like(ids[:, :1])], axis=1)
-  return dict(
-    input_ids=ids.astype(np.int32),
-    targets=targets.astype(np.int32),
-    loss_weights=weights.astype(np.float32),
-    segment_ids=mask.astype(np.int32),
-    image_embeds_position_mask=slots.astype(np.int32),
-    pixel_values=batch["pixel_values"][:, None],
-  )
 
 
 def main():
@@ -85,7 +66,7 @@ def main():
   tx = optim.optimizer(cfg.optim, 1000)
   state = state_lib.create(nnx.state(ours, nnx.Param), tx, seed=0)
   train_step = jax.jit(step_lib.make_train_step(nnx.graphdef(ours), tx), donate_argnums=0)
-  jax_batch = jax.device_put(_our_batch(batch))
+  jax_batch = jax.device_put(feature_batch(batch))
   holder = [state]
 
   def our_step():

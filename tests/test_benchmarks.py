@@ -92,3 +92,75 @@ def test_score_vs_hf_runs_at_a_tiny_size():
   assert line["benchmark"] == "score_vs_hf" and line["candidates"] == 40
   assert line["ours_s"] > 0 and line["hf_s"] > 0 and line["matmul_peak_gflops"] > 0
   assert line["max_abs_diff"] < 1e-3  # a forward pass per batch scores the candidates alike
+
+
+# The GPU machine has neither TensorFlow nor seqio: the way it lacks them
+# (find_spec None, import fails), so libraries that probe for them behave as there.
+_HIDE_TF = """
+import importlib.machinery
+import sys
+
+
+class _Hidden(importlib.machinery.PathFinder):
+  @classmethod
+  def find_spec(cls, name, path=None, target=None):
+    if name.partition(".")[0] in ("tensorflow", "seqio"):
+      return None
+    return super().find_spec(name, path, target)
+
+
+sys.meta_path[:] = [_Hidden if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+"""
+
+
+# One row per code path of benchmarks/gpu_vs_hf.py (--tiny's flash length is 128).
+_GPU_VS_HF_ROWS = (
+  "train/ours/pallas/none",
+  "train/ours/cudnn/full",
+  "train/transformers",
+  "generate/ours/ngram3",
+  "generate/transformers/ngram3",
+  "flash/ours/128",
+  "flash/cudnn/128",
+  "decode/xla",
+)
+
+
+def test_gpu_vs_hf_runs_one_row_per_code_path_at_a_tiny_size_without_tensorflow(tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+
+  (tmp_path / "sitecustomize.py").write_text(_HIDE_TF)  # in the parent and every row's child
+  path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
+  proc = subprocess.run(
+    # Two rows at a time: most of a tiny row is compiling, on one core.
+    [sys.executable, "-m", "benchmarks.gpu_vs_hf", "--tiny", "--jobs", "2"]
+    + ["--only", *_GPU_VS_HF_ROWS],
+    cwd=ROOT,
+    env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  *lines, summary = [json.loads(line) for line in proc.stdout.splitlines()]
+  by_row = {line["row"]: line for line in lines}
+  assert len(lines) == len(by_row) == summary["rows"] and set(by_row) == set(_GPU_VS_HF_ROWS)
+  gpu_only = {"train/ours/cudnn/full", "flash/cudnn/128"}
+  assert set(summary["failed"]) == gpu_only, proc.stderr[-3000:]
+  for name, line in by_row.items():
+    assert line["benchmark"] == "gpu_vs_hf" and line["platform"] == "cpu" and line["device"]
+    assert ("torch" if "transformers" in name else "jax") in line  # its side's versions
+    if name in gpu_only:  # our code traced, then stopped before the device call
+      assert line["error"] == "needs a GPU"
+      continue
+    assert line["median_s"] > 0 and line["peak_memory_bytes"] is None  # no device memory on CPU
+    if name.startswith("train/"):
+      assert line["tokens_per_s"] > 0 and line["model_flops_per_step"] > 0
+      assert "mfu" in line and line["first_call_s"] > 0
+    elif name.startswith("generate/"):
+      assert line["tokens_per_s"] > 0 and line["first_call_s"] > 0
+    elif name.startswith("flash/"):
+      assert line["tflops"] > 0 and line["tokens_per_s"] > 0
+    else:
+      assert line["useful_gb_per_s"] > 0 and line["hbm_fraction"] is None
+  assert by_row["flash/ours/128"]["max_abs_diff_vs_xla"] < 0.05  # bf16 outputs, same inputs

@@ -120,14 +120,18 @@ def model_flops_per_step(config) -> float:
   )
 
 
+def peak_flops_of(device_kind: str) -> float | None:
+  """bf16 dense peak FLOP/s of one chip of this name (jax's device_kind or
+  torch's device name), or None for one the table lacks (a CPU)."""
+  kind = device_kind.lower()
+  return next((peak for name, peak in _PEAK_BY_KIND if name in kind), None)
+
+
 def peak_flops() -> float:
   """Peak FLOP/s of all devices; on CPU a float32 matmul measured now."""
   devices = jax.devices()
-  kind = devices[0].device_kind.lower()
-  for name, peak in _PEAK_BY_KIND:
-    if name in kind:
-      return peak * len(devices)
-  return _measured_matmul_flops()
+  peak = peak_flops_of(devices[0].device_kind)
+  return _measured_matmul_flops() if peak is None else peak * len(devices)
 
 
 def _measured_matmul_flops(n: int = 1024, repeats: int = 5, rounds: int = 5) -> float:

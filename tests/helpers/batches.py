@@ -1,4 +1,5 @@
-"""Synthetic packed batches in the feature converter's layout, for train-step tests."""
+"""Synthetic batches, in numpy alone (no torch): packed rows in the feature
+converter's layout for train-step tests, and HF-style grounded rows."""
 
 import numpy as np
 
@@ -35,3 +36,31 @@ def packed_batch(config, seed: int = 0, batch_size: int | None = None) -> dict:
   if "pixel_values" in rows:
     rows["pixel_values"][:] = rng.standard_normal(rows["pixel_values"].shape)
   return rows
+
+
+def grounded_rows(vocab_size: int, latents: int, image_size: int, lengths, seed: int = 0) -> dict:
+  """Left-padded rows in transformers' Kosmos-2 input layout, as its processor
+  lays them out: <s> <image> slots </image> and `lengths[i]` random text
+  tokens, and a random picture each."""
+  rng = np.random.default_rng(seed)
+  rows, slot_rows = [], []
+  for n_text in lengths:
+    text = rng.integers(4 + latents, vocab_size - 3, size=n_text)
+    ids = [0, vocab_size - 3, *range(4, 4 + latents), vocab_size - 2, *text]
+    rows.append(ids)
+    slot_rows.append([0, 0] + [1] * latents + [0] + [0] * n_text)
+  width = max(map(len, rows))
+  input_ids = np.full((len(rows), width), 1, np.int64)
+  attention_mask = np.zeros_like(input_ids)
+  slot_mask = np.zeros_like(input_ids)
+  for i, (ids, slots) in enumerate(zip(rows, slot_rows)):
+    input_ids[i, width - len(ids) :] = ids
+    attention_mask[i, width - len(ids) :] = 1
+    slot_mask[i, width - len(ids) :] = slots
+  pixel_values = rng.standard_normal((len(rows), 3, image_size, image_size)).astype(np.float32)
+  return dict(
+    input_ids=input_ids,
+    attention_mask=attention_mask,
+    image_embeds_position_mask=slot_mask,
+    pixel_values=pixel_values,
+  )

@@ -1,8 +1,9 @@
 """Random-weight transformers Kosmos-2 models and inputs, the reference for parity tests."""
 
-import numpy as np
 import torch
 import transformers
+
+from tests.helpers.batches import grounded_rows
 
 # Three tiny shapes that differ in heads, depth, latents, image and patch size.
 TINY_HF_CONFIGS = {
@@ -82,30 +83,10 @@ def random_hf_model(name: str, seed: int = 0) -> transformers.Kosmos2ForConditio
 
 def grounded_batch(hf_config: transformers.Kosmos2Config, lengths, seed: int = 0):
   """Left-padded rows laid out like the processor's: <s> <image> slots </image> text."""
-  rng = np.random.default_rng(seed)
-  vocab = hf_config.text_config.vocab_size
-  latents = hf_config.latent_query_num
-  rows, slot_rows = [], []
-  for n_text in lengths:
-    text = rng.integers(4 + latents, vocab - 3, size=n_text)
-    ids = [0, vocab - 3, *range(4, 4 + latents), vocab - 2, *text]
-    rows.append(ids)
-    slot_rows.append([0, 0] + [1] * latents + [0] + [0] * n_text)
-  width = max(map(len, rows))
-  input_ids = np.full((len(rows), width), 1, np.int64)
-  attention_mask = np.zeros_like(input_ids)
-  slot_mask = np.zeros_like(input_ids)
-  for i, (ids, slots) in enumerate(zip(rows, slot_rows)):
-    input_ids[i, width - len(ids) :] = ids
-    attention_mask[i, width - len(ids) :] = 1
-    slot_mask[i, width - len(ids) :] = slots
-  vc = hf_config.vision_config
-  pixel_values = rng.standard_normal((len(rows), 3, vc.image_size, vc.image_size)).astype(
-    np.float32
-  )
-  return dict(
-    input_ids=input_ids,
-    attention_mask=attention_mask,
-    image_embeds_position_mask=slot_mask,
-    pixel_values=pixel_values,
+  return grounded_rows(
+    hf_config.text_config.vocab_size,
+    hf_config.latent_query_num,
+    hf_config.vision_config.image_size,
+    lengths,
+    seed,
   )
