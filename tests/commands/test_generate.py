@@ -279,7 +279,12 @@ def test_a_second_process_starts_warm_from_the_compilation_cache(snapshot, tmp_p
   """The CLI keeps XLA's programs in $XDG_CACHE_HOME/kosmos-jax/xla: a second
   process compiles nothing new (every program is a cache hit)."""
   env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-  env.update(XDG_CACHE_HOME=str(tmp_path), JAX_PLATFORMS="cpu")
+  # Every program is kept: a tiny model's compiles are under JAX's 1 s default.
+  env.update(
+    XDG_CACHE_HOME=str(tmp_path),
+    JAX_PLATFORMS="cpu",
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+  )
   command = [sys.executable, "-m", "kosmos_jax.commands", "generate"]
   command += ["--checkpoint", str(snapshot / "snap"), "--image", str(snapshot / "snowman.jpg")]
   command += ["--prompt", "<grounding>An image of", "--max-new-tokens", str(NEW)]
