@@ -37,6 +37,10 @@ def experiment_config(model: ml_collections.ConfigDict) -> ml_collections.Config
   config.images_per_row = 1
   config.accumulation = 1  # microbatches per step (gradient accumulation)
   config.z_loss = 0.0
+  # Location-token targets as a Gaussian over the grid (sigma in cells)
+  # rather than one cell, so a box one cell off is partly right; 0: one-hot,
+  # as Kosmos-2 trained (train/step.py token_loss).
+  config.location_sigma = 0.0
   config.total_steps = 1000
   config.log_every = 10
   config.checkpoint_every = 500

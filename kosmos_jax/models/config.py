@@ -149,6 +149,13 @@ def modality_tokens(config) -> int:
   return int(config.get("modality_tokens", 4))
 
 
+def first_location_id(config) -> int:
+  """`<patch_index_0000>`'s id: the P * P location tokens come right before
+  the modalities' tag rows, which end the vocabulary."""
+  text = config.text
+  return text.vocab_size - 2 * len(modality_names(config)) - text.num_patches_per_side**2
+
+
 def check_modalities(config) -> None:
   """A clear ValueError for modality settings no vocabulary can hold."""
   for name, width in (config.get("modalities") or {}).items():

@@ -81,6 +81,7 @@ def compile_train_step(config, devices, topology_name: str = "") -> tuple[object
     z_loss=config.z_loss,
     max_bad_steps=config.max_bad_steps,
     trainable=trainable,
+    locations=step_lib.location_smoothing(config),
   )
   with jax.set_mesh(mesh), spmd.logical_axis_rules(rules):
     compiled = (

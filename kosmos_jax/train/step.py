@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from kosmos_jax.models import config as model_config
 from kosmos_jax.models import lora
 from kosmos_jax.models.batch import MODEL_INPUTS
 from kosmos_jax.train import optim
@@ -61,17 +62,64 @@ def _logsumexp_and_target_bwd(residuals, cotangents):
 _logsumexp_and_target.defvjp(_logsumexp_and_target_fwd, _logsumexp_and_target_bwd)
 
 
-def token_loss(logits: jax.Array, batch: dict, z_loss: float = 0.0):
+def _smoothed_location_logit(logits, targets, locations, target_logit):
+  """`target_logit`, with the target's logit replaced by the expected logit
+  under a Gaussian over the location grid around the target's cell where the
+  target is a location token.
+
+  `locations` is (first location id, cells per side P, sigma in cells). The
+  Gaussian is separable, each axis normalised over the grid, so the soft
+  target never builds a [tokens, P * P] weight table: two [tokens, P] ones
+  contracted with the location logits seen as [tokens, P, P].
+  """
+  first, side, sigma = locations
+  cell = targets - first
+  is_location = (cell >= 0) & (cell < side * side)
+  cell = jnp.clip(cell, 0, side * side - 1)
+  grid = jnp.arange(side, dtype=jnp.float32)
+
+  def axis_weights(centre):
+    w = jnp.exp(-0.5 * jnp.square((grid - centre[..., None].astype(jnp.float32)) / sigma))
+    return w / w.sum(axis=-1, keepdims=True)
+
+  wy, wx = axis_weights(cell // side), axis_weights(cell % side)
+  grid_logits = logits[..., first : first + side * side].astype(jnp.float32)
+  grid_logits = grid_logits.reshape(*logits.shape[:-1], side, side)
+  soft = jnp.einsum("...r,...rc,...c->...", wy, grid_logits, wx)
+  return jnp.where(is_location, soft, target_logit)
+
+
+def token_loss(logits: jax.Array, batch: dict, z_loss: float = 0.0, locations=None):
   """Sums of weighted cross-entropy, z-loss (z * logsumexp^2), correct
-  predictions and weights; the caller divides by the weight of its batch."""
+  predictions and weights; the caller divides by the weight of its batch.
+
+  `locations` (first location id, cells per side, sigma in cells), if given,
+  scores a location-token target against a Gaussian over its neighbouring
+  cells rather than its one cell (`config.location_sigma`). Accuracy stays
+  the exact cell's.
+  """
   weights = batch["loss_weights"].astype(jnp.float32)
   lse, target_logit, correct = _logsumexp_and_target(logits, batch["targets"])
+  if locations is not None:
+    target_logit = _smoothed_location_logit(logits, batch["targets"], locations, target_logit)
   return dict(
     loss=((lse - target_logit) * weights).sum(),
     z_loss=(z_loss * jnp.square(lse) * weights).sum(),
     correct=(correct * weights).sum(),
     weight=weights.sum(),
   )
+
+
+def location_smoothing(config):
+  """`token_loss`'s `locations` for an experiment config: None where
+  `location_sigma` is 0 (or absent, in configs saved before it)."""
+  sigma = float(config.get("location_sigma", 0.0))
+  if sigma < 0:
+    raise ValueError(f"location_sigma = {sigma}: expected >= 0 (cells; 0 = one-hot targets)")
+  if sigma == 0:
+    return None
+  model = config.model
+  return model_config.first_location_id(model), model.text.num_patches_per_side, sigma
 
 
 def make_train_step(
@@ -82,6 +130,7 @@ def make_train_step(
   z_loss: float = 0.0,
   max_bad_steps: int = 5,
   trainable=None,
+  locations=None,
 ) -> Callable:
   """(state, batch) -> (state, metrics), to be jitted with shardings by the caller.
 
@@ -97,7 +146,7 @@ def make_train_step(
     # The adapters' dropout draws from a key of its own (models/lora.py).
     with lora.dropout_key(jax.random.fold_in(rng, 1)):
       logits = model(**{k: micro[k] for k in MODEL_INPUTS if k in micro}, dropout_rng=rng).logits
-    sums = token_loss(logits, micro, z_loss)
+    sums = token_loss(logits, micro, z_loss, locations)
     return sums["loss"] + sums["z_loss"], sums
 
   def step(state: TrainState, batch: dict):

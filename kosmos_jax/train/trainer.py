@@ -256,6 +256,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
     z_loss=config.z_loss,
     max_bad_steps=config.max_bad_steps,
     trainable=trainable,
+    locations=step_lib.location_smoothing(config),
   )
   first = loader.numpy_batches(iterator)
   batch_sharding = None

@@ -34,6 +34,56 @@ def _setup(overrides=()):
   return config, state, train_step
 
 
+def test_location_targets_are_a_gaussian_over_the_grid():
+  """`locations`: a location target scores the expected log-probability under
+  a normalised Gaussian over the grid around its cell (float64 reference);
+  other targets and the accuracy are the one-hot ones."""
+  rng = np.random.default_rng(0)
+  side, first, vocab = 4, 7, 7 + 16 + 2  # two rows after the grid (modality tags)
+  logits = jnp.asarray(rng.normal(size=(2, 6, vocab)), jnp.float32)
+  targets = np.array([[3, 7, 12, 22, 1, 23], [8, 13, 19, 0, 9, 24]])
+  batch = dict(targets=jnp.asarray(targets), loss_weights=jnp.ones((2, 6)))
+  sigma = 0.8
+  x = np.asarray(logits, np.float64)
+  log_probs = x - x.max(-1, keepdims=True)
+  log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+  rows, cols = np.divmod(np.arange(side * side), side)
+  expected = 0.0
+  for (i, j), t in np.ndenumerate(targets):
+    cell = t - first
+    if 0 <= cell < side * side:
+      r, c = divmod(cell, side)
+      q = np.exp(-((rows - r) ** 2 + (cols - c) ** 2) / (2 * sigma**2))
+      q = q / np.exp(-((np.arange(side)[:, None] - r) ** 2) / (2 * sigma**2)).sum()
+      q = q / np.exp(-((np.arange(side) - c) ** 2) / (2 * sigma**2)).sum()
+      np.testing.assert_allclose(q.sum(), 1.0)
+      expected -= (q * log_probs[i, j, first : first + side * side]).sum()
+    else:
+      expected -= log_probs[i, j, t]
+  soft = step_lib.token_loss(logits, batch, locations=(first, side, sigma))
+  hard = step_lib.token_loss(logits, batch)
+  np.testing.assert_allclose(float(soft["loss"]), expected, rtol=1e-5)
+  assert float(soft["correct"]) == float(hard["correct"])
+  # A narrow Gaussian is the one-hot target.
+  narrow = step_lib.token_loss(logits, batch, locations=(first, side, 1e-3))
+  np.testing.assert_allclose(float(narrow["loss"]), float(hard["loss"]), rtol=1e-6)
+  # The gradient is the soft target's: softmax minus q sums to zero per token.
+  grads = jax.grad(lambda x: step_lib.token_loss(x, batch, locations=(first, side, sigma))["loss"])
+  np.testing.assert_allclose(np.asarray(grads(logits)).sum(-1), 0.0, atol=1e-5)
+
+
+def test_location_smoothing_reads_the_config():
+  config = config_lib.load("configs/tiny.py")
+  assert step_lib.location_smoothing(config) is None
+  config.location_sigma = 0.5
+  side = config.model.text.num_patches_per_side
+  first = config.model.text.vocab_size - side * side
+  assert step_lib.location_smoothing(config) == (first, side, 0.5)
+  config.location_sigma = -1.0
+  with pytest.raises(ValueError, match="location_sigma"):
+    step_lib.location_smoothing(config)
+
+
 def test_loss_goes_down_and_metrics_are_sane():
   config, state, train_step = _setup()
   step = jax.jit(train_step)
