@@ -220,6 +220,7 @@ def referring(
   strict: bool = False,
   stats: quality.DataStats | None = None,
   per_image: bool = False,
+  expression_loss: bool = False,
 ) -> tf.data.Dataset:
   """Referring-expression comprehension, one example per (expression, box).
 
@@ -234,10 +235,15 @@ def referring(
   `<object>..</object>` (loss), after one `<grounding>`. The first expression
   is the evaluation's prompt exactly; the picture and its slots are paid once
   for all its expressions (see `_referring_per_image`).
+
+  `expression_loss`: the `<phrase>{expression}</phrase>` tokens get loss too,
+  so the example also teaches naming what is in the picture (a REC example
+  otherwise never asks for the words: the demo's model named shapes' kinds
+  at chance with it off). The prompt at evaluation is the same.
   """
   if per_image:
     return _referring_per_image(
-      dataset, vocab, image_size, quantizer, num_image_tokens, strict, stats
+      dataset, vocab, image_size, quantizer, num_image_tokens, strict, stats, expression_loss
     )
 
   @tf.autograph.experimental.do_not_convert
@@ -267,7 +273,7 @@ def referring(
     pairs = tf.reshape(object_ids(vocab, boxes, quantizer), [-1])
     prompt = tf.concat(
       [
-        [vocab.tag_id("<grounding>"), vocab.tag_id("<phrase>")],
+        [vocab.tag_id("<phrase>")],
         vocab.encode_plain_tf(expression[None])[0],
         [vocab.tag_id("</phrase>")],
       ],
@@ -277,7 +283,8 @@ def referring(
     out = tf_text.join(
       tf_text.token_part(vocab.bos_id, weight=0),
       (image_ids, tf.zeros_like(image_weights), image_mask),
-      tf_text.text_part(prompt, weight=0),
+      tf_text.token_part(vocab.tag_id("<grounding>"), weight=0),
+      tf_text.text_part(prompt, weight=int(expression_loss)),
       tf_text.text_part(pairs),
       tf_text.token_part(vocab.eos_id),
     )
@@ -298,7 +305,9 @@ def referring(
   return _errors_tolerated(dataset, strict)
 
 
-def _referring_per_image(dataset, vocab, image_size, quantizer, num_image_tokens, strict, stats):
+def _referring_per_image(
+  dataset, vocab, image_size, quantizer, num_image_tokens, strict, stats, expression_loss
+):
   """`referring(per_image=True)`: a record is a picture. An expression that is
   blank or whose box is unusable is left out (counted by reason); a picture
   left with none, or whose image is bad, is dropped."""
@@ -333,7 +342,8 @@ def _referring_per_image(dataset, vocab, image_size, quantizer, num_image_tokens
       dense(object_ids(vocab, boxes, quantizer)),
     ]
     ids = tf.concat(pieces, 1)
-    weights = tf.concat([tf.zeros_like(p) for p in pieces[:3]] + [tf.ones_like(pieces[3])], 1)
+    weigh = tf.ones_like if expression_loss else tf.zeros_like
+    weights = tf.concat([weigh(p) for p in pieces[:3]] + [tf.ones_like(pieces[3])], 1)
     image_ids, image_weights, image_mask = tf_text.image_part(vocab, num_image_tokens)
     ids, weights = ids.flat_values, weights.flat_values
     out = tf_text.join(

@@ -83,7 +83,14 @@ def register_mixture(name: str, rates: dict[str, int]):
 
 
 def _family_preprocessors(
-  vocab, image_size, num_image_tokens, strict, transform, rec_per_image=False, **grit
+  vocab,
+  image_size,
+  num_image_tokens,
+  strict,
+  transform,
+  rec_per_image=False,
+  rec_expression_loss=False,
+  **grit,
 ):
   common = dict(vocab=vocab, image_size=image_size)
   images = dict(common, num_image_tokens=num_image_tokens, strict=strict)
@@ -94,7 +101,14 @@ def _family_preprocessors(
     ],
     "grit": [functools.partial(preprocessors.image_text, transform=transform, **grit, **images)],
     "interleaved": [functools.partial(preprocessors.documents, transform=transform, **images)],
-    "rec": [functools.partial(preprocessors.referring, per_image=rec_per_image, **images)],
+    "rec": [
+      functools.partial(
+        preprocessors.referring,
+        per_image=rec_per_image,
+        expression_loss=rec_expression_loss,
+        **images,
+      )
+    ],
   }
 
 
@@ -220,6 +234,7 @@ def register_shapes_tasks(
   rates: dict[str, float] | None = None,
   use_box_prob: float = 0.5,
   rec_per_image: bool = False,
+  rec_expression_loss: bool = False,
 ) -> None:
   """`{prefix}_{text,caption,grit,interleaved,rec}` and `{prefix}_mix` on the
   shapes TFDS dataset (config named after `image_size` unless given); splits
@@ -227,7 +242,8 @@ def register_shapes_tasks(
   ("square") transform keeps every box whole. `rates` (by family) default to
   `SHAPES_RATES`. A dict `config` holds the fields of a `ShapesConfig`.
   `use_box_prob`: the grit task's chance of grounding a caption;
-  `rec_per_image`: one rec example per picture (`preprocessors.referring`)."""
+  `rec_per_image`, `rec_expression_loss`: `preprocessors.referring`'s
+  `per_image` and `expression_loss`."""
   if isinstance(config, dict):
     config = shapes.ShapesConfig(**config)
   vocab = shapes.shapes_vocabulary(num_patches_per_side)
@@ -238,6 +254,7 @@ def register_shapes_tasks(
     strict,
     "square",
     rec_per_image=rec_per_image,
+    rec_expression_loss=rec_expression_loss,
     use_box_prob=use_box_prob,
     phrase_mode="expression",
     score_threshold=0.65,

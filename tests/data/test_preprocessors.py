@@ -389,7 +389,7 @@ def test_strict_mode_names_the_record(vocab):
     _run([_record("cut", encode(picture(), "JPEG")[:100])], vocab, strict=True)
 
 
-def _referring(records, vocab, per_image, seed=0):
+def _referring(records, vocab, per_image, seed=0, expression_loss=False):
   spec = dict(
     key=tf.TensorSpec([], tf.string),
     image=tf.TensorSpec([], tf.string),
@@ -400,7 +400,13 @@ def _referring(records, vocab, per_image, seed=0):
   ds = tf.data.Dataset.from_generator(lambda: iter(records), output_signature=spec)
   with seqio.utils.map_seed_manager(seed):
     ds = preprocessors.referring(
-      ds, vocab, image_size=16, num_image_tokens=SLOTS, stats=stats, per_image=per_image
+      ds,
+      vocab,
+      image_size=16,
+      num_image_tokens=SLOTS,
+      stats=stats,
+      per_image=per_image,
+      expression_loss=expression_loss,
     )
   return list(quality.filter_and_count(ds, stats).as_numpy_iterator()), stats.as_dict()
 
@@ -443,6 +449,28 @@ def test_referring_per_image_pays_the_picture_once(vocab):
     tuple(_runs(_referring([record], vocab, True, seed)[0][0], head + 1)[0]) for seed in range(8)
   }
   assert len(first) > 1  # which expression comes first varies with the seed
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+def test_referring_expression_loss_weighs_the_phrases_too(vocab, per_image):
+  record = dict(
+    key="k",
+    image=encode(picture()),
+    expressions=np.array([b"ba", b"be bi"], object),
+    boxes=np.array([[0.1, 0.1, 0.4, 0.4], [0.5, 0.2, 0.9, 0.6]], np.float32),
+  )
+  plain, _ = _referring([record], vocab, per_image)
+  weighed, _ = _referring([record], vocab, per_image, expression_loss=True)
+  head = 3 + SLOTS + 1  # <s> <image> slots </image> <grounding>
+  phrase, close = vocab.tag_id("<phrase>"), vocab.tag_id("</phrase>")
+  for a, b in zip(plain, weighed):
+    assert a["targets"].tolist() == b["targets"].tolist()
+    ids, w0, w1 = a["targets"], a["loss_weights"], b["loss_weights"]
+    # Everything after <grounding> has loss; before it, nothing has, as before.
+    assert w1[:head].sum() == 0 and w1[head:].min() == 1
+    # The weights added are exactly the phrases' <phrase> .. </phrase>.
+    inside = np.cumsum(ids == phrase) - np.cumsum(ids == close) + (ids == close)
+    np.testing.assert_array_equal(w1 - w0, (inside > 0).astype(w1.dtype))
 
 
 def test_referring_per_image_leaves_out_bad_expressions(vocab):
