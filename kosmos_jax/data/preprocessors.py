@@ -271,7 +271,7 @@ def referring(
     rows = tf.concat([tf.constant([[0.0, 1.0]]), x["box"][None], tf.constant([[1.0]])], 1)
     spans, boxes, _, box_issues = tf_text.clean_spans(rows, [0], [1], 0.0)
     pairs = tf.reshape(object_ids(vocab, boxes, quantizer), [-1])
-    prompt = tf.concat(
+    phrase = tf.concat(
       [
         [vocab.tag_id("<phrase>")],
         vocab.encode_plain_tf(expression[None])[0],
@@ -284,7 +284,7 @@ def referring(
       tf_text.token_part(vocab.bos_id, weight=0),
       (image_ids, tf.zeros_like(image_weights), image_mask),
       tf_text.token_part(vocab.tag_id("<grounding>"), weight=0),
-      tf_text.text_part(prompt, weight=int(expression_loss)),
+      tf_text.text_part(phrase, weight=int(expression_loss)),
       tf_text.text_part(pairs),
       tf_text.token_part(vocab.eos_id),
     )
