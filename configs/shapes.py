@@ -50,10 +50,10 @@ evaluation included. Choices:
            seeds of four, but within the seed spread. Sigma 0.5 gave 0.421 /
            - / 0.418 and 1.0 gave 0.467 / 0.739, so 0.75 may be luck. Warmup
            800 (one-hot) gave 0.529 / 0.761 / 0.639 / 0.548 (0.619), and with
-           sigma 0.75 0.444 / 0.766 / 0.639 / 0.555 (0.601). Loss on the REC expressions too
-           (`rec_expression_loss`, so REC examples also teach naming) took
-           the kind named zero-shot from 0.41 / 0.46 to 0.54 / 0.51 but REC
-           down to 0.315 / 0.515.
+           sigma 0.75 0.444 / 0.766 / 0.639 / 0.555 (0.601). Loss on the REC
+           expressions too (`rec_expression_loss`, so REC examples also teach
+           naming) took the kind named zero-shot from 0.41 / 0.46 to 0.54 /
+           0.51 but REC down to 0.315 / 0.515.
   limits   the run sits near the step where the decoder starts to read the
            picture, and float rounding moves it: the 4800-step run with XLA's
            single-threaded CPU matmuls gave 0.439 where the default gave 0.721.
