@@ -19,7 +19,8 @@ into `out`:
   benchmarks/     per benchmark: the exported files, predictions and metrics.json
   few_shot.png    the first two-shot prompt's pictures and texts, and the answer
   summary.json    steps, wall times (and normalised to the slowest machine of
-                  our kind), loss curve, rec_accuracy, captions
+                  our kind), loss curve, rec_accuracy and its misses by kind
+                  (eval/shapes_misses.py), captions
 
 Machines of our kind differ about 3x in CPU speed, so the demo's budget is
 for the slowest: the whole wall time times (this machine's float32 matmul
@@ -36,7 +37,7 @@ import ml_collections
 from kosmos_jax.checkpoints import loading
 from kosmos_jax.data import export, loader
 from kosmos_jax.eval import boxes as boxes_lib
-from kosmos_jax.eval import rec, runner, shapes_captions, shapes_naming
+from kosmos_jax.eval import rec, runner, shapes_captions, shapes_misses, shapes_naming
 from kosmos_jax.eval import tasks as eval_tasks
 from kosmos_jax.processing import visualize
 from kosmos_jax.train import mfu, trainer
@@ -186,6 +187,11 @@ def run(
   scores, answers = runner.evaluate(
     model, processor, task, dataset, out=os.path.join(out, "rec"), batch_size=batch_size
   )
+  side = processor.vocab.num_patches_per_side
+  answered = [
+    rec.first_box(answers[i], side) if i in answers else None for i in range(len(examples))
+  ]
+  scores.update(shapes_misses.misses(examples, answered, side))
   # Grounded captions of the first `caption_images` held-out pictures, scored
   # against the shapes each one has.
   objects = shapes_captions.objects_by_picture(examples)
@@ -202,7 +208,6 @@ def run(
   benchmarks_done = time.perf_counter()
   naming = _naming(model, processor, out, naming_pictures, size, batch_size)
   naming_done = time.perf_counter()
-  side = processor.vocab.num_patches_per_side
   drawn = _draw(out, examples, answers, captions, side, pictures)
   end = time.perf_counter()
   losses, evals = _curves(os.path.join(workdir, "metrics.jsonl"))
@@ -249,6 +254,9 @@ def describe(summary: dict, out: str) -> str:
     f"REC accuracy (IoU >= 0.5) {summary['rec_accuracy']:.3f} "
     f"on {summary['rec_count']:.0f} expressions "
     f"of {summary['rec_images']} held-out pictures (mean IoU {summary['rec_mean_iou']:.3f})",
+    f"  {summary['shared_colour_accuracy']:.3f} where another shape has the colour "
+    f"({summary['shared_colour_count']}); misses: "
+    + ", ".join(f"{k} {v}" for k, v in summary["rec_misses"].items()),
     f"grounded captions right {summary['caption_score']:.3f} of {summary['caption_count']} "
     "held-out pictures (real shapes, each once, boxes on them)",
     "benchmark files of held-out pictures: "

@@ -46,6 +46,10 @@ def test_demo_writes_summary_and_pictures(tmp_path):
   summary = json.loads((out / "summary.json").read_text())
   assert summary["steps"] == 4 and [s for s, _ in summary["loss_curve"]] == [1, 2, 3, 4]
   assert 0.0 <= summary["rec_accuracy"] <= 1.0
+  # Every miss has one kind: hits plus misses are all the expressions.
+  misses = sum(summary["rec_misses"].values())
+  assert round(summary["rec_accuracy"] * summary["rec_count"]) + misses == summary["rec_count"]
+  assert 0 <= summary["shared_colour_count"] <= summary["rec_count"]
   assert 0.0 <= summary["caption_score"] <= 1.0 and summary["caption_count"] == 3
   assert "grounded captions right" in proc.stdout
   assert summary["rec_images"] == 3 and summary["rec_count"] >= 3
