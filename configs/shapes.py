@@ -71,8 +71,9 @@ evaluation included. Choices:
            the other shape of the same colour, 98 / 58 are within 1.5 cells
            of the box, 76 / 65 elsewhere. On the 230 expressions whose colour
            another shape in the picture shares, REC is 0.30 / 0.29
-           (`shared_colour_accuracy`); on the other 775, 0.85 / 0.93: the
-           kind is the gap to 0.85. It is barely in the features: linear
+           (`shared_colour_accuracy`); on the other 775, 0.85 / 0.93. At
+           0.30 there, REC stays under 0.85 even with all 775 others right
+           (0.84): the kind is the gap. It is barely in the features: linear
            probes on single-shape pictures read it from seed 1's ViT (max
            over patches) at 0.57 and from its 16 slots at 0.74 (chance
            0.33). Two tries, seeds 0 / 1, neither kept: training pictures
