@@ -145,8 +145,8 @@ class DecoderBlock(nnx.Module):
 LOCATION_TEMPERATURE = 100.0
 
 
-def _init_locations(embed: jax.Array, cfg) -> jax.Array:
-  """The location tokens' rows of `embed` under `cfg.location_init`."""
+def _init_locations(embed: jax.Array, cfg, first: int) -> jax.Array:
+  """The location tokens' rows of `embed` (from id `first`) under `cfg.location_init`."""
   # .get: configs saved before these init-only keys restore unchanged.
   init = cfg.get("location_init", "normal")
   if init == "normal":
@@ -154,14 +154,14 @@ def _init_locations(embed: jax.Array, cfg) -> jax.Array:
   if init != "sincos2d":
     raise ValueError(f"text.location_init {init!r}: expected 'normal' or 'sincos2d'")
   side = cfg.num_patches_per_side
-  if side * side >= cfg.vocab_size:
+  if first < 1:
     raise ValueError(
       f"text.num_patches_per_side {side}: {side * side} location tokens do not "
       f"fit in text.vocab_size {cfg.vocab_size}"
     )
   table = layers.sincos2d(side, cfg.width, LOCATION_TEMPERATURE)
   table = table * (0.02 / table.std())  # the other rows' scale
-  return embed.at[-side * side :].set(table.astype(embed.dtype))
+  return embed.at[first : first + side * side].set(table.astype(embed.dtype))
 
 
 POSITIONS = ("sinusoidal", "xpos")
@@ -183,10 +183,25 @@ class TextDecoder(nnx.Module):
   every layer instead (KOSMOS-1, models/xpos.py).
   """
 
-  def __init__(self, cfg, *, rngs, dtype, param_dtype, remat, attention, magneto_init: bool):
+  def __init__(
+    self,
+    cfg,
+    *,
+    rngs,
+    dtype,
+    param_dtype,
+    remat,
+    attention,
+    magneto_init: bool,
+    first_location: int | None = None,
+  ):
+    """`first_location`: `<patch_index_0000>`'s id (models/config.first_location_id);
+    default: the location tokens are the vocabulary's last rows (no modality tags)."""
     self.position = position_kind(cfg)
     embed = layers.normal(0.02)(rngs.params(), (cfg.vocab_size, cfg.width), param_dtype)
-    embed = _init_locations(embed, cfg)
+    if first_location is None:
+      first_location = cfg.vocab_size - cfg.num_patches_per_side**2
+    embed = _init_locations(embed, cfg, first_location)
     self.embed_tokens = layers.param(embed.at[cfg.pad_id].set(0.0), ("vocab", "embed"))
     init_scale = math.sqrt(math.log(2 * cfg.depth)) if magneto_init else 1.0
     # A fixed centre, not torchscale's length-dependent one: see xpos.py.

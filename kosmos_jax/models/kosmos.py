@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from kosmos_jax.models import config as model_config
 from kosmos_jax.models import (
   connector,
   decoder,
@@ -91,6 +92,7 @@ class Kosmos2(nnx.Module):
       remat=config.remat,
       attention=config.attention,
       magneto_init=config.magneto_init,
+      first_location=model_config.first_location_id(config),
       **kw,
     )
     # Built last, so that adding modalities leaves the other parameters'

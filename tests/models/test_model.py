@@ -12,6 +12,7 @@ from flax import nnx
 
 from kosmos_jax import config as config_lib
 from kosmos_jax.models import build, decoder
+from kosmos_jax.models import config as model_config
 from kosmos_jax.models.kosmos import Kosmos2
 from kosmos_jax.train import optim
 
@@ -189,6 +190,15 @@ def test_sincos2d_location_init(tiny):
   assert cos(locations[0], locations[side]) > cos(locations[0], locations[7 * side]) + 0.2
   base = np.asarray(Kosmos2(tiny.model, rngs=nnx.Rngs(0)).text_model.embed_tokens[...])
   np.testing.assert_array_equal(embed[: -side * side], base[: -side * side])
+  # A modality's two tag rows end the vocabulary: the grid sits just before them.
+  tagged = model_config.with_modalities(cfg, {"sound": 4})
+  embed = np.asarray(Kosmos2(tagged, rngs=nnx.Rngs(0)).text_model.embed_tokens[...])
+  first = model_config.first_location_id(tagged)
+  np.testing.assert_allclose(embed[first : first + side * side], locations, atol=1e-6)
+  tagged.text.location_init = "normal"
+  base = np.asarray(Kosmos2(tagged, rngs=nnx.Rngs(0)).text_model.embed_tokens[...])
+  np.testing.assert_array_equal(embed[:first], base[:first])
+  np.testing.assert_array_equal(embed[-2:], base[-2:])
   cfg.text.location_init = "grid"
   with pytest.raises(ValueError, match="location_init 'grid'"):
     Kosmos2(cfg, rngs=nnx.Rngs(0))
