@@ -53,7 +53,8 @@ evaluation included. Choices:
            sigma 0.75 0.444 / 0.766 / 0.639 / 0.555 (0.601). Loss on the REC
            expressions too (`rec_expression_loss`, so REC examples also teach
            naming) took the kind named zero-shot from 0.41 / 0.46 to 0.54 /
-           0.51 but REC down to 0.315 / 0.515.
+           0.51 but REC down to 0.315 / 0.515 (0.135 / 0.157 where the
+           colour is shared, `shared_colour_accuracy`).
   limits   the run sits near the step where the decoder starts to read the
            picture, and float rounding moves it: the 4800-step run with XLA's
            single-threaded CPU matmuls gave 0.439 where the default gave 0.721.
@@ -81,8 +82,10 @@ evaluation included. Choices:
            test split unchanged) gave REC 0.040 / 0.705 and naming 0.38 /
            0.25; the ViT first pretrained on the captions CLIP-style (600
            steps of 64, 62 s; kind probe 0.86) gave 0.448 / 0.447 and 0.38 /
-           0.31. Wider towers (text 192, ViT 128; 15% slower steps) gave
-           0.543 / 0.431 on seeds 0 / 3.
+           0.31, and with its CLS token pooled (probe 0.75) 0.360 on seed 0,
+           where the same start without the pretraining gave 0.736. Wider
+           towers (text 192, ViT 128; 15% slower steps) gave 0.543 / 0.431
+           on seeds 0 / 3.
 """
 
 from kosmos_jax.config import experiment_config
