@@ -1,9 +1,9 @@
 """Why REC on shapes pictures misses, by kind of miss.
 
-`make demo` reports these beside its REC accuracy. Most of its misses were
-the other shape of the same colour ("the red circle" answered with the red
-square's box): the colour is easy to see, the kind is not. A miss (IoU < 0.5)
-is, in this order:
+`make demo` reports these beside its REC accuracy. The largest share of its
+misses is the other shape of the same colour ("the red circle" answered with
+the red square's box): the colour is easy to see, the kind is not. A miss
+(IoU < 0.5) is, in this order:
 
   no_box       the answer has no box;
   same_colour  the box fits another shape of the picture better than the named

@@ -193,14 +193,12 @@ class TextDecoder(nnx.Module):
     remat,
     attention,
     magneto_init: bool,
-    first_location: int | None = None,
+    first_location: int,
   ):
-    """`first_location`: `<patch_index_0000>`'s id (models/config.first_location_id);
-    default: the location tokens are the vocabulary's last rows (no modality tags)."""
+    """`first_location`: `<patch_index_0000>`'s id (models/config.first_location_id:
+    the modalities' tag rows, if any, come after the grid)."""
     self.position = position_kind(cfg)
     embed = layers.normal(0.02)(rngs.params(), (cfg.vocab_size, cfg.width), param_dtype)
-    if first_location is None:
-      first_location = cfg.vocab_size - cfg.num_patches_per_side**2
     embed = _init_locations(embed, cfg, first_location)
     self.embed_tokens = layers.param(embed.at[cfg.pad_id].set(0.0), ("vocab", "embed"))
     init_scale = math.sqrt(math.log(2 * cfg.depth)) if magneto_init else 1.0
