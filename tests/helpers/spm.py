@@ -102,6 +102,7 @@ def make_tiny_snapshot(directory) -> str:
   """Writes a Hugging Face Kosmos-2 snapshot directory like the hub's: the
   processor files plus a random-weight model (save_pretrained) at the real
   image size whose vocabulary covers the processor's ids; returns it."""
+  import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
 
   from kosmos_jax.processing.processor import Processor  # pylint: disable=g-import-not-at-top
@@ -120,6 +121,9 @@ def make_tiny_snapshot(directory) -> str:
     ),
     latent_query_num=64,
   )
+  # Seeded: unseeded, the weights followed whatever the worker's earlier tests
+  # drew, and under pytest-xdist that order changes from run to run.
+  torch.manual_seed(0)
   transformers.Kosmos2ForConditionalGeneration(config).save_pretrained(os.fspath(directory))
   return os.fspath(directory)
 
