@@ -5,11 +5,6 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum setup.py | cut -c1-12)
 # Tests run on CPU (tests/conftest.py forces 8 host devices for the mesh tests).
 TEST_ENV := JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=3
-# pytest-xdist workers, one test file each at a time (module fixtures such as a
-# trainer's reference run are built once). Most tests wait on one XLA compile
-# thread, so on 2 cores two workers took the suite from 1408 s to 1030 s (8 GB
-# of memory in use at the peak); more workers need more memory.
-TEST_WORKERS ?= 2
 
 .PHONY: test lint format demo venv clean java chromium
 
@@ -23,7 +18,7 @@ $(STAMP): setup.py
 
 # Format and lint first (about a second): a style slip fails before the slow tests.
 test: lint java chromium
-	$(TEST_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(TEST_ENV) $(PY) -m pytest -q tests
 
 # The caption metrics' PTB tokenizer and METEOR are Java programs (pycocoevalcap);
 # their tests need it, so a machine without Java gets Debian's headless JRE.

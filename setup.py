@@ -41,7 +41,6 @@ EXTRAS_REQUIRE = {
     "accelerate==1.15.0",  # peft's dependency, pinned so a fresh machine gets the tested one
     "libtpu==0.0.51",
     "pytest==9.0.1",
-    "pytest-xdist==3.8.0",  # `make test` runs two workers (Makefile: TEST_WORKERS)
     "ruff==0.17.5",  # formatter and linter (ruff.toml), checked by `make test`
     "nbclient==0.11.0",  # executes the Colab notebook in the tests
     "nbformat==5.11.1",
