@@ -78,13 +78,14 @@ def _captions(model, processor, images: list, max_new_tokens: int, batch_size: i
   return [processor.post_process_generation(text) for text in decoded]
 
 
-def _draw(out: str, examples, answers: dict, captions: dict, side: int, pictures: int) -> list:
+def _draw(out: str, examples, answers: dict, boxes: list, captions: dict, pictures: int) -> list:
   """rec_NN.png and caption_NN.png for the first `pictures` captioned pictures;
-  `answers`: example index -> the REC prediction (prompt and continuation)."""
+  `answers`: example index -> the REC prediction (prompt and continuation),
+  `boxes`: its first box per example (None: none)."""
   by_key = {}
   for i, e in enumerate(examples):
     if i in answers:
-      box = rec.first_box(answers[i], side)
+      box = boxes[i]
       iou = 0.0 if box is None else boxes_lib.iou(box, e.box)
       by_key.setdefault(e.key, []).append((e, answers[i], box, iou))
   drawn = []
@@ -208,7 +209,7 @@ def run(
   benchmarks_done = time.perf_counter()
   naming = _naming(model, processor, out, naming_pictures, size, batch_size)
   naming_done = time.perf_counter()
-  drawn = _draw(out, examples, answers, captions, side, pictures)
+  drawn = _draw(out, examples, answers, answered, captions, pictures)
   end = time.perf_counter()
   losses, evals = _curves(os.path.join(workdir, "metrics.jsonl"))
   normalised = (end - start) * peak / REFERENCE_PEAK_FLOPS
